@@ -1,0 +1,151 @@
+"""A throwaway MQTT broker on a loopback port, for the demo, the tests and the benchmarks.
+
+mosquitto is used where it is installed (the product's reference broker). Where it is
+not, a pure-Python broker (amqtt, the ``fallback-broker`` extra) runs in a child
+process instead, so the demo works on any machine. Production gateways never use this
+module: they connect to the fleet's broker named in the config.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+__all__ = ["LocalBroker", "BrokerStartError", "free_port"]
+
+
+class BrokerStartError(RuntimeError):
+    """The local broker could not be started."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+_MOSQUITTO_CONF = """\
+listener {port} 127.0.0.1
+allow_anonymous true
+persistence {persistence}
+persistence_location {workdir}/
+max_inflight_messages 100
+max_queued_messages 200000
+log_dest stderr
+log_type error
+log_type warning
+"""
+
+_AMQTT_RUNNER = """\
+import asyncio, sys
+from amqtt.broker import Broker
+
+async def main(port):
+    config = {
+        "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+    }
+    broker = Broker(config)
+    await broker.start()
+    await asyncio.Event().wait()
+
+asyncio.run(main(int(sys.argv[1])))
+"""
+
+
+def mosquitto_path() -> str | None:
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    # Debian installs it in /usr/sbin, which is not on every user's PATH.
+    for candidate in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+class LocalBroker:
+    """Start/stop a broker on ``127.0.0.1:port``; it can be stopped and started again
+    on the same port (tests use that to cut the link). With ``persistence=True``
+    (mosquitto only) queued messages of persistent sessions survive a restart."""
+
+    def __init__(self, port: int | None = None, *, persistence: bool = False) -> None:
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
+        self.persistence = persistence
+        self._workdir = Path(tempfile.mkdtemp(prefix="metalav-broker-"))
+        self._proc: subprocess.Popen[bytes] | None = None
+        exe = mosquitto_path()
+        self.kind = "mosquitto" if exe else "amqtt"
+        self._exe = exe
+
+    def start(self, timeout: float = 10.0) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            return
+        log = open(self._workdir / "broker.log", "ab")  # noqa: SIM115 - owned by the child
+        if self._exe:
+            conf = self._workdir / "mosquitto.conf"
+            conf.write_text(
+                _MOSQUITTO_CONF.format(
+                    port=self.port,
+                    workdir=self._workdir,
+                    persistence="true" if self.persistence else "false",
+                )
+            )
+            cmd = [self._exe, "-c", str(conf)]
+        else:
+            try:
+                import amqtt  # noqa: F401
+            except ImportError as exc:
+                raise BrokerStartError(
+                    "neither mosquitto nor amqtt is installed: "
+                    "apt-get install mosquitto, or pip install 'metalav-gateway[fallback-broker]'"
+                ) from exc
+            cmd = [sys.executable, "-c", _AMQTT_RUNNER, str(self.port)]
+        self._proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise BrokerStartError(
+                    f"{self.kind} exited with {self._proc.returncode}: "
+                    + (self._workdir / "broker.log").read_text(errors="replace")[-2000:]
+                )
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise BrokerStartError(f"{self.kind} did not listen on port {self.port} in {timeout}s")
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def __enter__(self) -> LocalBroker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        shutil.rmtree(self._workdir, ignore_errors=True)
