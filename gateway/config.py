@@ -1,0 +1,197 @@
+"""Gateway configuration: a TOML file, overridable by ``METALAV_*`` environment variables.
+
+Every key has an embedded default except the ones that are the store's own (its
+gateway id, the cloud's public key and the machine catalog); ``config.example.toml``
+documents each key. Nested keys are overridden with a double underscore, e.g.
+``METALAV_MQTT__HOST=broker.example`` or ``METALAV_MQTT__PASSWORD=...`` (secrets belong
+in the environment, e.g. a systemd ``EnvironmentFile``, not in the TOML file).
+
+An invalid configuration is reported as one line per problem, naming the key, and the
+daemon stops before it touches the journal, the board or the network.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+__all__ = ["ConfigError", "GatewayConfig", "load_config", "config_from_dict"]
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``lines`` holds one message per problem."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GatewaySection(_Section):
+    id: str = Field(description="this gateway's id: the MQTT client id and the commands' audience")
+    store_id: str = Field(default="", description="condominio_id of the store (Loja)")
+
+    @field_validator("id")
+    @classmethod
+    def _id_shape(cls, v: str) -> str:
+        if not _ID.match(v):
+            raise ValueError("must be 1-64 characters of letters, digits, '.', '_' or '-'")
+        return v
+
+
+class JournalSection(_Section):
+    path: Path = Path("/var/lib/metalav/journal.db")
+
+
+class MqttSection(_Section):
+    host: str = "localhost"
+    port: int = Field(default=1883, ge=1, le=65535)
+    username: str | None = None
+    password: str | None = None
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    topic_prefix: str = "metalav/v1"
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    reconnect_min_s: float = Field(default=1.0, gt=0)
+    reconnect_max_s: float = Field(default=60.0, gt=0)
+
+
+class CommandsSection(_Section):
+    public_keys: list[str] = Field(min_length=1, description="PEM public keys of the cloud signer")
+    algorithms: list[Literal["EdDSA", "ES256"]] = ["EdDSA", "ES256"]
+    leeway_s: int = Field(default=30, ge=0, le=600)
+
+
+class BoardSection(_Section):
+    driver: Literal["serial"] = "serial"
+    port: str = "/dev/ttyACM0"
+    baudrate: int = Field(default=115200, gt=0)
+    ack_timeout_s: float = Field(default=0.25, gt=0, le=10)
+    max_retries: int = Field(default=3, ge=0, le=20)
+    reconnect_s: float = Field(default=2.0, gt=0)
+
+
+class ApiSection(_Section):
+    socket: Path = Path("/run/metalav/metalav.sock")
+
+
+class CycleProgram(_Section):
+    """A coin-pulse train (issue 3 adds level "enable" and dryer time credit)."""
+
+    pulses: int = Field(ge=1, le=50)
+    on_ms: int = Field(default=100, ge=10, le=5000)
+    off_ms: int = Field(default=100, ge=10, le=5000)
+
+
+class Machine(_Section):
+    id: str
+    label: str = ""
+    kind: Literal["washer", "dryer"]
+    channel: int = Field(ge=1, le=64)
+    cycles: dict[str, CycleProgram] = Field(min_length=1)
+
+    @field_validator("id")
+    @classmethod
+    def _id_shape(cls, v: str) -> str:
+        if not _ID.match(v):
+            raise ValueError("must be 1-64 characters of letters, digits, '.', '_' or '-'")
+        return v
+
+
+class GatewayConfig(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="METALAV_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    gateway: GatewaySection
+    journal: JournalSection = JournalSection()
+    mqtt: MqttSection = MqttSection()
+    commands: CommandsSection
+    board: BoardSection = BoardSection()
+    api: ApiSection = ApiSection()
+    machines: list[Machine] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_machines(self) -> GatewayConfig:
+        seen_ids: set[str] = set()
+        seen_channels: set[int] = set()
+        for m in self.machines:
+            if m.id in seen_ids:
+                raise ValueError(f"machine id {m.id!r} is used twice")
+            if m.channel in seen_channels:
+                raise ValueError(f"relay channel {m.channel} is used by two machines")
+            seen_ids.add(m.id)
+            seen_channels.add(m.channel)
+        return self
+
+    def machine(self, machine_id: str) -> Machine | None:
+        return next((m for m in self.machines if m.id == machine_id), None)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment wins over the file, so a deployment can override one key
+        # (or inject a secret) without editing the TOML.
+        return (env_settings, init_settings)
+
+
+def _format_errors(exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        key = ""
+        for part in err["loc"]:
+            key += f"[{part}]" if isinstance(part, int) else f".{part}" if key else str(part)
+        key = key or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{key}: {msg}")
+    return lines
+
+
+def config_from_dict(data: dict[str, Any]) -> GatewayConfig:
+    try:
+        return GatewayConfig(**data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None
+
+
+def load_config(path: Path) -> GatewayConfig:
+    """Read and validate the config file; raise ConfigError with one line per problem."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read config file: {exc.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: config file is not UTF-8 text"]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    # Relative paths in the file are relative to the file, not to the daemon's cwd.
+    for section, key in (("journal", "path"), ("api", "socket")):
+        value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
+        if isinstance(value, str) and not Path(value).is_absolute():
+            data[section][key] = str(path.parent / value)
+    return config_from_dict(data)

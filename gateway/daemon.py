@@ -1,0 +1,220 @@
+"""``metalav-gateway``: the daemon's entry point and its wiring, top to bottom.
+
+    metalav-gateway run --config PATH        the service (systemd runs this)
+    metalav-gateway check-config --config PATH
+    metalav-gateway demo                     a self-contained demo on embedded defaults
+
+Exit status: 0 clean stop, 2 invalid configuration or usage, 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from cloud_sync.commands import CommandVerifier
+from cloud_sync.mqtt_session import MqttSession, MqttSettings
+from firmware_bridge.serial_board import SerialBoard
+
+from .api import LocalApi
+from .config import ConfigError, GatewayConfig, load_config
+from .executor import Executor
+from .journal import Journal, JournalError
+
+__all__ = ["Daemon", "main"]
+
+log = logging.getLogger("gateway")
+
+
+class Daemon:
+    """Owns every part of a running gateway; ``run`` returns when asked to stop."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.started_at = time.time()
+        self.journal = Journal(config.journal.path, config.gateway.id)
+        self.broker_connected = False
+        self.broker_since: float | None = None
+        verifier = CommandVerifier(
+            config.commands.public_keys,
+            config.gateway.id,
+            algorithms=config.commands.algorithms,
+            leeway_s=config.commands.leeway_s,
+        )
+        board = SerialBoard(
+            config.board.port,
+            baudrate=config.board.baudrate,
+            ack_timeout=config.board.ack_timeout_s,
+            max_retries=config.board.max_retries,
+        )
+        self.executor = Executor(
+            config,
+            self.journal,
+            board,
+            verifier,
+            outbox_changed=lambda: self.session.outbox_changed(),
+            publish_best_effort=lambda topic, payload: self.session.publish_best_effort(
+                topic, payload
+            ),
+        )
+        m = config.mqtt
+        self.session = MqttSession(
+            MqttSettings(
+                host=m.host,
+                port=m.port,
+                gateway_id=config.gateway.id,
+                username=m.username,
+                password=m.password,
+                keepalive=m.keepalive_s,
+                topic_prefix=m.topic_prefix,
+                tls_ca_file=str(m.tls_ca_file) if m.tls_ca_file else None,
+                tls_cert_file=str(m.tls_cert_file) if m.tls_cert_file else None,
+                tls_key_file=str(m.tls_key_file) if m.tls_key_file else None,
+                reconnect_min_s=m.reconnect_min_s,
+                reconnect_max_s=m.reconnect_max_s,
+            ),
+            self.executor,
+            self.journal,
+            on_link_change=self._broker_link,
+        )
+        self.board = board
+        self.api = LocalApi(
+            config.api.socket, status=self.status, execution=self.journal.execution_details
+        )
+
+    def _broker_link(self, up: bool) -> None:
+        self.broker_connected = up
+        self.broker_since = time.time()
+        log.log(logging.INFO if up else logging.WARNING, "broker link %s", "up" if up else "down")
+
+    def status(self) -> dict[str, Any]:
+        link = self.executor.board_link
+        return {
+            "daemon": {
+                "up": True,
+                "pid": os.getpid(),
+                "version": version("metalav-gateway"),
+                "started_at": self.started_at,
+                "gateway_id": self.config.gateway.id,
+                "store_id": self.config.gateway.store_id,
+            },
+            "broker": {
+                "connected": self.broker_connected,
+                "host": self.config.mqtt.host,
+                "port": self.config.mqtt.port,
+                "since": self.broker_since,
+            },
+            "board": {
+                "connected": link.connected,
+                "port": link.port,
+                "boot_id": None if link.boot_id is None else f"{link.boot_id:08x}",
+                "last_error": link.last_error,
+                "since": link.since or None,
+            },
+            "executions": self.journal.counts_by_state(),
+            "outbox_depth": self.journal.outbox_depth(),
+            "rejected_unauthenticated": self.journal.rejection_count(),
+        }
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.api.start()
+        log.info(
+            "gateway %s started (journal %s, board %s, broker %s:%d)",
+            self.config.gateway.id, self.config.journal.path, self.config.board.port,
+            self.config.mqtt.host, self.config.mqtt.port,
+        )
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [
+                    tg.create_task(self.executor.run_board(), name="board"),
+                    tg.create_task(self.executor.run_expiry(), name="expiry"),
+                    tg.create_task(self.session.run(), name="mqtt"),
+                ]
+                await stop.wait()
+                log.info("stopping")
+                # Let releases already on their way finish and be journaled first.
+                await self.executor.drain()
+                for task in tasks:
+                    task.cancel()
+        finally:
+            await self.api.stop()
+            await self.board.close()
+            self.journal.close()
+            log.info("stopped")
+
+
+async def _serve(config: GatewayConfig) -> None:
+    daemon = Daemon(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await daemon.run(stop)
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("METALAV_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # Libraries below us log payloads at DEBUG; keep them quiet (promise 7, no PII).
+    for noisy in ("aiomqtt", "paho", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _load(path: Path) -> GatewayConfig | None:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for line in exc.lines:
+            print(f"config error: {line}", file=sys.stderr)
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="metalav-gateway", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_p = sub.add_parser("run", help="run the gateway daemon")
+    run_p.add_argument("--config", type=Path, required=True)
+    check_p = sub.add_parser("check-config", help="validate a config file and exit")
+    check_p.add_argument("--config", type=Path, required=True)
+    demo_p = sub.add_parser("demo", help="run a self-contained demo and exit")
+    demo_p.add_argument("--keep", action="store_true", help="keep the demo's working folder")
+    args = parser.parse_args(argv)
+
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return run_demo(keep=args.keep)
+
+    config = _load(args.config)
+    if config is None:
+        return 2
+    if args.command == "check-config":
+        print(f"config OK: gateway {config.gateway.id}, {len(config.machines)} machines")
+        return 0
+
+    _setup_logging()
+    try:
+        asyncio.run(_serve(config))
+    except JournalError as exc:
+        log.error("%s", exc)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())

@@ -1,0 +1,502 @@
+"""The execution journal: one SQLite file, the gateway's memory across crashes.
+
+One row per ``execute_key`` holds the lifecycle state (DESIGN.md, "The execution
+lifecycle"); every state change appends a history row and, in the same transaction,
+the outbox row that reports it to the cloud. The database runs in WAL mode with
+``synchronous=FULL``: when a method here returns, its change survives ``kill -9`` and
+power loss, so the caller may then acknowledge (promise 3) or drive the relay
+(promise 1).
+
+All methods are synchronous and meant to be called from the daemon's event-loop
+thread only; a commit costs one fsync, which is the price of the promises.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+__all__ = [
+    "ACTIVE_STATES",
+    "COMPENSATION_STATES",
+    "FINAL_STATES",
+    "Execution",
+    "Journal",
+    "OutboxRow",
+    "SCHEMA_VERSION",
+    "iso_utc",
+    "result_payload",
+]
+
+# States that still have work to do; a machine with one of these is busy.
+ACTIVE_STATES = ("accepted", "dispatching")
+# States reported to the cloud as final for this execution.
+FINAL_STATES = ("released", "failed", "rejected", "expired", "needs_review")
+# States that call for a refund / compensation on the cloud side.
+COMPENSATION_STATES = ("failed", "expired", "needs_review")
+
+RESULTS_TOPIC = "results"
+
+
+def iso_utc(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def result_payload(
+    *,
+    gateway_id: str,
+    execute_key: str,
+    payment_id: str | None,
+    machine_id: str | None,
+    state: str,
+    reason: str | None,
+    at: str,
+    seq: int,
+    event_id: str | None = None,
+    authentic: bool = True,
+) -> str:
+    """The ``execution.result`` event of docs/mqtt-contract.md, as compact JSON."""
+    return json.dumps(
+        {
+            "event_id": event_id or str(uuid.uuid4()),
+            "type": "execution.result",
+            "gateway_id": gateway_id,
+            "execute_key": execute_key,
+            "payment_id": payment_id,
+            "machine_id": machine_id,
+            "state": state,
+            "reason": reason,
+            # An unauthenticated rejection is never final for its (untrusted) key.
+            "final": authentic and state in FINAL_STATES,
+            "compensation": state in COMPENSATION_STATES,
+            "authentic": authentic,
+            "at": at,
+            "seq": seq,
+        },
+        separators=(",", ":"),
+    )
+
+
+@dataclass(frozen=True)
+class Execution:
+    execute_key: str
+    command_id: int
+    payment_id: str
+    machine_id: str
+    cycle: str
+    state: str
+    reason: str | None
+    expires_at: int
+    dispatch_boot_id: int | None
+    board_boot_id: int | None
+    received_at: str
+    updated_at: str
+    last_result: str
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Execution:
+        return cls(
+            execute_key=row["execute_key"],
+            command_id=int(row["command_id"], 16),
+            payment_id=row["payment_id"],
+            machine_id=row["machine_id"],
+            cycle=row["cycle"],
+            state=row["state"],
+            reason=row["reason"],
+            expires_at=row["expires_at"],
+            dispatch_boot_id=row["dispatch_boot_id"],
+            board_boot_id=row["board_boot_id"],
+            received_at=row["received_at"],
+            updated_at=row["updated_at"],
+            last_result=row["last_result"],
+        )
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    id: int
+    topic: str
+    payload: bytes
+
+
+def _migration_1(db: sqlite_utils.Database) -> None:
+    db["executions"].create(  # type: ignore[union-attr]
+        {
+            "execute_key": str,
+            "command_id": str,  # hex u64 sent to the board (docs/firmware-protocol.md)
+            "payment_id": str,
+            "machine_id": str,
+            "cycle": str,
+            "provider_ref": str,
+            "idempotency_key": str,
+            "amount_cents": int,
+            "issued_at": int,
+            "expires_at": int,
+            "state": str,
+            "reason": str,
+            "dispatch_boot_id": int,  # board boot id when the release was written
+            "board_boot_id": int,  # boot id that acknowledged / answered
+            "received_at": str,
+            "updated_at": str,
+            "result_seq": int,
+            "last_result": str,  # JSON of the latest result event, re-sent to duplicates
+        },
+        pk="execute_key",
+        not_null={"command_id", "payment_id", "machine_id", "cycle", "state", "expires_at"},
+        defaults={"result_seq": 0},
+    )
+    db["executions"].create_index(["state"])  # type: ignore[union-attr]
+    db["executions"].create_index(["machine_id", "state"])  # type: ignore[union-attr]
+    db["execution_events"].create(  # type: ignore[union-attr]
+        {"id": int, "execute_key": str, "at": str, "state": str, "reason": str, "detail": str},
+        pk="id",
+        not_null={"execute_key", "at", "state"},
+        foreign_keys=[("execute_key", "executions", "execute_key")],
+    )
+    db["execution_events"].create_index(["execute_key", "id"])  # type: ignore[union-attr]
+    db["outbox"].create(  # type: ignore[union-attr]
+        {
+            "id": int,
+            "event_id": str,
+            "stream": str,  # events of one stream are delivered in id order
+            "topic": str,
+            "payload": str,
+            "state": str,  # pending -> sending -> sent | failed | dead
+            "attempts": int,
+            "last_error": str,
+            "created_at": str,
+            "updated_at": str,
+            "sent_at": str,
+        },
+        pk="id",
+        not_null={"event_id", "stream", "topic", "payload", "state", "created_at"},
+        defaults={"state": "pending", "attempts": 0},
+    )
+    db["outbox"].create_index(["event_id"], unique=True)  # type: ignore[union-attr]
+    db["outbox"].create_index(["state", "id"])  # type: ignore[union-attr]
+    # Commands refused before they could be tied to a journal row (forged, malformed,
+    # not ours): kept for the technician, never keyed by their (untrusted) execute_key.
+    db["rejections"].create(  # type: ignore[union-attr]
+        {"id": int, "at": str, "execute_key": str, "reason": str, "detail": str},
+        pk="id",
+        not_null={"at", "reason"},
+    )
+    db["board_state"].create({"key": str, "value": str}, pk="key")  # type: ignore[union-attr]
+
+
+# Append-only: a released gateway's journal is migrated forward, never rewritten.
+MIGRATIONS = [_migration_1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class JournalError(Exception):
+    """The journal file cannot be used (newer schema, not a database, ...)."""
+
+
+class Journal:
+    def __init__(self, path: Path, gateway_id: str) -> None:
+        self.path = path
+        self.gateway_id = gateway_id
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE in _tx),
+        # so a commit point is visible in the code, not implied by the driver.
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._conn.row_factory = sqlite3.Row
+        try:
+            mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise JournalError(f"{path}: not a journal database ({exc})") from None
+        if mode.lower() != "wal":
+            raise JournalError(f"{path}: cannot enable WAL mode (got {mode})")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._conn.execute("PRAGMA busy_timeout=5000")
+        self._migrate()
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def _migrate(self) -> None:
+        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise JournalError(
+                f"{self.path}: schema version {version} is newer than this gateway "
+                f"({SCHEMA_VERSION}); refusing to touch it"
+            )
+        db = sqlite_utils.Database(self._conn)
+        for number in range(version + 1, SCHEMA_VERSION + 1):
+            with self._tx():
+                MIGRATIONS[number - 1](db)
+                self._conn.execute(f"PRAGMA user_version={number}")
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    # -- reads ---------------------------------------------------------------
+
+    def get(self, execute_key: str) -> Execution | None:
+        row = self._conn.execute(
+            "SELECT * FROM executions WHERE execute_key = ?", (execute_key,)
+        ).fetchone()
+        return Execution.from_row(row) if row else None
+
+    def in_states(self, states: Sequence[str]) -> list[Execution]:
+        marks = ",".join("?" * len(states))
+        rows = self._conn.execute(
+            f"SELECT * FROM executions WHERE state IN ({marks}) ORDER BY received_at",
+            tuple(states),
+        ).fetchall()
+        return [Execution.from_row(r) for r in rows]
+
+    def machine_is_active(self, machine_id: str) -> bool:
+        marks = ",".join("?" * len(ACTIVE_STATES))
+        row = self._conn.execute(
+            f"SELECT 1 FROM executions WHERE machine_id = ? AND state IN ({marks}) LIMIT 1",
+            (machine_id, *ACTIVE_STATES),
+        ).fetchone()
+        return row is not None
+
+    def history(self, execute_key: str) -> list[dict[str, Any]]:
+        rows = self._conn.execute(
+            "SELECT at, state, reason, detail FROM execution_events "
+            "WHERE execute_key = ? ORDER BY id",
+            (execute_key,),
+        ).fetchall()
+        return [dict(r) for r in rows]
+
+    def execution_details(self, execute_key: str) -> dict[str, Any] | None:
+        row = self._conn.execute(
+            "SELECT * FROM executions WHERE execute_key = ?", (execute_key,)
+        ).fetchone()
+        if row is None:
+            return None
+        details = {k: row[k] for k in row.keys() if k != "last_result"}
+        details["history"] = self.history(execute_key)
+        details["outbox"] = [
+            dict(r)
+            for r in self._conn.execute(
+                "SELECT id, event_id, state, attempts, last_error, created_at, sent_at "
+                "FROM outbox WHERE stream = ? ORDER BY id",
+                (execute_key,),
+            )
+        ]
+        return details
+
+    def counts_by_state(self) -> dict[str, int]:
+        rows = self._conn.execute("SELECT state, count(*) FROM executions GROUP BY state")
+        return {state: n for state, n in rows}
+
+    def outbox_depth(self) -> int:
+        row = self._conn.execute(
+            "SELECT count(*) FROM outbox WHERE state IN ('pending', 'sending', 'failed')"
+        ).fetchone()
+        return int(row[0])
+
+    def rejection_count(self) -> int:
+        return int(self._conn.execute("SELECT count(*) FROM rejections").fetchone()[0])
+
+    def board_value(self, key: str) -> str | None:
+        row = self._conn.execute("SELECT value FROM board_state WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_board_value(self, key: str, value: str) -> None:
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO board_state(key, value) VALUES (?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    # -- writes: every one is a single durable transaction ---------------------
+
+    def record_new(
+        self,
+        *,
+        execute_key: str,
+        command_id: int,
+        payment_id: str,
+        machine_id: str,
+        cycle: str,
+        issued_at: int,
+        expires_at: int,
+        provider_ref: str | None,
+        idempotency_key: str | None,
+        amount_cents: int | None,
+        state: str,
+        reason: str | None,
+        now: float,
+        dispatch_boot_id: int | None = None,
+    ) -> Execution:
+        """Journal a verified command in its first state.
+
+        ``state`` is ``accepted``, ``dispatching`` (accepted and, in the same commit,
+        about to be written to the board, which saves one fsync on the release path),
+        or a final refusal (``rejected`` / ``expired``).
+        """
+        at = iso_utc(now)
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO executions(execute_key, command_id, payment_id, machine_id, cycle,"
+                " provider_ref, idempotency_key, amount_cents, issued_at, expires_at, state,"
+                " reason, dispatch_boot_id, received_at, updated_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    execute_key,
+                    f"{command_id:016x}",
+                    payment_id,
+                    machine_id,
+                    cycle,
+                    provider_ref,
+                    idempotency_key,
+                    amount_cents,
+                    issued_at,
+                    expires_at,
+                    state,
+                    reason,
+                    dispatch_boot_id,
+                    at,
+                    at,
+                ),
+            )
+            if state in ("accepted", "dispatching"):
+                self._event(c, execute_key, "accepted", None, at, None)
+                self._result(c, execute_key, "accepted", None, at)
+                if state == "dispatching":
+                    self._event(c, execute_key, "dispatching", None, at, self._boot(dispatch_boot_id))
+            else:
+                self._event(c, execute_key, state, reason, at, None)
+                self._result(c, execute_key, state, reason, at)
+        row = self.get(execute_key)
+        assert row is not None
+        return row
+
+    def transition(
+        self,
+        execute_key: str,
+        *,
+        from_states: Sequence[str],
+        to_state: str,
+        reason: str | None = None,
+        now: float,
+        detail: str | None = None,
+        dispatch_boot_id: int | None = None,
+        board_boot_id: int | None = None,
+        report: bool = True,
+    ) -> bool:
+        """Move one execution to ``to_state`` if it is in one of ``from_states``.
+
+        Returns False (and changes nothing) when the row is not in an expected state,
+        so two paths racing for the same execution cannot both act on it.
+        ``report`` queues a result event for the cloud in the same transaction.
+        """
+        at = iso_utc(now)
+        marks = ",".join("?" * len(from_states))
+        with self._tx() as c:
+            cur = c.execute(
+                f"UPDATE executions SET state = ?, reason = ?, updated_at = ?,"
+                f" dispatch_boot_id = coalesce(?, dispatch_boot_id),"
+                f" board_boot_id = coalesce(?, board_boot_id)"
+                f" WHERE execute_key = ? AND state IN ({marks})",
+                (to_state, reason, at, dispatch_boot_id, board_boot_id, execute_key, *from_states),
+            )
+            if cur.rowcount != 1:
+                return False
+            self._event(c, execute_key, to_state, reason, at, detail)
+            if report:
+                self._result(c, execute_key, to_state, reason, at)
+        return True
+
+    def note(self, execute_key: str, *, now: float, state: str, detail: str) -> None:
+        """A history line that does not change the state (e.g. a re-dispatch)."""
+        with self._tx() as c:
+            self._event(c, execute_key, state, None, iso_utc(now), detail)
+
+    def log_rejection(self, *, execute_key: str | None, reason: str, detail: str, now: float) -> None:
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO rejections(at, execute_key, reason, detail) VALUES (?,?,?,?)",
+                (iso_utc(now), execute_key, reason, detail[:200]),
+            )
+
+    # -- outbox (the cloud_sync.mqtt_session.OutboxSource interface) ------------
+
+    def pending(self, limit: int) -> list[OutboxRow]:
+        rows = self._conn.execute(
+            "SELECT id, topic, payload FROM outbox WHERE state IN ('pending', 'failed')"
+            " ORDER BY id LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [OutboxRow(r["id"], r["topic"], r["payload"].encode()) for r in rows]
+
+    def mark_sent(self, item_id: int) -> None:
+        with self._tx() as c:
+            c.execute(
+                "UPDATE outbox SET state = 'sent', attempts = attempts + 1, sent_at = ?,"
+                " updated_at = ? WHERE id = ?",
+                (iso_utc(time.time()), iso_utc(time.time()), item_id),
+            )
+
+    def mark_failed(self, item_id: int, error: str) -> None:
+        with self._tx() as c:
+            c.execute(
+                "UPDATE outbox SET state = 'failed', attempts = attempts + 1, last_error = ?,"
+                " updated_at = ? WHERE id = ?",
+                (error[:200], iso_utc(time.time()), item_id),
+            )
+
+    # -- internals --------------------------------------------------------------
+
+    @staticmethod
+    def _boot(boot_id: int | None) -> str | None:
+        return None if boot_id is None else f"board boot {boot_id:08x}"
+
+    @staticmethod
+    def _event(
+        c: sqlite3.Connection,
+        key: str,
+        state: str,
+        reason: str | None,
+        at: str,
+        detail: str | None,
+    ) -> None:
+        c.execute(
+            "INSERT INTO execution_events(execute_key, at, state, reason, detail)"
+            " VALUES (?,?,?,?,?)",
+            (key, at, state, reason, detail),
+        )
+
+    def _result(self, c: sqlite3.Connection, key: str, state: str, reason: str | None, at: str) -> None:
+        row = c.execute(
+            "UPDATE executions SET result_seq = result_seq + 1 WHERE execute_key = ?"
+            " RETURNING result_seq, payment_id, machine_id",
+            (key,),
+        ).fetchone()
+        event_id = str(uuid.uuid4())
+        payload = result_payload(
+            gateway_id=self.gateway_id, execute_key=key, payment_id=row["payment_id"],
+            machine_id=row["machine_id"], state=state, reason=reason, at=at,
+            seq=row["result_seq"], event_id=event_id,
+        )
+        c.execute("UPDATE executions SET last_result = ? WHERE execute_key = ?", (payload, key))
+        c.execute(
+            "INSERT INTO outbox(event_id, stream, topic, payload, created_at, updated_at)"
+            " VALUES (?,?,?,?,?,?)",
+            (event_id, key, RESULTS_TOPIC, payload, at, at),
+        )
