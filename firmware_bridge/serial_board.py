@@ -1,0 +1,243 @@
+"""Host side of protocol v1 over a serial port (pyserial-asyncio-fast).
+
+The codec is frames.py; this module only adds what needs I/O and time: one
+request in flight, retransmission of the identical frame on ACK_TIMEOUT, and
+the translation of link failures into the three outcomes the gateway acts on
+(exceptions.py): not sent, refused, unknown. See docs/firmware-protocol.md
+"Host behaviour".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass
+from typing import TypeVar
+
+import serial  # type: ignore[import-untyped]  # no stubs; types-pyserial not a dependency
+import serial_asyncio_fast
+
+from firmware_bridge.exceptions import (
+    BoardNack,
+    BoardNoReply,
+    BoardUnavailable,
+    ProtocolError,
+)
+from firmware_bridge.frames import (
+    Frame,
+    FrameDecoder,
+    Message,
+    Nack,
+    Ping,
+    Pong,
+    Query,
+    QueryReply,
+    Release,
+    ReleaseAck,
+    decode,
+    encode,
+)
+
+__all__ = ["ACK_TIMEOUT", "MAX_RETRIES", "SerialBoard"]
+
+LOGGER = logging.getLogger(__name__)
+
+# "Host behaviour": wait this long for the reply carrying the request's SEQ ...
+ACK_TIMEOUT = 0.25
+# ... then retransmit the identical frame (same SEQ) up to this many times.
+MAX_RETRIES = 3
+
+_Reply = TypeVar("_Reply", Pong, ReleaseAck, QueryReply)
+
+
+@dataclass
+class _Pending:
+    request: Message
+    reply_type: type[Message]
+    future: asyncio.Future[Message]
+
+
+class _Link(asyncio.Protocol):
+    """One open port. A fresh instance per open(), so a late connection_lost of
+    an old port can never close the new one."""
+
+    def __init__(self, board: SerialBoard) -> None:
+        self._board = board
+        self._decoder = FrameDecoder()
+        self.lost = asyncio.get_running_loop().create_future()
+        self._drained: asyncio.Future[None] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        for frame in self._decoder.feed(data):
+            self._board._frame_received(frame)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+        self._board._link_lost(self, exc)
+
+    # Flow control with a zero high-water mark: paused means "bytes still
+    # buffered in the transport", so drain() waits until all reached the port.
+    def pause_writing(self) -> None:
+        if self._drained is None or self._drained.done():
+            self._drained = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    async def drain(self) -> None:
+        if self._drained is not None:
+            await self._drained
+
+
+class SerialBoard:
+    """The relay MCU board on a serial port. Satisfies ``driver.BoardDriver``."""
+
+    def __init__(
+        self,
+        port: str,
+        *,
+        baudrate: int = 115200,
+        ack_timeout: float = ACK_TIMEOUT,
+        max_retries: int = MAX_RETRIES,
+    ) -> None:
+        self.port = port
+        self._baudrate = baudrate
+        self._ack_timeout = ack_timeout
+        self._max_retries = max_retries
+        self._transport: asyncio.Transport | None = None
+        self._link: _Link | None = None
+        self._pending: dict[int, _Pending] = {}
+        self._lock = asyncio.Lock()  # "Sequencing": one request in flight
+        # A random start makes a late reply to a previous process unlikely to match.
+        self._seq = random.randrange(256)
+
+    def __repr__(self) -> str:
+        return f"SerialBoard({self.port!r}, open={self.is_open})"
+
+    @property
+    def is_open(self) -> bool:
+        return self._transport is not None and not self._transport.is_closing()
+
+    async def open(self) -> None:
+        if self.is_open:
+            return
+        loop = asyncio.get_running_loop()
+        link = _Link(self)
+        try:
+            transport, _ = await serial_asyncio_fast.create_serial_connection(
+                loop, lambda: link, self.port, baudrate=self._baudrate
+            )
+        except (serial.SerialException, OSError, ValueError) as exc:
+            raise BoardUnavailable(f"cannot open {self.port}: {exc}") from exc
+        transport.set_write_buffer_limits(high=0)  # see _Link.pause_writing
+        self._transport, self._link = transport, link
+        LOGGER.info("opened board port %s", self.port)
+
+    async def close(self) -> None:
+        transport, link = self._transport, self._link
+        if transport is None or link is None:
+            return
+        transport.close()
+        await link.lost
+
+    async def ping(self) -> Pong:
+        return await self._request(Ping(), Pong)
+
+    async def release(
+        self, command_id: int, channel: int, pulse_count: int, on_ms: int, off_ms: int
+    ) -> ReleaseAck:
+        return await self._request(
+            Release(command_id, channel, pulse_count, on_ms, off_ms), ReleaseAck
+        )
+
+    async def query(self, command_id: int) -> QueryReply:
+        return await self._request(Query(command_id), QueryReply)
+
+    async def _request(self, request: Message, reply_type: type[_Reply]) -> _Reply:
+        async with self._lock:
+            transport, link = self._transport, self._link
+            if transport is None or link is None or transport.is_closing():
+                raise BoardUnavailable(f"{self.port} is not open")
+            seq = self._seq
+            self._seq = (self._seq + 1) % 256
+            data = encode(request, seq)  # ProtocolError before anything is sent
+            try:
+                for attempt in range(1 + self._max_retries):
+                    if transport.is_closing():
+                        raise BoardNoReply(f"{self.port} closed after the request was written")
+                    # Register before the write, keyed by SEQ (STYLE.md, bellows).
+                    future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+                    self._pending[seq] = _Pending(request, reply_type, future)
+                    # One synchronous write hands the whole frame to the transport,
+                    # so cancellation cannot split it; no sleeps (latency to first byte).
+                    transport.write(data)
+                    if transport.is_closing():
+                        # Only a failed os.write of this very frame closes the
+                        # transport inside write(): none of its bytes left the host.
+                        if attempt == 0:
+                            raise BoardUnavailable(f"{self.port} failed; request not sent")
+                        raise BoardNoReply(f"{self.port} failed after the request was written")
+                    await asyncio.shield(link.drain())
+                    done, _ = await asyncio.wait((future,), timeout=self._ack_timeout)
+                    if done:
+                        reply = future.result()  # BoardNoReply if the port died
+                        if isinstance(reply, Nack):
+                            raise BoardNack(reply.reason, reply.request_type, reply.boot_id)
+                        assert isinstance(reply, reply_type)
+                        return reply
+                    LOGGER.warning(
+                        "no reply to %s seq=%d on %s (attempt %d of %d)",
+                        type(request).__name__, seq, self.port, attempt + 1,
+                        1 + self._max_retries,
+                    )
+                raise BoardNoReply(
+                    f"no reply to {type(request).__name__} seq={seq} after "
+                    f"{1 + self._max_retries} attempts"
+                )
+            finally:
+                self._pending.pop(seq, None)
+
+    def _frame_received(self, frame: Frame) -> None:
+        pending = self._pending.get(frame.seq)
+        if pending is None or pending.future.done():
+            LOGGER.info("ignoring late or unexpected frame type=0x%02X seq=%d", frame.type,
+                        frame.seq)
+            return
+        try:
+            reply = decode(frame)
+        except ProtocolError as exc:
+            LOGGER.warning("ignoring undecodable reply seq=%d: %s", frame.seq, exc)
+            return
+        if not _answers(pending.request, pending.reply_type, reply):
+            LOGGER.warning("ignoring reply %r that does not answer %r", reply, pending.request)
+            return
+        pending.future.set_result(reply)
+
+    def _link_lost(self, link: _Link, exc: Exception | None) -> None:
+        if link is not self._link:
+            return
+        LOGGER.warning("board port %s lost: %s", self.port, exc)
+        self._transport = self._link = None
+        # Every pending request was written before it could be pending.
+        for pending in self._pending.values():
+            if not pending.future.done():
+                pending.future.set_exception(
+                    BoardNoReply(f"{self.port} lost after the request was written")
+                )
+
+
+def _answers(request: Message, reply_type: type[Message], reply: Message) -> bool:
+    """Whether ``reply`` answers ``request`` (and is not a stale reply that happens
+    to carry the same SEQ)."""
+    if isinstance(reply, Nack):
+        return reply.request_type == request.TYPE
+    if not isinstance(reply, reply_type):
+        return False
+    if isinstance(request, Release | Query) and isinstance(reply, ReleaseAck | QueryReply):
+        return reply.command_id == request.command_id
+    return True

@@ -1,0 +1,198 @@
+"""SerialBoard against the simulator program over a real pty."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import pytest
+
+from firmware_bridge.driver import BoardDriver
+from firmware_bridge.exceptions import BoardNack, BoardNoReply, BoardUnavailable
+from firmware_bridge.frames import NackReason
+from firmware_bridge.serial_board import SerialBoard
+
+from .conftest import SimulatorProcess
+
+T = TypeVar("T")
+Start = Callable[..., SimulatorProcess]
+COMMAND = 0x0123456789ABCDEF
+
+
+def run(coro_fn: Callable[[SerialBoard], Awaitable[T]], port: str, **kwargs: float) -> T:
+    async def main() -> T:
+        board = SerialBoard(port, **kwargs)  # type: ignore[arg-type]
+        await board.open()
+        try:
+            return await coro_fn(board)
+        finally:
+            await board.close()
+
+    return asyncio.run(main())
+
+
+def test_serial_board_satisfies_the_driver_interface() -> None:
+    assert isinstance(SerialBoard("/dev/null"), BoardDriver)
+
+
+def test_ping_returns_boot_id(start_simulator: Start) -> None:
+    sim = start_simulator("--boot-id", "DEADBEEF", "--channels", "4")
+    pong = run(lambda b: b.ping(), sim.path)
+    assert (pong.boot_id, pong.channels) == (0xDEADBEEF, 4)
+
+
+def test_release_pulses_once_and_repeat_is_duplicate(start_simulator: Start) -> None:
+    sim = start_simulator()
+
+    async def scenario(board: SerialBoard) -> None:
+        first = await board.release(COMMAND, 2, 1, 100, 100)
+        assert not first.duplicate and first.command_id == COMMAND
+        assert len(sim.actuations()) == 1  # fsync'ed before the ack was written
+        second = await board.release(COMMAND, 2, 1, 100, 100)
+        assert second.duplicate and second.boot_id == first.boot_id
+
+    run(scenario, sim.path)
+    (line,) = sim.actuations()
+    assert line["command_id"] == f"{COMMAND:016x}"
+    assert (line["channel"], line["pulse_count"], line["on_ms"], line["off_ms"]) == (2, 1, 100, 100)
+    assert line["rx_monotonic"] <= time.monotonic()
+
+
+def test_retransmitted_release_never_pulses_twice(start_simulator: Start) -> None:
+    sim = start_simulator("--drop-release-acks", "1")
+    ack = run(lambda b: b.release(COMMAND, 1, 1, 100, 100), sim.path, ack_timeout=0.1)
+    assert ack.duplicate
+    assert len(sim.actuations()) == 1
+
+
+def test_query_tells_executed_only_after_release(start_simulator: Start) -> None:
+    sim = start_simulator()
+
+    async def scenario(board: SerialBoard) -> tuple[bool, bool]:
+        before = await board.query(COMMAND)
+        await board.release(COMMAND, 1, 1, 100, 100)
+        after = await board.query(COMMAND)
+        return before.executed, after.executed
+
+    assert run(scenario, sim.path) == (False, True)
+
+
+def test_reboot_changes_boot_id_and_forgets_commands(start_simulator: Start) -> None:
+    sim = start_simulator()
+
+    async def scenario(board: SerialBoard) -> None:
+        ack = await board.release(COMMAND, 1, 1, 100, 100)
+        sim.send_signal(signal.SIGHUP)
+        for _ in range(100):  # the signal is handled asynchronously
+            reply = await board.query(COMMAND)
+            if reply.boot_id != ack.boot_id:
+                break
+            await asyncio.sleep(0.02)
+        assert reply.boot_id != ack.boot_id
+        assert not reply.executed
+
+    run(scenario, sim.path)
+
+
+def test_bad_channel_is_refused_and_never_pulses(start_simulator: Start) -> None:
+    sim = start_simulator("--channels", "4")
+    with pytest.raises(BoardNack) as info:
+        run(lambda b: b.release(COMMAND, 5, 1, 100, 100), sim.path)
+    assert info.value.reason is NackReason.BAD_CHANNEL
+    assert sim.actuations() == []
+
+
+def test_killed_simulator_fails_requests_fast_and_never_hangs(start_simulator: Start) -> None:
+    sim = start_simulator()
+
+    async def scenario(board: SerialBoard) -> None:
+        await board.ping()
+        sim.proc.send_signal(signal.SIGKILL)
+        sim.proc.wait()
+        started = time.monotonic()
+        with pytest.raises((BoardNoReply, BoardUnavailable)):
+            await board.release(COMMAND, 1, 1, 100, 100)
+        assert time.monotonic() - started < 2.0
+        assert not board.is_open
+        with pytest.raises(BoardUnavailable):
+            await board.ping()
+
+    run(scenario, sim.path)
+    assert sim.actuations() == []
+
+
+def test_lost_port_during_wait_gives_no_reply(start_simulator: Start) -> None:
+    # The board swallows the first ACK, then dies while the host waits for it:
+    # the release was written, so the outcome is unknown (BoardNoReply).
+    sim = start_simulator("--drop-release-acks", "1")
+
+    async def scenario(board: SerialBoard) -> None:
+        async def kill_soon() -> None:
+            for _ in range(1000):  # the actuation line lands before the (dropped) ack
+                if sim.actuations():
+                    break
+                await asyncio.sleep(0.005)
+            sim.proc.kill()
+
+        killer = asyncio.create_task(kill_soon())
+        with pytest.raises(BoardNoReply):
+            await board.release(COMMAND, 1, 1, 100, 100)
+        await killer
+
+    async def open_and_run() -> None:
+        board = SerialBoard(sim.path, ack_timeout=1.0, max_retries=0)
+        await board.open()
+        try:
+            await scenario(board)
+        finally:
+            await board.close()
+
+    asyncio.run(open_and_run())
+    assert len(sim.actuations()) == 1
+
+
+def test_unopened_or_missing_port_is_unavailable(tmp_path: os.PathLike[str]) -> None:
+    async def scenario() -> None:
+        board = SerialBoard(os.path.join(tmp_path, "no-such-port"))
+        with pytest.raises(BoardUnavailable):
+            await board.ping()
+        with pytest.raises(BoardUnavailable):
+            await board.open()
+        assert not board.is_open
+
+    asyncio.run(scenario())
+
+
+def test_close_and_reopen_through_stable_link(start_simulator: Start) -> None:
+    sim = start_simulator()
+
+    async def scenario() -> None:
+        board = SerialBoard(str(sim.link))
+        for _ in range(3):
+            await board.open()
+            assert board.is_open
+            await board.ping()
+            await board.close()
+            assert not board.is_open
+
+    asyncio.run(scenario())
+
+
+def test_late_reply_from_earlier_request_is_ignored(start_simulator: Start) -> None:
+    # A timeout shorter than the reply path makes late replies arrive while the
+    # next request waits; they must be ignored and never answer the wrong request.
+    sim = start_simulator()
+
+    async def scenario(board: SerialBoard) -> None:
+        for command_id in range(1, 6):
+            ack = await board.release(command_id, 1, 1, 100, 100)
+            assert ack.command_id == command_id
+            reply = await board.query(command_id)
+            assert reply.command_id == command_id and reply.executed
+
+    run(scenario, sim.path, ack_timeout=0.0003, max_retries=50)
+    assert [int(a["command_id"], 16) for a in sim.actuations()] == [1, 2, 3, 4, 5]
