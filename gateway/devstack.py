@@ -8,9 +8,11 @@ pty, real MQTT broker, real SQLite file).
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,8 +20,8 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
-import httpx
 import paho.mqtt.client as mqtt
 
 from cloud_sync.signing import generate_demo_keypair, sign_command
@@ -111,14 +113,34 @@ class SimulatorProcess:
         time.sleep(0.2)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout=5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
     def actuation_records(self) -> list[dict[str, Any]]:
         if not self.actuations.exists():
             return []
         return [json.loads(line) for line in self.actuations.read_text().splitlines() if line]
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("gateway", timeout=2.0)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
 
 
 class DaemonProcess:
@@ -140,19 +162,27 @@ class DaemonProcess:
                 stdout=log, stderr=log, env=env, start_new_session=True,
             )
 
+    def _get(self, path: str) -> tuple[int, Any]:
+        # http.client rather than httpx here: httpcore leaks the socket when a unix
+        # connection is refused (a killed daemon's stale socket), and the tests run
+        # with ResourceWarning as an error.
+        conn = _UnixHTTPConnection(str(self.socket))
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            return resp.status, json.loads(resp.read())
+        finally:
+            conn.close()
+
     def status(self) -> dict[str, Any] | None:
         try:
-            with httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)),
-                              base_url="http://gateway", timeout=2.0) as c:
-                return c.get("/v1/status").json()  # type: ignore[no-any-return]
-        except (httpx.TransportError, ValueError):
+            return self._get("/v1/status")[1]  # type: ignore[no-any-return]
+        except (OSError, ValueError, http.client.HTTPException):
             return None
 
     def execution(self, key: str) -> dict[str, Any] | None:
-        with httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)),
-                          base_url="http://gateway", timeout=2.0) as c:
-            r = c.get(f"/v1/executions/{key}")
-        return None if r.status_code == 404 else r.json()  # type: ignore[no-any-return]
+        code, body = self._get(f"/v1/executions/{quote(key, safe='')}")
+        return None if code == 404 else body  # type: ignore[no-any-return]
 
     def wait_ready(self, timeout: float = 15.0) -> dict[str, Any]:
         """Until the daemon reports both links up."""

@@ -1,0 +1,72 @@
+"""A store per test: the simulated board on a real pty, the daemon as a real process
+with its own SQLite journal, and the cloud stand-in on the session's real broker."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from gateway.devstack import CloudStandIn, DaemonProcess, SimulatorProcess, demo_config
+from gateway.localbroker import LocalBroker
+
+
+@dataclass
+class Store:
+    workdir: Path
+    broker: LocalBroker
+    sim: SimulatorProcess
+    daemon: DaemonProcess
+    cloud: CloudStandIn
+    gateway_id: str
+    _keys: list[str] = field(default_factory=list)
+
+    def new_key(self) -> str:
+        key = f"exec-{uuid.uuid4().hex[:16]}"
+        self._keys.append(key)
+        return key
+
+    def actuations(self) -> list[dict[str, object]]:
+        return self.sim.actuation_records()
+
+
+def make_store(tmp_path: Path, broker: LocalBroker, *sim_args: str) -> Store:
+    gateway_id = f"gw-{uuid.uuid4().hex[:10]}"
+    cloud = CloudStandIn(broker.host, broker.port, gateway_id)
+    sim = SimulatorProcess(tmp_path, *sim_args)
+    sim.start()
+    config = tmp_path / "gateway.toml"
+    config.write_text(demo_config(
+        tmp_path, gateway_id=gateway_id, mqtt_port=broker.port,
+        public_key_pem=cloud.public_key_pem, board_port=sim.link,
+    ))
+    daemon = DaemonProcess(tmp_path, config)
+    return Store(tmp_path, broker, sim, daemon, cloud, gateway_id)
+
+
+@pytest.fixture
+def store_factory(tmp_path: Path, mqtt_broker: LocalBroker) -> Iterator[object]:
+    made: list[Store] = []
+
+    def factory(*sim_args: str) -> Store:
+        s = make_store(tmp_path, mqtt_broker, *sim_args)
+        made.append(s)
+        return s
+
+    yield factory
+    for s in made:
+        s.daemon.stop()
+        s.sim.stop()
+        s.cloud.close()
+
+
+@pytest.fixture
+def store(store_factory) -> Store:  # type: ignore[no-untyped-def]
+    """A running store: daemon up with both links connected."""
+    s: Store = store_factory()
+    s.daemon.start()
+    s.daemon.wait_ready()
+    return s
