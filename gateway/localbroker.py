@@ -8,6 +8,7 @@ module: they connect to the fleet's broker named in the config.
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import signal
@@ -33,6 +34,9 @@ def free_port() -> int:
 
 
 _MOSQUITTO_CONF = """\
+# mosquitto started as root drops to user "mosquitto", which could not write the
+# persistence folder we own: stay the user who started it.
+user {user}
 listener {port} 127.0.0.1
 allow_anonymous true
 persistence {persistence}
@@ -96,6 +100,7 @@ class LocalBroker:
             conf.write_text(
                 _MOSQUITTO_CONF.format(
                     port=self.port,
+                    user=getpass.getuser(),
                     workdir=self._workdir,
                     persistence="true" if self.persistence else "false",
                 )

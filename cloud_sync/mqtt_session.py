@@ -1,0 +1,309 @@
+"""The gateway's MQTT session: commands in, results/events out, presence (promises 3, 5).
+
+Topics, with ``P = {topic_prefix}/gateways/{gateway_id}`` (docs/mqtt-contract.md):
+
+- ``P/commands/execute``  in, QoS 1, persistent session (clean_session=False), so
+  commands published while the gateway is offline arrive when it returns.
+- ``P/<item.topic>``      out, QoS 1, from the outbox, in order.
+- ``P/presence``          retained ``online`` after each connect; the last will
+  publishes ``offline`` retained when the link dies uncleanly.
+
+The PUBACK of a command is sent only after :meth:`CommandSink.handle_command` returned,
+i.e. after the journal commit is durable (promise 3). aiomqtt does not expose manual
+acks (aiomqtt issue 345), so the session turns them on in the wrapped paho client.
+
+aiomqtt does not reconnect by itself; :meth:`MqttSession.run` is the supervised loop
+of aiomqtt's docs/reconnection.md, with full-jitter exponential backoff so that a
+fleet of gateways does not stampede the broker after an outage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol
+
+import aiomqtt
+import paho.mqtt.client as paho
+
+__all__ = [
+    "CommandSink",
+    "OutboxItem",
+    "OutboxSource",
+    "MqttSettings",
+    "MqttSession",
+]
+
+log = logging.getLogger(__name__)
+
+#: A connection that lasted this long resets the reconnect backoff.
+STABLE_CONNECTION_S = 30.0
+#: Outbox round size and idle poll period.
+OUTBOX_BATCH = 100
+OUTBOX_IDLE_POLL_S = 1.0
+#: How long a clean stop waits for the broker to take the "offline" presence.
+OFFLINE_PUBLISH_TIMEOUT_S = 2.0
+
+
+class CommandSink(Protocol):
+    async def handle_command(self, payload: bytes) -> None:
+        """Return only once the command's outcome is durable (journal commit).
+
+        Raising means "not durable": the message is not acknowledged and the broker
+        redelivers it after the session reconnects."""
+        ...
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    id: int
+    topic: str  # suffix under the gateway's prefix, e.g. "results"
+    payload: bytes
+
+
+class OutboxSource(Protocol):
+    def pending(self, limit: int) -> Sequence[OutboxItem]:
+        """Items pending or failed, oldest first."""
+        ...
+
+    def mark_sent(self, item_id: int) -> None: ...
+
+    def mark_failed(self, item_id: int, error: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    host: str
+    gateway_id: str
+    port: int = 1883
+    client_id: str | None = None  # default: gateway_id (fixed, for the persistent session)
+    username: str | None = None
+    password: str | None = None
+    keepalive: int = 30
+    topic_prefix: str = "metalav/v1"
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not self.gateway_id or any(c in self.gateway_id for c in "/+#"):
+            raise ValueError("gateway_id must be non-empty and contain no '/', '+' or '#'")
+        if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
+            raise ValueError("need 0 < reconnect_min_s <= reconnect_max_s")
+
+    @property
+    def base_topic(self) -> str:
+        return f"{self.topic_prefix}/gateways/{self.gateway_id}"
+
+
+class _CommandNotDurable(Exception):
+    """The sink raised: leave the command unacked and reconnect for a redelivery."""
+
+
+def _presence(state: str, gateway_id: str) -> bytes:
+    at = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return json.dumps({"state": state, "gateway_id": gateway_id, "at": at}).encode()
+
+
+def _as_bytes(payload: object) -> bytes:
+    if isinstance(payload, bytes | bytearray):
+        return bytes(payload)
+    if isinstance(payload, str):
+        return payload.encode()
+    return b"" if payload is None else str(payload).encode()
+
+
+class MqttSession:
+    def __init__(
+        self,
+        settings: MqttSettings,
+        sink: CommandSink,
+        outbox: OutboxSource,
+        *,
+        on_link_change: Callable[[bool], None] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._sink = sink
+        self._outbox = outbox
+        self._on_link_change = on_link_change
+        self._client: aiomqtt.Client | None = None
+        self._connected = False
+        self._outbox_wakeup = asyncio.Event()
+        base = settings.base_topic
+        self.command_topic = f"{base}/commands/execute"
+        self.presence_topic = f"{base}/presence"
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def outbox_changed(self) -> None:
+        """Wake the outbox publisher (call from the event loop's thread)."""
+        self._outbox_wakeup.set()
+
+    def publish_best_effort(self, topic: str, payload: bytes) -> None:
+        """QoS 1 publish of ``P/<topic>`` if connected, silently dropped otherwise.
+
+        Used to re-publish a stored result for a duplicate command; the cloud keeps
+        re-sending the command until a result arrives, so a loss here is harmless."""
+        client = self._client
+        if client is None or not self._connected:
+            return
+        # paho's publish only queues the packet (no await needed); aiomqtt's
+        # on_publish callback ignores mids it is not waiting for.
+        info = self._paho(client).publish(f"{self._settings.base_topic}/{topic}", payload, qos=1)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            log.debug("best-effort publish to %s dropped (rc=%s)", topic, info.rc)
+
+    async def run(self) -> None:
+        """Connect, serve, reconnect forever. Cancel the task to stop (clean stop
+        publishes presence ``offline``)."""
+        attempt = 0
+        while True:
+            started = time.monotonic()
+            try:
+                await self._connect_and_serve()
+            except* aiomqtt.MqttError as group:
+                log.warning("MQTT link lost: %s", "; ".join(map(str, group.exceptions)))
+            except* _CommandNotDurable:
+                log.warning("command not durable; reconnecting so the broker redelivers it")
+            except* Exception as group:
+                # Never let a bug in a collaborator (e.g. the outbox store) end the
+                # session for good; log the types only (messages may carry PII).
+                log.error(
+                    "MQTT session error: %s",
+                    ", ".join(type(e).__name__ for e in group.exceptions),
+                )
+            finally:
+                self._client = None
+                self._set_link(False)
+            if time.monotonic() - started >= STABLE_CONNECTION_S:
+                attempt = 0
+            delay = self._backoff(attempt)
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    def _backoff(self, attempt: int) -> float:
+        # Full jitter (AWS architecture blog, "Exponential Backoff And Jitter"), floored
+        # at reconnect_min_s so one gateway never hammers the broker either.
+        s = self._settings
+        cap = min(s.reconnect_max_s, s.reconnect_min_s * (2 ** min(attempt, 32)))
+        return random.uniform(s.reconnect_min_s, cap)
+
+    def _make_client(self) -> aiomqtt.Client:
+        s = self._settings
+        tls = None
+        if s.tls_ca_file or s.tls_cert_file:
+            tls = aiomqtt.TLSParameters(
+                ca_certs=s.tls_ca_file, certfile=s.tls_cert_file, keyfile=s.tls_key_file
+            )
+        client = aiomqtt.Client(
+            s.host,
+            s.port,
+            username=s.username,
+            password=s.password,
+            identifier=s.client_id or s.gateway_id,
+            clean_session=False,
+            keepalive=s.keepalive,
+            tls_params=tls,
+            will=aiomqtt.Will(
+                self.presence_topic, _presence("offline", s.gateway_id), qos=1, retain=True
+            ),
+        )
+        # Before CONNACK: a persistent session's queued commands flow right after it,
+        # and paho would PUBACK each one as soon as on_message returned.
+        self._paho(client).manual_ack_set(True)
+        return client
+
+    @staticmethod
+    def _paho(client: aiomqtt.Client) -> paho.Client:
+        # aiomqtt 2.5 wraps a paho client without exposing manual acks (issue 345).
+        return client._client
+
+    async def _connect_and_serve(self) -> None:
+        client = self._make_client()
+        async with client:
+            self._client = client
+            try:
+                await client.publish(
+                    self.presence_topic,
+                    _presence("online", self._settings.gateway_id),
+                    qos=1,
+                    retain=True,
+                )
+                await client.subscribe(self.command_topic, qos=1)
+                # "Up" means serving: subscribed, so a command published now is ours.
+                self._set_link(True)
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self._serve_commands(client), name="mqtt-commands")
+                    tg.create_task(self._publish_outbox(client), name="mqtt-outbox")
+            except asyncio.CancelledError:
+                # Clean stop: a DISCONNECT suppresses the will, so say "offline" ourselves.
+                with contextlib.suppress(aiomqtt.MqttError):
+                    await client.publish(
+                        self.presence_topic,
+                        _presence("offline", self._settings.gateway_id),
+                        qos=1,
+                        retain=True,
+                        timeout=OFFLINE_PUBLISH_TIMEOUT_S,
+                    )
+                raise
+
+    async def _serve_commands(self, client: aiomqtt.Client) -> None:
+        # One at a time, in arrival order, so PUBACKs go out in order.
+        async for message in client.messages:
+            if message.topic.matches(self.command_topic):
+                try:
+                    await self._sink.handle_command(_as_bytes(message.payload))
+                except Exception as exc:
+                    # No payload and no exception text in the log: both may carry PII.
+                    log.error(
+                        "command handler failed (%s); not acknowledging mid=%d",
+                        type(exc).__name__,
+                        message.mid,
+                    )
+                    raise _CommandNotDurable from None
+            else:
+                log.warning("ignoring message on unexpected topic %s", message.topic)
+            if message.qos > 0:
+                # The PUBACK must never precede the journal commit (promise 3): only
+                # now, with handle_command returned, does the broker forget the command.
+                self._paho(client).ack(message.mid, message.qos)
+
+    async def _publish_outbox(self, client: aiomqtt.Client) -> None:
+        base = self._settings.base_topic
+        while True:
+            self._outbox_wakeup.clear()
+            items = self._outbox.pending(OUTBOX_BATCH)
+            for item in items:
+                try:
+                    # QoS 1: aiomqtt returns once the broker's PUBACK arrived.
+                    await client.publish(f"{base}/{item.topic}", item.payload, qos=1)
+                except aiomqtt.MqttError as exc:
+                    self._outbox.mark_failed(item.id, str(exc) or type(exc).__name__)
+                    break  # keep order: nothing after a failed item this round
+                self._outbox.mark_sent(item.id)
+            else:
+                if items:
+                    continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._outbox_wakeup.wait(), OUTBOX_IDLE_POLL_S)
+
+    def _set_link(self, up: bool) -> None:
+        if up == self._connected:
+            return
+        self._connected = up
+        if self._on_link_change is not None:
+            try:
+                self._on_link_change(up)
+            except Exception:
+                log.exception("on_link_change callback failed")

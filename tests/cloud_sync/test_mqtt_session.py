@@ -1,0 +1,467 @@
+"""Promises 3 and 5 over a real mosquitto: a command's PUBACK never precedes its durable
+handling, a persistent session keeps commands for an offline gateway, presence and the
+last will tell the truth, and the outbox is delivered in order once the link is back."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import aiomqtt
+import pytest
+
+from cloud_sync.mqtt_session import MqttSession, MqttSettings, OutboxItem
+from gateway.localbroker import LocalBroker
+
+T = TypeVar("T")
+TEST_TIMEOUT_S = 20.0
+
+
+def run(coro: Awaitable[T]) -> T:
+    async def bounded() -> T:
+        return await asyncio.wait_for(coro, TEST_TIMEOUT_S)
+
+    return asyncio.run(bounded())
+
+
+class RecordingSink:
+    """Records every delivery; can fail the first N calls or block forever."""
+
+    def __init__(self, *, fail_first: int = 0, block: bool = False) -> None:
+        self.fail_first = fail_first
+        self.block = block
+        self.calls: list[bytes] = []
+        self.durable: list[bytes] = []
+        self.arrived = asyncio.Queue[bytes]()
+
+    async def handle_command(self, payload: bytes) -> None:
+        self.calls.append(payload)
+        self.arrived.put_nowait(payload)
+        if len(self.calls) <= self.fail_first:
+            raise RuntimeError("journal commit failed (disk I/O error)")
+        if self.block:
+            await asyncio.Event().wait()
+        self.durable.append(payload)
+
+
+class MemoryOutbox:
+    def __init__(self) -> None:
+        self.items: dict[int, OutboxItem] = {}
+        self.state: dict[int, str] = {}
+        self.errors: dict[int, str] = {}
+        self.sent_order: list[int] = []
+        self.on_sent: Callable[[int], None] | None = None
+
+    def add(self, topic: str, payload: bytes) -> int:
+        item_id = len(self.items) + 1
+        self.items[item_id] = OutboxItem(item_id, topic, payload)
+        self.state[item_id] = "pending"
+        return item_id
+
+    def pending(self, limit: int) -> Sequence[OutboxItem]:
+        ids = sorted(i for i, s in self.state.items() if s in ("pending", "failed"))
+        return [self.items[i] for i in ids[:limit]]
+
+    def mark_sent(self, item_id: int) -> None:
+        self.state[item_id] = "sent"
+        self.sent_order.append(item_id)
+        if self.on_sent:
+            self.on_sent(item_id)
+
+    def mark_failed(self, item_id: int, error: str) -> None:
+        self.state[item_id] = "failed"
+        self.errors[item_id] = error
+
+
+def settings_for(broker: LocalBroker, gateway_id: str) -> MqttSettings:
+    return MqttSettings(
+        host=broker.host,
+        port=broker.port,
+        gateway_id=gateway_id,
+        keepalive=5,
+        reconnect_min_s=0.05,
+        reconnect_max_s=0.3,
+    )
+
+
+def new_gateway_id() -> str:
+    return f"gw-test-{uuid.uuid4().hex[:10]}"
+
+
+async def wait_until(predicate: Callable[[], bool], within: float = 10.0) -> None:
+    # Polling is the honest way to watch state owned by another task or process.
+    async with asyncio.timeout(within):
+        while not predicate():  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+
+@asynccontextmanager
+async def running(session: MqttSession) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(session.run(), name="session-under-test")
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def publish_command(broker: LocalBroker, topic: str, payload: bytes) -> None:
+    async with aiomqtt.Client(broker.host, broker.port) as cloud:
+        await cloud.publish(topic, payload, qos=1)
+
+
+async def retained(broker: LocalBroker, topic: str) -> dict[str, Any]:
+    async with aiomqtt.Client(broker.host, broker.port) as reader:
+        await reader.subscribe(topic, qos=1)
+        async with asyncio.timeout(5):
+            async for message in reader.messages:
+                assert message.retain
+                assert isinstance(message.payload, bytes)
+                return json.loads(message.payload)  # type: ignore[no-any-return]
+    raise AssertionError("no retained message")
+
+
+async def connected_session(
+    broker: LocalBroker, gateway_id: str, sink: RecordingSink, outbox: MemoryOutbox | None = None
+) -> MqttSession:
+    return MqttSession(settings_for(broker, gateway_id), sink, outbox or MemoryOutbox())
+
+
+def test_command_reaches_the_sink_once_and_is_acked_after_handling(mqtt_broker: LocalBroker):
+    async def scenario() -> None:
+        sink = RecordingSink()
+        links: list[bool] = []
+        session = MqttSession(
+            settings_for(mqtt_broker, new_gateway_id()),
+            sink,
+            MemoryOutbox(),
+            on_link_change=links.append,
+        )
+        async with running(session):
+            await wait_until(lambda: session.connected)
+            await publish_command(mqtt_broker, session.command_topic, b"token-1")
+            assert await asyncio.wait_for(sink.arrived.get(), 5) == b"token-1"
+            await asyncio.sleep(0.5)  # an unacked message would not come back anyway...
+        # ...but on a new connection it would: the acked one must not.
+        async with running(session):
+            await wait_until(lambda: session.connected)
+            await asyncio.sleep(0.5)
+        assert sink.calls == [b"token-1"]
+        assert links == [True, False, True, False]
+
+    run(scenario())
+
+
+def test_sink_failure_means_no_puback_and_broker_redelivers(mqtt_broker: LocalBroker):
+    async def scenario() -> None:
+        sink = RecordingSink(fail_first=1)
+        links: list[bool] = []
+        session = MqttSession(
+            settings_for(mqtt_broker, new_gateway_id()),
+            sink,
+            MemoryOutbox(),
+            on_link_change=links.append,
+        )
+        async with running(session):
+            await wait_until(lambda: session.connected)
+            await publish_command(mqtt_broker, session.command_topic, b"token-A")
+            await publish_command(mqtt_broker, session.command_topic, b"token-B")
+            await wait_until(lambda: len(sink.durable) == 2)
+            await asyncio.sleep(0.3)
+        # First delivery raised -> not acked -> session reconnected -> redelivered, in order.
+        assert sink.calls == [b"token-A", b"token-A", b"token-B"]
+        assert sink.durable == [b"token-A", b"token-B"]
+        assert links[:3] == [True, False, True]
+
+    run(scenario())
+
+
+def test_command_in_flight_when_session_is_cancelled_is_redelivered(mqtt_broker: LocalBroker):
+    async def scenario() -> None:
+        gateway_id = new_gateway_id()
+        blocked = RecordingSink(block=True)
+        first = await connected_session(mqtt_broker, gateway_id, blocked)
+        async with running(first):
+            await wait_until(lambda: first.connected)
+            await publish_command(mqtt_broker, first.command_topic, b"token-X")
+            await asyncio.wait_for(blocked.arrived.get(), 5)
+        # The journal never committed: a new session with the same client id gets it.
+        sink = RecordingSink()
+        second = await connected_session(mqtt_broker, gateway_id, sink)
+        async with running(second):
+            assert await asyncio.wait_for(sink.arrived.get(), 5) == b"token-X"
+            await wait_until(lambda: sink.durable == [b"token-X"])
+
+    run(scenario())
+
+
+def test_command_published_while_gateway_offline_is_delivered_on_return(
+    mqtt_broker: LocalBroker,
+):
+    async def scenario() -> None:
+        gateway_id = new_gateway_id()
+        sink = RecordingSink()
+        session = await connected_session(mqtt_broker, gateway_id, sink)
+        async with running(session):  # first contact creates the persistent session
+            await wait_until(lambda: session.connected)
+        assert not session.connected
+        await publish_command(mqtt_broker, session.command_topic, b"token-offline")
+        async with running(session):
+            assert await asyncio.wait_for(sink.arrived.get(), 5) == b"token-offline"
+            await wait_until(lambda: sink.durable == [b"token-offline"])
+
+    run(scenario())
+
+
+def test_presence_is_retained_online_and_offline_after_clean_stop(mqtt_broker: LocalBroker):
+    async def scenario() -> None:
+        gateway_id = new_gateway_id()
+        session = await connected_session(mqtt_broker, gateway_id, RecordingSink())
+        async with running(session):
+            await wait_until(lambda: session.connected)
+            await asyncio.sleep(0.1)
+            online = await retained(mqtt_broker, session.presence_topic)
+            assert (online["state"], online["gateway_id"]) == ("online", gateway_id)
+            assert online["at"].endswith("Z")
+        offline = await retained(mqtt_broker, session.presence_topic)
+        assert offline["state"] == "offline"
+
+    run(scenario())
+
+
+_SESSION_PROCESS = """
+import asyncio, sys
+from cloud_sync.mqtt_session import MqttSession, MqttSettings
+
+class BlockingSink:
+    async def handle_command(self, payload):
+        print("RECEIVED", flush=True)
+        await asyncio.Event().wait()   # the journal commit never happens
+
+class NoOutbox:
+    def pending(self, limit): return []
+    def mark_sent(self, item_id): pass
+    def mark_failed(self, item_id, error): pass
+
+def on_link(up):
+    print("UP" if up else "DOWN", flush=True)
+
+settings = MqttSettings(host=sys.argv[1], port=int(sys.argv[2]), gateway_id=sys.argv[3],
+                        keepalive=5, reconnect_min_s=0.05, reconnect_max_s=0.3)
+asyncio.run(MqttSession(settings, BlockingSink(), NoOutbox(), on_link_change=on_link).run())
+"""
+
+
+def test_killed_gateway_gets_last_will_offline_and_its_unacked_command_back(
+    mqtt_broker: LocalBroker,
+):
+    async def scenario() -> None:
+        gateway_id = new_gateway_id()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            _SESSION_PROCESS,
+            mqtt_broker.host,
+            str(mqtt_broker.port),
+            gateway_id,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert proc.stdout is not None
+            assert await asyncio.wait_for(proc.stdout.readline(), 10) == b"UP\n"
+            probe = MqttSession(
+                settings_for(mqtt_broker, gateway_id), RecordingSink(), MemoryOutbox()
+            )
+            await publish_command(mqtt_broker, probe.command_topic, b"token-K")
+            assert await asyncio.wait_for(proc.stdout.readline(), 10) == b"RECEIVED\n"
+            online = await retained(mqtt_broker, probe.presence_topic)
+            assert online["state"] == "online"
+            os.kill(proc.pid, signal.SIGKILL)  # power loss mid-commit
+            await proc.wait()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+        async def state() -> str:
+            return str((await retained(mqtt_broker, probe.presence_topic))["state"])
+
+        async with asyncio.timeout(5):
+            while await state() != "offline":  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+
+        sink = RecordingSink()
+        async with running(
+            MqttSession(settings_for(mqtt_broker, gateway_id), sink, MemoryOutbox())
+        ):
+            assert await asyncio.wait_for(sink.arrived.get(), 5) == b"token-K"
+
+    run(scenario())
+
+
+def test_outbox_items_are_published_in_order_and_marked_sent(mqtt_broker: LocalBroker):
+    async def scenario() -> None:
+        outbox = MemoryOutbox()
+        for n in range(5):
+            outbox.add("results", f"result-{n}".encode())
+        outbox.add("events", b"event-5")
+        session = MqttSession(settings_for(mqtt_broker, new_gateway_id()), RecordingSink(), outbox)
+        base = session.command_topic.rsplit("/commands/", 1)[0]
+        seen: list[tuple[str, bytes]] = []
+        async with aiomqtt.Client(mqtt_broker.host, mqtt_broker.port) as cloud:
+            await cloud.subscribe(f"{base}/results", qos=1)
+            await cloud.subscribe(f"{base}/events", qos=1)
+            async with running(session):
+
+                async def collect(count: int) -> None:
+                    async for message in cloud.messages:
+                        assert isinstance(message.payload, bytes)
+                        seen.append((str(message.topic), message.payload))
+                        if len(seen) == count:
+                            return
+
+                await asyncio.wait_for(collect(6), 5)
+                # A later item is woken by outbox_changed(), not by a reconnect.
+                outbox.add("results", b"result-6")
+                session.outbox_changed()
+                await asyncio.wait_for(collect(7), 0.8)
+        assert [p for _, p in seen] == [f"result-{n}".encode() for n in range(5)] + [
+            b"event-5",
+            b"result-6",
+        ]
+        assert seen[5][0] == f"{base}/events"
+        assert outbox.sent_order == [1, 2, 3, 4, 5, 6, 7]
+
+    run(scenario())
+
+
+def test_outbox_item_is_not_marked_sent_before_the_broker_puback(fresh_broker: LocalBroker):
+    async def scenario() -> None:
+        outbox = MemoryOutbox()
+        session = MqttSession(settings_for(fresh_broker, new_gateway_id()), RecordingSink(), outbox)
+        async with running(session):
+            await wait_until(lambda: session.connected)
+            proc = fresh_broker._proc  # noqa: SLF001 - freeze the real broker process
+            assert proc is not None
+            os.kill(proc.pid, signal.SIGSTOP)
+            try:
+                outbox.add("results", b"r-1")
+                session.outbox_changed()
+                await asyncio.sleep(0.5)  # the PUBLISH is on the wire, no PUBACK yet
+                assert outbox.state[1] == "pending"
+            finally:
+                os.kill(proc.pid, signal.SIGCONT)
+            await wait_until(lambda: outbox.state[1] == "sent", 5)
+
+    run(scenario())
+
+
+def test_outbox_waits_while_broker_is_down_and_delivers_in_order_after(
+    fresh_broker: LocalBroker,
+):
+    async def scenario() -> None:
+        outbox = MemoryOutbox()
+        links: list[bool] = []
+        session = MqttSession(
+            settings_for(fresh_broker, new_gateway_id()),
+            RecordingSink(),
+            outbox,
+            on_link_change=links.append,
+        )
+        base = session.command_topic.rsplit("/commands/", 1)[0]
+        observer_id = f"cloud-{uuid.uuid4().hex[:8]}"
+
+        def cloud() -> aiomqtt.Client:
+            return aiomqtt.Client(
+                fresh_broker.host, fresh_broker.port, identifier=observer_id, clean_session=False
+            )
+
+        async with cloud() as c:
+            await c.subscribe(f"{base}/results", qos=1)
+
+        async with running(session):
+            await wait_until(lambda: session.connected)
+            fresh_broker.stop()
+            await wait_until(lambda: not session.connected)
+            for n in range(20):
+                outbox.add("results", f"r-{n}".encode())
+            session.outbox_changed()
+            await asyncio.sleep(0.5)
+            assert outbox.sent_order == []
+            assert set(outbox.state.values()) <= {"pending", "failed"}
+            fresh_broker.start()
+            await wait_until(lambda: len(outbox.sent_order) == 20, 10)
+
+        assert outbox.sent_order == list(range(1, 21))
+        assert links[:3] == [True, False, True]
+        received: list[bytes] = []
+        async with cloud() as c:
+            async with asyncio.timeout(5):
+                async for message in c.messages:
+                    assert isinstance(message.payload, bytes)
+                    received.append(message.payload)
+                    if len(received) == 20:
+                        break
+        assert received == [f"r-{n}".encode() for n in range(20)]
+
+    run(scenario())
+
+
+def test_reconnect_backoff_is_jittered_within_bounds() -> None:
+    async def scenario() -> None:
+        session = MqttSession(
+            MqttSettings(
+                host="127.0.0.1",
+                gateway_id="gw-x",
+                reconnect_min_s=1.0,
+                reconnect_max_s=60.0,
+            ),
+            RecordingSink(),
+            MemoryOutbox(),
+        )
+        first = {session._backoff(0) for _ in range(50)}  # noqa: SLF001
+        assert first == {1.0}
+        later = [session._backoff(10) for _ in range(200)]  # noqa: SLF001
+        assert all(1.0 <= d <= 60.0 for d in later)
+        assert len(set(later)) > 150  # spread out, not a fleet-wide stampede
+        assert max(session._backoff(100) for _ in range(50)) <= 60.0  # noqa: SLF001
+
+    run(scenario())
+
+
+def test_settings_reject_wildcards_in_gateway_id() -> None:
+    with pytest.raises(ValueError):
+        MqttSettings(host="h", gateway_id="gw/+")
+    with pytest.raises(ValueError):
+        MqttSettings(host="h", gateway_id="gw", reconnect_min_s=5, reconnect_max_s=1)
+
+
+def test_best_effort_publish_goes_out_when_connected_and_is_dropped_when_not(
+    mqtt_broker: LocalBroker,
+) -> None:
+    async def scenario() -> None:
+        session = MqttSession(
+            settings_for(mqtt_broker, new_gateway_id()), RecordingSink(), MemoryOutbox()
+        )
+        session.publish_best_effort("results", b"dropped")  # not connected: no error
+        base = session.command_topic.rsplit("/commands/", 1)[0]
+        async with aiomqtt.Client(mqtt_broker.host, mqtt_broker.port) as cloud:
+            await cloud.subscribe(f"{base}/results", qos=1)
+            async with running(session):
+                await wait_until(lambda: session.connected)
+                session.publish_best_effort("results", b"stored-result")
+                async with asyncio.timeout(5):
+                    async for message in cloud.messages:
+                        assert message.payload == b"stored-result"
+                        assert message.qos == 1
+                        break
+
+    run(scenario())
