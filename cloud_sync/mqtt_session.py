@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import random
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -233,6 +234,7 @@ class MqttSession:
         client = self._make_client()
         async with client:
             self._client = client
+            _no_delay(self._paho(client).socket())
             try:
                 await client.publish(
                     self.presence_topic,
@@ -307,3 +309,12 @@ class MqttSession:
                 self._on_link_change(up)
             except Exception:
                 log.exception("on_link_change callback failed")
+
+
+def _no_delay(sock: object) -> None:
+    """Disable Nagle on the broker connection. paho leaves it on, and a PUBACK followed
+    by a small publish then waits for the peer's delayed ACK (~40 ms on Linux): the
+    release path and every result would pay that."""
+    if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -55,7 +55,9 @@ def _socket_path(args: argparse.Namespace) -> Path:
         try:
             return load_config(Path(args.config)).api.socket
         except ConfigError as exc:
-            raise CtlError("configuração inválida:\n  " + "\n  ".join(exc.lines), EXIT_USAGE) from None
+            raise CtlError(
+                "configuração inválida:\n  " + "\n  ".join(exc.lines), EXIT_USAGE
+            ) from None
     env = os.environ.get("METALAV_API__SOCKET")
     return Path(env) if env else ApiSection().socket
 
@@ -98,8 +100,10 @@ def _print_status(s: dict[str, Any]) -> None:
 
 def _print_execution(e: dict[str, Any]) -> None:
     print(f"Execução {e['execute_key']}")
-    print(f"  estado:    {STATE_PT.get(e['state'], e['state'])}"
-          + (f" ({e['reason']})" if e["reason"] else ""))
+    print(
+        f"  estado:    {STATE_PT.get(e['state'], e['state'])}"
+        + (f" ({e['reason']})" if e["reason"] else "")
+    )
     print(f"  pagamento: {e['payment_id']}   máquina: {e['machine_id']}   ciclo: {e['cycle']}")
     print(f"  recebida:  {e['received_at']}   atualizada: {e['updated_at']}")
     print("  histórico:")
@@ -117,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--socket", help="unix socket of the daemon's local API")
     common.add_argument("--config", help="the daemon's config file (to find the socket)")
     common.add_argument("--json", action="store_true", help="machine-readable output")
-    parser = argparse.ArgumentParser(prog="metalavctl", description="Meta-Lav gateway: technician CLI")
+    parser = argparse.ArgumentParser(
+        prog="metalavctl", description="Meta-Lav gateway: technician CLI"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("status", parents=[common], help="daemon, links, executions, outbox")
     ex = sub.add_parser("execution", parents=[common], help="one execution's whole history")

@@ -129,8 +129,11 @@ class Daemon:
         await self.api.start()
         log.info(
             "gateway %s started (journal %s, board %s, broker %s:%d)",
-            self.config.gateway.id, self.config.journal.path, self.config.board.port,
-            self.config.mqtt.host, self.config.mqtt.port,
+            self.config.gateway.id,
+            self.config.journal.path,
+            self.config.board.port,
+            self.config.mqtt.host,
+            self.config.mqtt.port,
         )
         try:
             async with asyncio.TaskGroup() as tg:

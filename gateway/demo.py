@@ -45,18 +45,28 @@ def run_demo(*, keep: bool = False) -> int:
         sim.start()
         private_pem, public_pem = generate_demo_keypair()
         config_path = workdir / "gateway.toml"
-        config_path.write_text(demo_config(
-            workdir, gateway_id=GATEWAY_ID, mqtt_port=broker.port,
-            public_key_pem=public_pem, board_port=sim.link,
-        ))
+        config_path.write_text(
+            demo_config(
+                workdir,
+                gateway_id=GATEWAY_ID,
+                mqtt_port=broker.port,
+                public_key_pem=public_pem,
+                board_port=sim.link,
+            )
+        )
         _say(f"Starting the gateway daemon (config {config_path})")
         daemon = DaemonProcess(workdir, config_path)
         daemon.start()
         status = daemon.wait_ready()
         print(f"   board boot id {status['board']['boot_id']}, broker connected")
 
-        cloud = CloudStandIn(broker.host, broker.port, GATEWAY_ID,
-                             private_key_pem=private_pem, public_key_pem=public_pem)
+        cloud = CloudStandIn(
+            broker.host,
+            broker.port,
+            GATEWAY_ID,
+            private_key_pem=private_pem,
+            public_key_pem=public_pem,
+        )
         key = f"exec-{uuid.uuid4().hex[:12]}"
         token = cloud.sign(key, machine_id="W1", cycle="normal", payment_id="pay-demo-0001")
         _say(f"Cloud: payment confirmed, publishing execute-cycle {key} for washer W1 - twice")
@@ -67,25 +77,38 @@ def run_demo(*, keep: bool = False) -> int:
         while len(cloud.results_for(key)) < 3 and time.monotonic() < deadline:
             time.sleep(0.05)  # the duplicate's answer follows the first command's results
         for r in cloud.results_for(key):
-            print(f"   cloud received: state={r['state']:<9} final={r['final']!s:<5} "
-                  f"seq={r['seq']} event={r['event_id'][:8]}")
+            print(
+                f"   cloud received: state={r['state']:<9} final={r['final']!s:<5} "
+                f"seq={r['seq']} event={r['event_id'][:8]}"
+            )
 
         records = sim.actuation_records()
         _say(f"Simulated board: {len(records)} relay actuation(s)")
         for rec in records:
-            print(f"   channel {rec['channel']}: {rec['pulse_count']} pulse(s) of {rec['on_ms']} ms "
-                  f"(command id {rec['command_id']})")
+            print(
+                f"   channel {rec['channel']}: {rec['pulse_count']} pulse(s) of {rec['on_ms']} ms "
+                f"(command id {rec['command_id']})"
+            )
 
         _say("Technician: metalavctl status")
         sock = str(daemon.socket)
-        subprocess.run([sys.executable, "-m", "gateway.ctl", "status", "--socket", sock], check=False)
+        subprocess.run(
+            [sys.executable, "-m", "gateway.ctl", "status", "--socket", sock], check=False
+        )
         _say(f"Technician: metalavctl execution {key}")
-        subprocess.run([sys.executable, "-m", "gateway.ctl", "execution", key, "--socket", sock],
-                       check=False)
+        subprocess.run(
+            [sys.executable, "-m", "gateway.ctl", "execution", key, "--socket", sock], check=False
+        )
 
         ok = len(records) == 1
-        _say("Result: " + ("one payment, one release - OK" if ok
-                           else f"expected exactly 1 release, saw {len(records)} - FAILED"))
+        _say(
+            "Result: "
+            + (
+                "one payment, one release - OK"
+                if ok
+                else f"expected exactly 1 release, saw {len(records)} - FAILED"
+            )
+        )
         return 0 if ok else 1
     except Exception as exc:  # the demo explains what broke instead of a traceback
         print(f"\ndemo failed: {exc}", file=sys.stderr)

@@ -23,20 +23,41 @@ from typing import Any
 from urllib.parse import quote
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud_sync.signing import generate_demo_keypair, sign_command
 
 __all__ = ["CloudStandIn", "DaemonProcess", "SimulatorProcess", "demo_config", "DEMO_MACHINES"]
 
 DEMO_MACHINES = [
-    {"id": "W1", "label": "Lavadora 1", "kind": "washer", "channel": 1,
-     "cycles": {"normal": {"pulses": 1}, "pesado": {"pulses": 2}}},
-    {"id": "W2", "label": "Lavadora 2", "kind": "washer", "channel": 2,
-     "cycles": {"normal": {"pulses": 1}, "pesado": {"pulses": 2}}},
-    {"id": "D1", "label": "Secadora 1", "kind": "dryer", "channel": 3,
-     "cycles": {"normal": {"pulses": 3}}},
-    {"id": "D2", "label": "Secadora 2", "kind": "dryer", "channel": 4,
-     "cycles": {"normal": {"pulses": 3}}},
+    {
+        "id": "W1",
+        "label": "Lavadora 1",
+        "kind": "washer",
+        "channel": 1,
+        "cycles": {"normal": {"pulses": 1}, "pesado": {"pulses": 2}},
+    },
+    {
+        "id": "W2",
+        "label": "Lavadora 2",
+        "kind": "washer",
+        "channel": 2,
+        "cycles": {"normal": {"pulses": 1}, "pesado": {"pulses": 2}},
+    },
+    {
+        "id": "D1",
+        "label": "Secadora 1",
+        "kind": "dryer",
+        "channel": 3,
+        "cycles": {"normal": {"pulses": 3}},
+    },
+    {
+        "id": "D2",
+        "label": "Secadora 2",
+        "kind": "dryer",
+        "channel": 4,
+        "cycles": {"normal": {"pulses": 3}},
+    },
 ]
 
 
@@ -53,7 +74,12 @@ def _toml_value(v: Any) -> str:
 
 
 def demo_config(
-    workdir: Path, *, gateway_id: str, mqtt_port: int, public_key_pem: str, board_port: Path,
+    workdir: Path,
+    *,
+    gateway_id: str,
+    mqtt_port: int,
+    public_key_pem: str,
+    board_port: Path,
     machines: list[dict[str, Any]] | None = None,
 ) -> str:
     """The smallest config a store needs: everything else is the embedded defaults."""
@@ -95,10 +121,20 @@ class SimulatorProcess:
     def start(self) -> None:
         with open(self.stderr_path, "a") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "firmware_bridge.simulator",
-                 "--actuations", str(self.actuations), "--link", str(self.link),
-                 *self.extra_args],
-                stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True,
+                [
+                    sys.executable,
+                    "-m",
+                    "firmware_bridge.simulator",
+                    "--actuations",
+                    str(self.actuations),
+                    "--link",
+                    str(self.link),
+                    *self.extra_args,
+                ],
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+                start_new_session=True,
             )
         assert self.proc.stdout is not None
         first = self.proc.stdout.readline()
@@ -159,7 +195,10 @@ class DaemonProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gateway.daemon", "run", "--config", str(self.config_path)],
-                stdout=log, stderr=log, env=env, start_new_session=True,
+                stdout=log,
+                stderr=log,
+                env=env,
+                start_new_session=True,
             )
 
     def _get(self, path: str) -> tuple[int, Any]:
@@ -182,7 +221,7 @@ class DaemonProcess:
 
     def execution(self, key: str) -> dict[str, Any] | None:
         code, body = self._get(f"/v1/executions/{quote(key, safe='')}")
-        return None if code == 404 else body  # type: ignore[no-any-return]
+        return None if code == 404 else body
 
     def wait_ready(self, timeout: float = 15.0) -> dict[str, Any]:
         """Until the daemon reports both links up."""
@@ -227,8 +266,16 @@ class CloudStandIn:
     """The payments app's side of MQTT: signs and publishes execute-cycle commands,
     and collects the gateway's result events."""
 
-    def __init__(self, host: str, port: int, gateway_id: str, *, topic_prefix: str = "metalav/v1",
-                 private_key_pem: str | None = None, public_key_pem: str | None = None) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        gateway_id: str,
+        *,
+        topic_prefix: str = "metalav/v1",
+        private_key_pem: str | None = None,
+        public_key_pem: str | None = None,
+    ) -> None:
         if private_key_pem is None:
             private_key_pem, public_key_pem = generate_demo_keypair()
         self.private_key_pem = private_key_pem
@@ -241,10 +288,14 @@ class CloudStandIn:
         self.results: list[dict[str, Any]] = []
         self.presence: list[dict[str, Any]] = []
         self._cond = threading.Condition()
-        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
-                                   client_id=f"cloud-standin-{uuid.uuid4().hex[:8]}")
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"cloud-standin-{uuid.uuid4().hex[:8]}"
+        )
         self._client.on_message = self._on_message
         self._client.connect(host, port, keepalive=30)
+        sock = self._client.socket()
+        if isinstance(sock, socket.socket):  # see cloud_sync.mqtt_session._no_delay
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._client.subscribe([(self.results_topic, 1), (self.presence_topic, 1)])
         self._client.loop_start()
 
@@ -257,13 +308,28 @@ class CloudStandIn:
             (self.results if msg.topic == self.results_topic else self.presence).append(data)
             self._cond.notify_all()
 
-    def sign(self, execute_key: str, *, machine_id: str = "W1", cycle: str = "normal",
-             payment_id: str | None = None, ttl_s: int = 300, audience: str | None = None,
-             now: float | None = None, **extra: Any) -> bytes:
+    def sign(
+        self,
+        execute_key: str,
+        *,
+        machine_id: str = "W1",
+        cycle: str = "normal",
+        payment_id: str | None = None,
+        ttl_s: int = 300,
+        audience: str | None = None,
+        now: float | None = None,
+        **extra: Any,
+    ) -> bytes:
         return sign_command(
-            self.private_key_pem, execute_key=execute_key,
-            audience=audience or self.gateway_id, payment_id=payment_id or f"pay-{execute_key}",
-            machine_id=machine_id, cycle=cycle, ttl_s=ttl_s, now=now, **extra,
+            self.private_key_pem,
+            execute_key=execute_key,
+            audience=audience or self.gateway_id,
+            payment_id=payment_id or f"pay-{execute_key}",
+            machine_id=machine_id,
+            cycle=cycle,
+            ttl_s=ttl_s,
+            now=now,
+            **extra,
         )
 
     def publish(self, token: bytes, qos: int = 1) -> None:
@@ -273,17 +339,32 @@ class CloudStandIn:
         with self._cond:
             return [r for r in self.results if r.get("execute_key") == key]
 
-    def wait_for(self, key: str, *, state: str | None = None, final: bool = True,
-                 count: int = 1, timeout: float = 10.0) -> list[dict[str, Any]]:
+    def wait_for(
+        self,
+        key: str,
+        *,
+        state: str | None = None,
+        final: bool = True,
+        count: int = 1,
+        timeout: float = 10.0,
+    ) -> list[dict[str, Any]]:
         """Wait until ``count`` results for ``key`` match; return all results for it."""
+
         def matching() -> list[dict[str, Any]]:
-            return [r for r in self.results if r.get("execute_key") == key
-                    and (state is None or r["state"] == state)
-                    and (not final or r["final"])]
+            return [
+                r
+                for r in self.results
+                if r.get("execute_key") == key
+                and (state is None or r["state"] == state)
+                and (not final or r["final"])
+            ]
+
         with self._cond:
             if not self._cond.wait_for(lambda: len(matching()) >= count, timeout):
-                raise TimeoutError(f"no {state or 'final'} result for {key}: "
-                                   f"{[r for r in self.results if r.get('execute_key') == key]}")
+                raise TimeoutError(
+                    f"no {state or 'final'} result for {key}: "
+                    f"{[r for r in self.results if r.get('execute_key') == key]}"
+                )
             return [r for r in self.results if r.get("execute_key") == key]
 
     def close(self) -> None:

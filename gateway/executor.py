@@ -137,15 +137,21 @@ class Executor:
 
         boot_id = self.board_link.boot_id if self.board_link.connected else None
         state = "dispatching" if boot_id is not None else "accepted"
-        self._record(cmd, state=state, reason=None, now=now, dispatch_boot_id=boot_id)
+        self._record(cmd, state=state, reason=None, now=now, dispatch_boot_id=boot_id, notify=False)
         log.info(
             "execution %s accepted: payment %s machine %s cycle %s",
-            cmd.execute_key, cmd.payment_id, cmd.machine_id, cmd.cycle,
+            cmd.execute_key,
+            cmd.payment_id,
+            cmd.machine_id,
+            cmd.cycle,
         )
         if state == "dispatching":
             self._spawn(self._dispatch(cmd.execute_key), f"dispatch-{cmd.execute_key}")
         else:
             log.warning("execution %s waits for the board link", cmd.execute_key)
+        # After the dispatch task is queued, so the release goes out before the
+        # "accepted" event: the customer waits on the first, nobody on the second.
+        self._outbox_changed()
 
     def _record(
         self,
@@ -155,6 +161,7 @@ class Executor:
         reason: str | None,
         now: float,
         dispatch_boot_id: int | None = None,
+        notify: bool = True,
     ) -> Execution:
         row = self._journal.record_new(
             execute_key=cmd.execute_key,
@@ -172,7 +179,8 @@ class Executor:
             now=now,
             dispatch_boot_id=dispatch_boot_id,
         )
-        self._outbox_changed()
+        if notify:
+            self._outbox_changed()
         return row
 
     def _answer_duplicate(self, cmd: ExecuteCommand, known: Execution) -> None:
@@ -182,7 +190,9 @@ class Executor:
                 "execution %s: duplicate key with different payment/machine; stored result kept",
                 cmd.execute_key,
             )
-        log.info("execution %s duplicate; re-sending stored result (%s)", known.execute_key, known.state)
+        log.info(
+            "execution %s duplicate; re-sending stored result (%s)", known.execute_key, known.state
+        )
         self._publish("results", known.last_result.encode())
 
     def _reject_unjournaled(self, rej: CommandRejected, now: float) -> None:
@@ -198,9 +208,15 @@ class Executor:
             # Not final: an unauthenticated rejection says nothing about the real
             # command with this key, which the cloud keeps re-sending.
             payload = result_payload(
-                gateway_id=self._config.gateway.id, execute_key=rej.execute_key,
-                payment_id=None, machine_id=None, state="rejected", reason=rej.reason,
-                at=iso_utc(now), seq=0, authentic=False,
+                gateway_id=self._config.gateway.id,
+                execute_key=rej.execute_key,
+                payment_id=None,
+                machine_id=None,
+                state="rejected",
+                reason=rej.reason,
+                at=iso_utc(now),
+                seq=0,
+                authentic=False,
             )
             self._publish("results", payload.encode())
 
@@ -241,28 +257,49 @@ class Executor:
             # Proved not sent: the execution waits for the board (or its expiry).
             self._link_lost(str(exc))
             self._journal.transition(
-                execute_key, from_states=("dispatching",), to_state="accepted",
-                reason="board_unavailable", now=self._clock(), report=False,
+                execute_key,
+                from_states=("dispatching",),
+                to_state="accepted",
+                reason="board_unavailable",
+                now=self._clock(),
+                report=False,
             )
             return
         except BoardNoReply as exc:
             # Sent, outcome unknown: only the board can tell (recovery asks it).
             log.error("execution %s: board did not answer the release (%s)", execute_key, exc)
-            self._journal.note(execute_key, now=self._clock(), state="dispatching",
-                               detail="no reply from board; outcome in doubt")
+            self._journal.note(
+                execute_key,
+                now=self._clock(),
+                state="dispatching",
+                detail="no reply from board; outcome in doubt",
+            )
             self._recovery_wanted.set()
             return
         _crash_point("after_board_ack")
         self._finish(
-            row, "released", "board_duplicate_ack" if ack.duplicate else None,
+            row,
+            "released",
+            "board_duplicate_ack" if ack.duplicate else None,
             board_boot_id=ack.boot_id,
         )
 
-    def _finish(self, row: Execution, state: str, reason: str | None, *,
-                board_boot_id: int | None = None, from_states: tuple[str, ...] = ("dispatching",)) -> None:
+    def _finish(
+        self,
+        row: Execution,
+        state: str,
+        reason: str | None,
+        *,
+        board_boot_id: int | None = None,
+        from_states: tuple[str, ...] = ("dispatching",),
+    ) -> None:
         if self._journal.transition(
-            row.execute_key, from_states=from_states, to_state=state, reason=reason,
-            now=self._clock(), board_boot_id=board_boot_id,
+            row.execute_key,
+            from_states=from_states,
+            to_state=state,
+            reason=reason,
+            now=self._clock(),
+            board_boot_id=board_boot_id,
         ):
             self._outbox_changed()
             log.info("execution %s %s%s", row.execute_key, state, f" ({reason})" if reason else "")
@@ -281,15 +318,21 @@ class Executor:
                 log.warning("recovery of %s postponed: %s", row.execute_key, exc)
                 return False
             if reply.executed:
-                self._finish(row, "released", "confirmed_by_board_query", board_boot_id=reply.boot_id)
+                self._finish(
+                    row, "released", "confirmed_by_board_query", board_boot_id=reply.boot_id
+                )
             elif reply.boot_id == row.dispatch_boot_id:
                 # Same boot and the board never saw it: nothing was pulsed, so sending
                 # it now is the first and only release.
                 if row.expires_at <= self._clock():
                     self._finish(row, "expired", "command_expired")
                     continue
-                self._journal.note(row.execute_key, now=self._clock(), state="dispatching",
-                                   detail="board never received it (same boot); dispatching again")
+                self._journal.note(
+                    row.execute_key,
+                    now=self._clock(),
+                    state="dispatching",
+                    detail="board never received it (same boot); dispatching again",
+                )
                 await self._dispatch(row.execute_key)
             else:
                 # The board reset since the release was written: it may or may not have
@@ -310,8 +353,13 @@ class Executor:
             if not self.board_link.connected or boot_id is None:
                 return
             if self._journal.transition(
-                row.execute_key, from_states=("accepted",), to_state="dispatching",
-                now=now, detail=f"board boot {boot_id:08x}", dispatch_boot_id=boot_id, report=False,
+                row.execute_key,
+                from_states=("accepted",),
+                to_state="dispatching",
+                now=now,
+                detail=f"board boot {boot_id:08x}",
+                dispatch_boot_id=boot_id,
+                report=False,
             ):
                 await self._dispatch(row.execute_key)
 

@@ -26,13 +26,14 @@ from typing import Any
 
 import sqlite_utils
 
+from cloud_sync.mqtt_session import OutboxItem
+
 __all__ = [
     "ACTIVE_STATES",
     "COMPENSATION_STATES",
     "FINAL_STATES",
     "Execution",
     "Journal",
-    "OutboxRow",
     "SCHEMA_VERSION",
     "iso_utc",
     "result_payload",
@@ -120,13 +121,6 @@ class Execution:
             updated_at=row["updated_at"],
             last_result=row["last_result"],
         )
-
-
-@dataclass(frozen=True)
-class OutboxRow:
-    id: int
-    topic: str
-    payload: bytes
 
 
 def _migration_1(db: sqlite_utils.Database) -> None:
@@ -240,14 +234,24 @@ class Journal:
                 self._conn.execute(f"PRAGMA user_version={number}")
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._conn.execute("BEGIN IMMEDIATE")
+    def _tx(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction. ``durable=False`` skips the fsync of this commit (WAL with
+        synchronous=NORMAL): for bookkeeping whose loss in a power cut only means work
+        is redone, never undone (an outbox item re-sent, which the cloud de-duplicates).
+        The next durable commit flushes it along with its own change."""
+        if not durable:
+            self._conn.execute("PRAGMA synchronous=NORMAL")
         try:
-            yield self._conn
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        self._conn.execute("COMMIT")
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+        finally:
+            if not durable:
+                self._conn.execute("PRAGMA synchronous=FULL")
 
     # -- reads ---------------------------------------------------------------
 
@@ -379,7 +383,9 @@ class Journal:
                 self._event(c, execute_key, "accepted", None, at, None)
                 self._result(c, execute_key, "accepted", None, at)
                 if state == "dispatching":
-                    self._event(c, execute_key, "dispatching", None, at, self._boot(dispatch_boot_id))
+                    self._event(
+                        c, execute_key, "dispatching", None, at, self._boot(dispatch_boot_id)
+                    )
             else:
                 self._event(c, execute_key, state, reason, at, None)
                 self._result(c, execute_key, state, reason, at)
@@ -428,7 +434,9 @@ class Journal:
         with self._tx() as c:
             self._event(c, execute_key, state, None, iso_utc(now), detail)
 
-    def log_rejection(self, *, execute_key: str | None, reason: str, detail: str, now: float) -> None:
+    def log_rejection(
+        self, *, execute_key: str | None, reason: str, detail: str, now: float
+    ) -> None:
         with self._tx() as c:
             c.execute(
                 "INSERT INTO rejections(at, execute_key, reason, detail) VALUES (?,?,?,?)",
@@ -437,16 +445,17 @@ class Journal:
 
     # -- outbox (the cloud_sync.mqtt_session.OutboxSource interface) ------------
 
-    def pending(self, limit: int) -> list[OutboxRow]:
+    def pending(self, limit: int) -> list[OutboxItem]:
         rows = self._conn.execute(
             "SELECT id, topic, payload FROM outbox WHERE state IN ('pending', 'failed')"
             " ORDER BY id LIMIT ?",
             (limit,),
         ).fetchall()
-        return [OutboxRow(r["id"], r["topic"], r["payload"].encode()) for r in rows]
+        return [OutboxItem(r["id"], r["topic"], r["payload"].encode()) for r in rows]
 
     def mark_sent(self, item_id: int) -> None:
-        with self._tx() as c:
+        # Not fsynced: off the release path, and a lost "sent" only means a re-send.
+        with self._tx(durable=False) as c:
             c.execute(
                 "UPDATE outbox SET state = 'sent', attempts = attempts + 1, sent_at = ?,"
                 " updated_at = ? WHERE id = ?",
@@ -482,7 +491,9 @@ class Journal:
             (key, at, state, reason, detail),
         )
 
-    def _result(self, c: sqlite3.Connection, key: str, state: str, reason: str | None, at: str) -> None:
+    def _result(
+        self, c: sqlite3.Connection, key: str, state: str, reason: str | None, at: str
+    ) -> None:
         row = c.execute(
             "UPDATE executions SET result_seq = result_seq + 1 WHERE execute_key = ?"
             " RETURNING result_seq, payment_id, machine_id",
@@ -490,9 +501,15 @@ class Journal:
         ).fetchone()
         event_id = str(uuid.uuid4())
         payload = result_payload(
-            gateway_id=self.gateway_id, execute_key=key, payment_id=row["payment_id"],
-            machine_id=row["machine_id"], state=state, reason=reason, at=at,
-            seq=row["result_seq"], event_id=event_id,
+            gateway_id=self.gateway_id,
+            execute_key=key,
+            payment_id=row["payment_id"],
+            machine_id=row["machine_id"],
+            state=state,
+            reason=reason,
+            at=at,
+            seq=row["result_seq"],
+            event_id=event_id,
         )
         c.execute("UPDATE executions SET last_result = ? WHERE execute_key = ?", (payload, key))
         c.execute(

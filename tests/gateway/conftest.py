@@ -39,10 +39,15 @@ def make_store(tmp_path: Path, broker: LocalBroker, *sim_args: str) -> Store:
     sim = SimulatorProcess(tmp_path, *sim_args)
     sim.start()
     config = tmp_path / "gateway.toml"
-    config.write_text(demo_config(
-        tmp_path, gateway_id=gateway_id, mqtt_port=broker.port,
-        public_key_pem=cloud.public_key_pem, board_port=sim.link,
-    ))
+    config.write_text(
+        demo_config(
+            tmp_path,
+            gateway_id=gateway_id,
+            mqtt_port=broker.port,
+            public_key_pem=cloud.public_key_pem,
+            board_port=sim.link,
+        )
+    )
     daemon = DaemonProcess(tmp_path, config)
     return Store(tmp_path, broker, sim, daemon, cloud, gateway_id)
 

@@ -40,8 +40,10 @@ def test_one_command_releases_exactly_once_and_reports_it(store: Store) -> None:
     assert row is not None and row["state"] == "released"
     assert [h["state"] for h in row["history"]] == ["accepted", "dispatching", "released"]
     # Every result event left the outbox only after the broker acknowledged it.
-    _wait(lambda: all(o["state"] == "sent" for o in store.daemon.execution(key)["outbox"]),
-          what="outbox sent")
+    _wait(
+        lambda: all(o["state"] == "sent" for o in store.daemon.execution(key)["outbox"]),
+        what="outbox sent",
+    )
 
 
 def test_duplicate_command_never_pulses_twice_even_across_restart(store: Store) -> None:
@@ -70,8 +72,16 @@ def test_bad_commands_never_release_and_daemon_keeps_running(store: Store) -> No
     other_private, _ = generate_demo_keypair()
     expired, forged, wrong_aud, unknown_machine, unknown_cycle = (store.new_key() for _ in range(5))
     cloud.publish(cloud.sign(expired, ttl_s=60, now=time.time() - 120))
-    cloud.publish(sign_command(other_private, execute_key=forged, audience=store.gateway_id,
-                               payment_id="p", machine_id="W1", cycle="normal"))
+    cloud.publish(
+        sign_command(
+            other_private,
+            execute_key=forged,
+            audience=store.gateway_id,
+            payment_id="p",
+            machine_id="W1",
+            cycle="normal",
+        )
+    )
     cloud.publish(cloud.sign(wrong_aud, audience="some-other-gateway"))
     cloud.publish(cloud.sign(unknown_machine, machine_id="W99"))
     cloud.publish(cloud.sign(unknown_cycle, cycle="turbo"))
@@ -95,8 +105,9 @@ def test_bad_commands_never_release_and_daemon_keeps_running(store: Store) -> No
     assert store.daemon.execution(forged) is None
     assert store.daemon.execution(wrong_aud) is None
     assert store.daemon.execution(unknown_machine)["state"] == "rejected"  # type: ignore[index]
-    status = _wait(lambda: (s := store.daemon.status()) and
-                   s["rejected_unauthenticated"] >= 5 and s)
+    status = _wait(
+        lambda: (s := store.daemon.status()) and s["rejected_unauthenticated"] >= 5 and s
+    )
     assert status["daemon"]["up"] is True
 
     # Still alive and still releasing.
@@ -110,14 +121,18 @@ def test_bad_commands_never_release_and_daemon_keeps_running(store: Store) -> No
 @pytest.mark.parametrize(
     ("kill_at", "reboot_board", "final_state", "pulses"),
     [
-        ("after_dispatching_commit", False, "released", 1),   # (a)
-        ("after_board_ack", False, "released", 1),            # (b)
-        ("after_board_ack", True, "needs_review", 1),         # (c)
+        ("after_dispatching_commit", False, "released", 1),  # (a)
+        ("after_board_ack", False, "released", 1),  # (b)
+        ("after_board_ack", True, "needs_review", 1),  # (c)
         ("after_dispatching_commit", True, "needs_review", 0),
     ],
 )
 def test_sigkill_during_dispatch_never_double_releases(
-    store_factory, kill_at: str, reboot_board: bool, final_state: str, pulses: int  # type: ignore[no-untyped-def]
+    store_factory,
+    kill_at: str,
+    reboot_board: bool,
+    final_state: str,
+    pulses: int,  # type: ignore[no-untyped-def]
 ) -> None:
     store: Store = store_factory()
     store.daemon.start(METALAV_TEST_KILL_AT=kill_at)

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Quickstart, step 2 (and CI): install into .venv, make sure a broker exists
+# (mosquitto, else amqtt), lint, and run the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+ensure_venv
+ensure_broker
+"$VENV/bin/python" -m pip install -q -e ".[dev${BROKER_EXTRA}]"
+"$VENV/bin/ruff" check gateway firmware_bridge cloud_sync tests bench
+"$VENV/bin/mypy"
+exec "$VENV/bin/python" -m pytest "$@"
