@@ -24,6 +24,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from cloud_sync.commands import CommandVerifier
+
 __all__ = ["ConfigError", "GatewayConfig", "load_config", "config_from_dict"]
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -75,6 +77,13 @@ class CommandsSection(_Section):
     public_keys: list[str] = Field(min_length=1, description="PEM public keys of the cloud signer")
     algorithms: list[Literal["EdDSA", "ES256"]] = ["EdDSA", "ES256"]
     leeway_s: int = Field(default=30, ge=0, le=600)
+
+    @model_validator(mode="after")
+    def _keys_usable(self) -> CommandsSection:
+        # The verifier's own checks: a key the daemon could not use is a config error
+        # now, not a crash at start-up.
+        CommandVerifier(self.public_keys, "config-check", algorithms=self.algorithms)
+        return self
 
 
 class BoardSection(_Section):

@@ -201,13 +201,15 @@ class Journal:
     def __init__(self, path: Path, gateway_id: str) -> None:
         self.path = path
         self.gateway_id = gateway_id
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE in _tx),
-        # so a commit point is visible in the code, not implied by the driver.
-        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._conn.row_factory = sqlite3.Row
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE in _tx),
+            # so a commit point is visible in the code, not implied by the driver.
+            self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._conn.row_factory = sqlite3.Row
             mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        except OSError as exc:
+            raise JournalError(f"{path}: cannot open the journal: {exc.strerror}") from None
         except sqlite3.DatabaseError as exc:
             raise JournalError(f"{path}: not a journal database ({exc})") from None
         if mode.lower() != "wal":

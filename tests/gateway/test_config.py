@@ -1,0 +1,123 @@
+"""Promise 6 for configuration: a bad config is a clear list of errors, exit 2, no
+traceback, and nothing touched."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cloud_sync.signing import generate_demo_keypair
+from gateway.config import ConfigError, load_config
+
+KEY = generate_demo_keypair()[1].replace("\n", "\\n")
+GOOD = """
+[gateway]
+id = "loja-1"
+[journal]
+path = "journal.db"
+[commands]
+public_keys = ["KEY"]
+[[machines]]
+id = "W1"
+kind = "washer"
+channel = 1
+cycles = { normal = { pulses = 1 } }
+""".replace("KEY", KEY)
+
+
+def _daemon(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.daemon", *args], capture_output=True, text=True, timeout=30
+    )
+
+
+def test_invalid_config_stops_with_one_line_per_error_and_exit_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        GOOD.replace('id = "loja-1"', 'id = "loja 1!"')
+        .replace("channel = 1", "channel = 0")
+        .replace("[journal]", "[journal]\ncolour = 'red'")
+        + "[[machines]]\nid = 'W1'\nkind = 'toaster'\nchannel = 1\ncycles = {}\n"
+    )
+    result = _daemon("run", "--config", str(bad))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert all(line.startswith("config error: ") for line in lines)
+    keys = {line.removeprefix("config error: ").split(":")[0] for line in lines}
+    assert {
+        "gateway.id",
+        "journal.colour",
+        "machines[0].channel",
+        "machines[1].kind",
+        "machines[1].cycles",
+    } <= keys
+    assert not (tmp_path / "journal.db").exists(), "an invalid config must touch nothing"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[gateway\nid=", "not valid TOML"),
+        ("", "gateway: Field required"),
+    ],
+)
+def test_unusable_config_file_is_one_clear_line(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    result = _daemon("check-config", "--config", str(path))
+    assert result.returncode == 2
+    assert expected in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_config_file_is_reported_not_raised(tmp_path: Path) -> None:
+    result = _daemon("run", "--config", str(tmp_path / "nope.toml"))
+    assert result.returncode == 2
+    assert "cannot read config file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_environment_overrides_a_key_and_relative_paths_follow_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(GOOD)
+    monkeypatch.setenv("METALAV_MQTT__PORT", "8883")
+    monkeypatch.setenv("METALAV_MQTT__PASSWORD", "s3cret")
+    config = load_config(path)
+    assert config.mqtt.port == 8883 and config.mqtt.password == "s3cret"
+    assert config.journal.path == tmp_path / "journal.db"
+
+    monkeypatch.setenv("METALAV_MQTT__PORT", "not-a-port")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.lines == [
+        "mqtt.port: Input should be a valid integer, unable to parse string as an integer"
+    ]
+
+
+def test_two_machines_on_one_relay_channel_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        GOOD + "[[machines]]\nid='W2'\nkind='washer'\nchannel=1\ncycles={normal={pulses=1}}\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "relay channel 1 is used by two machines" in err.value.lines[0]
+
+
+def test_example_config_is_valid() -> None:
+    config = load_config(Path(__file__).parents[2] / "config.example.toml")
+    assert [m.id for m in config.machines] == ["W1", "D1"]
+
+
+def test_unusable_public_key_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        GOOD.replace(KEY, "-----BEGIN PUBLIC KEY-----\\nAAAA\\n-----END PUBLIC KEY-----")
+    )
+    result = _daemon("check-config", "--config", str(path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("config error: commands: ")
