@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["LocalBroker", "BrokerStartError", "free_port"]
+__all__ = ["LocalBroker", "BrokerStartError", "free_port", "local_broker_kind"]
 
 
 class BrokerStartError(RuntimeError):
@@ -79,6 +79,16 @@ def mosquitto_path() -> str | None:
     return None
 
 
+def _mosquitto_to_use() -> str | None:
+    # METALAV_LOCAL_BROKER=amqtt forces the fallback (to test it where mosquitto exists).
+    return None if os.environ.get("METALAV_LOCAL_BROKER") == "amqtt" else mosquitto_path()
+
+
+def local_broker_kind() -> str:
+    """Which broker LocalBroker starts here: "mosquitto" or "amqtt"."""
+    return "mosquitto" if _mosquitto_to_use() else "amqtt"
+
+
 class LocalBroker:
     """Start/stop a broker on ``127.0.0.1:port``; it can be stopped and started again
     on the same port (tests use that to cut the link). With ``persistence=True``
@@ -90,9 +100,8 @@ class LocalBroker:
         self.persistence = persistence
         self._workdir = Path(tempfile.mkdtemp(prefix="metalav-broker-"))
         self._proc: subprocess.Popen[bytes] | None = None
-        exe = mosquitto_path()
-        self.kind = "mosquitto" if exe else "amqtt"
-        self._exe = exe
+        self._exe = _mosquitto_to_use()
+        self.kind = local_broker_kind()
 
     def start(self, timeout: float = 10.0) -> None:
         if self._proc is not None and self._proc.poll() is None:

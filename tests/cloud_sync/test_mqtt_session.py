@@ -160,6 +160,7 @@ def test_command_reaches_the_sink_once_and_is_acked_after_handling(mqtt_broker: 
     run(scenario())
 
 
+@pytest.mark.broker_semantics
 def test_sink_failure_means_no_puback_and_broker_redelivers(mqtt_broker: LocalBroker):
     async def scenario() -> None:
         sink = RecordingSink(fail_first=1)
@@ -184,6 +185,7 @@ def test_sink_failure_means_no_puback_and_broker_redelivers(mqtt_broker: LocalBr
     run(scenario())
 
 
+@pytest.mark.broker_semantics
 def test_command_in_flight_when_session_is_cancelled_is_redelivered(mqtt_broker: LocalBroker):
     async def scenario() -> None:
         gateway_id = new_gateway_id()
@@ -203,6 +205,7 @@ def test_command_in_flight_when_session_is_cancelled_is_redelivered(mqtt_broker:
     run(scenario())
 
 
+@pytest.mark.broker_semantics
 def test_command_published_while_gateway_offline_is_delivered_on_return(
     mqtt_broker: LocalBroker,
 ):
@@ -260,6 +263,7 @@ asyncio.run(MqttSession(settings, BlockingSink(), NoOutbox(), on_link_change=on_
 """
 
 
+@pytest.mark.broker_semantics
 def test_killed_gateway_gets_last_will_offline_and_its_unacked_command_back(
     mqtt_broker: LocalBroker,
 ):
@@ -307,6 +311,7 @@ def test_killed_gateway_gets_last_will_offline_and_its_unacked_command_back(
     run(scenario())
 
 
+@pytest.mark.broker_semantics
 def test_outbox_items_are_published_in_order_and_marked_sent(mqtt_broker: LocalBroker):
     async def scenario() -> None:
         outbox = MemoryOutbox()
@@ -364,6 +369,7 @@ def test_outbox_item_is_not_marked_sent_before_the_broker_puback(fresh_broker: L
     run(scenario())
 
 
+@pytest.mark.broker_semantics
 def test_outbox_waits_while_broker_is_down_and_delivers_in_order_after(
     fresh_broker: LocalBroker,
 ):

@@ -168,6 +168,7 @@ def test_release_survives_a_lost_ack_on_the_serial_line(store_factory) -> None: 
     assert len(store.actuations()) == 1
 
 
+@pytest.mark.broker_semantics
 def test_commands_sent_while_offline_arrive_and_expired_ones_end_expired(store: Store) -> None:
     store.daemon.stop()
     short, long = store.new_key(), store.new_key()
