@@ -4,7 +4,7 @@ Never imports gateway or cloud_sync (DESIGN.md "Layout"). The wire protocol is
 specified in docs/firmware-protocol.md.
 """
 
-from firmware_bridge.driver import BoardDriver
+from firmware_bridge.driver import BoardDriver, InputState, LevelHold, Program, PulseTrain
 from firmware_bridge.exceptions import (
     BoardError,
     BoardNack,
@@ -24,10 +24,14 @@ __all__ = [
     "BoardNoReply",
     "BoardUnavailable",
     "IncompleteFrame",
+    "InputState",
     "InvalidFrame",
+    "LevelHold",
     "NackReason",
     "Pong",
+    "Program",
     "ProtocolError",
+    "PulseTrain",
     "QueryReply",
     "ReleaseAck",
     "SerialBoard",

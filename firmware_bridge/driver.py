@@ -1,24 +1,83 @@
 """The interface the gateway core programs against, whatever moves the relay.
 
-The serial MCU board (serial_board.SerialBoard) is the first implementation;
-Modbus RTU and GPIO drivers will follow behind the same methods, and the
-simulated board passes the same contract, so the executor never knows which
-one it talks to. Errors are those of firmware_bridge.exceptions.
+Three drivers sit behind it: the serial MCU board (serial_board.SerialBoard, protocol
+v1, the board times the pulses and de-duplicates command ids itself), and two
+"host-timed" drivers where the gateway times every edge: Modbus RTU relay boards and
+Raspberry Pi GPIO. The simulated board passes the same contract, and one conformance
+suite (tests/firmware_bridge/test_driver_conformance.py) runs against every driver
+that can run here, so the executor never knows which one it talks to.
+
+Levels are *logical* here: "on" means the relay contact is closed (the machine sees a
+coin / enable). Relay polarity (active-low boards) is the driver's business: the MCU
+board applies its own (firmware setting), host-timed drivers invert for the channels
+they are told are active-low. Errors are those of firmware_bridge.exceptions.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from firmware_bridge.frames import Pong, QueryReply, ReleaseAck
 
-__all__ = ["BoardDriver"]
+__all__ = ["BoardDriver", "InputState", "LevelHold", "Program", "PulseTrain"]
+
+# Limits every driver enforces (the MCU board NACKs with bad_params outside them).
+MAX_PULSES = 50
+MIN_EDGE_MS = 10
+MAX_EDGE_MS = 5000
+MIN_HOLD_MS = 100
+MAX_HOLD_MS = 3_600_000
+
+
+@dataclass(frozen=True)
+class PulseTrain:
+    """``count`` closures of ``on_ms`` separated by ``off_ms`` (coin emulation: an
+    Alliance control counts a 15-130 ms closure as one coin)."""
+
+    count: int
+    on_ms: int
+    off_ms: int
+
+    @property
+    def duration_ms(self) -> int:
+        return self.count * (self.on_ms + self.off_ms)
+
+
+@dataclass(frozen=True)
+class LevelHold:
+    """Contact held closed for ``hold_ms`` ("enable start" inputs)."""
+
+    hold_ms: int
+
+    @property
+    def duration_ms(self) -> int:
+        return self.hold_ms
+
+
+Program = PulseTrain | LevelHold
+
+
+@dataclass(frozen=True)
+class InputState:
+    """A snapshot of the board's inputs.
+
+    ``inputs``: raw electrical level of the input lines, bit n-1 for input n, 1 = high
+    (the gateway applies each machine's active level and debounce).
+    ``relays``: sensed relay contacts, bit n-1 for channel n, 1 = closed; None when the
+    board cannot sense its contacts (then stuck relays cannot be detected).
+    """
+
+    boot_id: int
+    inputs: int
+    relays: int | None
 
 
 @runtime_checkable
 class BoardDriver(Protocol):
     async def open(self) -> None:
-        """Open the link; ``BoardUnavailable`` if it cannot be opened."""
+        """Open the link; ``BoardUnavailable`` if it cannot be opened. Never changes
+        an output: the caller calls ``all_off`` right after."""
 
     async def close(self) -> None:
         """Close the link; pending requests fail with ``BoardNoReply``."""
@@ -26,16 +85,23 @@ class BoardDriver(Protocol):
     @property
     def is_open(self) -> bool: ...
 
-    async def ping(self) -> Pong: ...
+    async def ping(self) -> Pong:
+        """``boot_id`` changes whenever the board (or, for host-timed drivers, the
+        driver session) lost its memory of executed command ids."""
 
-    async def release(
-        self, command_id: int, channel: int, pulse_count: int, on_ms: int, off_ms: int
-    ) -> ReleaseAck:
-        """Release ``channel`` once per ``command_id`` (the board de-duplicates).
+    async def release(self, command_id: int, channel: int, program: Program) -> ReleaseAck:
+        """Run ``program`` on ``channel`` once per ``command_id`` within one boot.
 
-        Raises ``BoardUnavailable`` (not sent), ``BoardNack`` (refused, did not
-        act) or ``BoardNoReply`` (outcome unknown: recover with ``query``).
+        Returns when the program has started (first edge done). Raises
+        ``BoardUnavailable`` (not sent), ``BoardNack`` (refused, did not act) or
+        ``BoardNoReply`` (outcome unknown: recover with ``query``).
         """
-        ...
 
-    async def query(self, command_id: int) -> QueryReply: ...
+    async def query(self, command_id: int) -> QueryReply:
+        """Did this boot execute ``command_id``?"""
+
+    async def read_inputs(self) -> InputState: ...
+
+    async def all_off(self) -> None:
+        """Every output to its inactive level (contacts open), cancelling running
+        programs. Called at start-up before any command is taken."""

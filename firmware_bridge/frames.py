@@ -26,7 +26,10 @@ __all__ = [
     "VERSION",
     "Frame",
     "FrameDecoder",
+    "AllOff",
+    "AllOffAck",
     "FrameType",
+    "Inputs",
     "Message",
     "Nack",
     "NackReason",
@@ -34,8 +37,10 @@ __all__ = [
     "Pong",
     "Query",
     "QueryReply",
+    "ReadInputs",
     "Release",
     "ReleaseAck",
+    "ReleaseLevel",
     "crc16",
     "decode",
     "encode",
@@ -71,9 +76,14 @@ class FrameType(IntEnum):
     PING = 0x01
     RELEASE = 0x02
     QUERY = 0x03
+    RELEASE_LEVEL = 0x04
+    ALL_OFF = 0x05
+    READ_INPUTS = 0x06
     PONG = 0x81
     RELEASE_ACK = 0x82
     QUERY_REPLY = 0x83
+    ALL_OFF_ACK = 0x85
+    INPUTS = 0x86
     NACK = 0xFF
 
 
@@ -273,6 +283,54 @@ class Query:
 
 
 @dataclass(frozen=True, slots=True)
+class ReleaseLevel:
+    """Hold the contact closed for ``hold_ms`` ("RELEASE_LEVEL"); answered with
+    RELEASE_ACK exactly like RELEASE. The range 100..3600000 is the board's to check."""
+
+    TYPE: ClassVar[FrameType] = FrameType.RELEASE_LEVEL
+    FORMAT: ClassVar[str] = ">QBI"
+
+    command_id: int
+    channel: int
+    hold_ms: int
+
+    def to_payload(self) -> bytes:
+        return _pack(self.FORMAT, "RELEASE_LEVEL", self.command_id, self.channel, self.hold_ms)
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> Self:
+        return cls(*_unpack(cls.FORMAT, payload, "RELEASE_LEVEL"))
+
+
+@dataclass(frozen=True, slots=True)
+class AllOff:
+    """Every output inactive, running programs cancelled ("ALL_OFF")."""
+
+    TYPE: ClassVar[FrameType] = FrameType.ALL_OFF
+
+    def to_payload(self) -> bytes:
+        return b""
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> Self:
+        _unpack(">", payload, "ALL_OFF")
+        return cls()
+
+
+@dataclass(frozen=True, slots=True)
+class ReadInputs:
+    TYPE: ClassVar[FrameType] = FrameType.READ_INPUTS
+
+    def to_payload(self) -> bytes:
+        return b""
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> Self:
+        _unpack(">", payload, "READ_INPUTS")
+        return cls()
+
+
+@dataclass(frozen=True, slots=True)
 class Pong:
     TYPE: ClassVar[FrameType] = FrameType.PONG
     FORMAT: ClassVar[str] = ">IBBB"
@@ -335,6 +393,46 @@ class QueryReply:
 
 
 @dataclass(frozen=True, slots=True)
+class AllOffAck:
+    TYPE: ClassVar[FrameType] = FrameType.ALL_OFF_ACK
+    FORMAT: ClassVar[str] = ">I"
+
+    boot_id: int
+
+    def to_payload(self) -> bytes:
+        return _pack(self.FORMAT, "ALL_OFF_ACK", self.boot_id)
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> Self:
+        return cls(*_unpack(cls.FORMAT, payload, "ALL_OFF_ACK"))
+
+
+@dataclass(frozen=True, slots=True)
+class Inputs:
+    """``inputs``: raw levels, bit n-1 = input n high. ``relays``: sensed contacts,
+    bit n-1 = channel n closed, meaningful only when ``relays_sensed`` (FLAGS bit 0;
+    the other FLAGS bits are reserved, sent as 0 and ignored on receipt)."""
+
+    TYPE: ClassVar[FrameType] = FrameType.INPUTS
+    FORMAT: ClassVar[str] = ">IQQB"
+
+    boot_id: int
+    inputs: int
+    relays: int
+    relays_sensed: bool
+
+    def to_payload(self) -> bytes:
+        return _pack(
+            self.FORMAT, "INPUTS", self.boot_id, self.inputs, self.relays, self.relays_sensed
+        )
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> Self:
+        boot_id, inputs, relays, flags = _unpack(cls.FORMAT, payload, "INPUTS")
+        return cls(boot_id, inputs, relays, bool(flags & 0x01))
+
+
+@dataclass(frozen=True, slots=True)
 class Nack:
     TYPE: ClassVar[FrameType] = FrameType.NACK
     FORMAT: ClassVar[str] = ">IBB"
@@ -355,10 +453,17 @@ class Nack:
             raise ProtocolError(f"unknown NACK reason 0x{reason:02X}") from exc
 
 
-Message = Ping | Release | Query | Pong | ReleaseAck | QueryReply | Nack
+Message = (
+    Ping | Release | Query | ReleaseLevel | AllOff | ReadInputs
+    | Pong | ReleaseAck | QueryReply | AllOffAck | Inputs | Nack
+)
 
 _MESSAGE_TYPES: dict[int, type[Message]] = {
-    cls.TYPE: cls for cls in (Ping, Release, Query, Pong, ReleaseAck, QueryReply, Nack)
+    cls.TYPE: cls
+    for cls in (
+        Ping, Release, Query, ReleaseLevel, AllOff, ReadInputs,
+        Pong, ReleaseAck, QueryReply, AllOffAck, Inputs, Nack,
+    )
 }
 
 

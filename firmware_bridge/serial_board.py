@@ -13,11 +13,12 @@ import asyncio
 import logging
 import random
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import serial  # type: ignore[import-untyped]  # no stubs; types-pyserial not a dependency
 import serial_asyncio_fast
 
+from firmware_bridge.driver import BoardDriver, InputState, LevelHold, Program, PulseTrain
 from firmware_bridge.exceptions import (
     BoardNack,
     BoardNoReply,
@@ -25,16 +26,21 @@ from firmware_bridge.exceptions import (
     ProtocolError,
 )
 from firmware_bridge.frames import (
+    AllOff,
+    AllOffAck,
     Frame,
     FrameDecoder,
+    Inputs,
     Message,
     Nack,
     Ping,
     Pong,
     Query,
     QueryReply,
+    ReadInputs,
     Release,
     ReleaseAck,
+    ReleaseLevel,
     decode,
     encode,
 )
@@ -48,7 +54,7 @@ ACK_TIMEOUT = 0.25
 # ... then retransmit the identical frame (same SEQ) up to this many times.
 MAX_RETRIES = 3
 
-_Reply = TypeVar("_Reply", Pong, ReleaseAck, QueryReply)
+_Reply = TypeVar("_Reply", Pong, ReleaseAck, QueryReply, AllOffAck, Inputs)
 
 
 @dataclass
@@ -95,7 +101,14 @@ class _Link(asyncio.Protocol):
 
 
 class SerialBoard:
-    """The relay MCU board on a serial port. Satisfies ``driver.BoardDriver``."""
+    """The relay MCU board on a serial port. Satisfies ``driver.BoardDriver``.
+
+    One owner per bus: the port is opened with an exclusive ``flock`` (pyserial's
+    ``exclusive=True``), so a second SerialBoard, in this process or another, on
+    the same port fails to open with ``BoardUnavailable`` instead of interleaving
+    its frames with ours. (flock is advisory: it keeps out cooperating programs,
+    i.e. every pyserial user that asks for exclusivity.)
+    """
 
     def __init__(
         self,
@@ -130,7 +143,7 @@ class SerialBoard:
         link = _Link(self)
         try:
             transport, _ = await serial_asyncio_fast.create_serial_connection(
-                loop, lambda: link, self.port, baudrate=self._baudrate
+                loop, lambda: link, self.port, baudrate=self._baudrate, exclusive=True
             )
         except (serial.SerialException, OSError, ValueError) as exc:
             raise BoardUnavailable(f"cannot open {self.port}: {exc}") from exc
@@ -148,15 +161,32 @@ class SerialBoard:
     async def ping(self) -> Pong:
         return await self._request(Ping(), Pong)
 
-    async def release(
-        self, command_id: int, channel: int, pulse_count: int, on_ms: int, off_ms: int
-    ) -> ReleaseAck:
-        return await self._request(
-            Release(command_id, channel, pulse_count, on_ms, off_ms), ReleaseAck
-        )
+    async def release(self, command_id: int, channel: int, program: Program) -> ReleaseAck:
+        """PulseTrain -> RELEASE, LevelHold -> RELEASE_LEVEL. Limits are the
+        board's to check (NACK bad_params); a value that does not even fit its
+        field raises ``ProtocolError`` before anything is sent."""
+        request: Message
+        if isinstance(program, PulseTrain):
+            request = Release(command_id, channel, program.count, program.on_ms, program.off_ms)
+        elif isinstance(program, LevelHold):
+            request = ReleaseLevel(command_id, channel, program.hold_ms)
+        else:
+            raise TypeError(f"not a Program: {program!r}")
+        return await self._request(request, ReleaseAck)
 
     async def query(self, command_id: int) -> QueryReply:
         return await self._request(Query(command_id), QueryReply)
+
+    async def read_inputs(self) -> InputState:
+        reply = await self._request(ReadInputs(), Inputs)
+        return InputState(
+            boot_id=reply.boot_id,
+            inputs=reply.inputs,
+            relays=reply.relays if reply.relays_sensed else None,
+        )
+
+    async def all_off(self) -> None:
+        await self._request(AllOff(), AllOffAck)
 
     async def _request(self, request: Message, reply_type: type[_Reply]) -> _Reply:
         async with self._lock:
@@ -238,6 +268,12 @@ def _answers(request: Message, reply_type: type[Message], reply: Message) -> boo
         return reply.request_type == request.TYPE
     if not isinstance(reply, reply_type):
         return False
-    if isinstance(request, Release | Query) and isinstance(reply, ReleaseAck | QueryReply):
+    if isinstance(request, Release | ReleaseLevel | Query) and isinstance(
+        reply, ReleaseAck | QueryReply
+    ):
         return reply.command_id == request.command_id
     return True
+
+
+if TYPE_CHECKING:  # mypy proves SerialBoard structurally satisfies the driver interface
+    _CONFORMS: BoardDriver = SerialBoard("")

@@ -12,8 +12,11 @@ from hypothesis import strategies as st
 from firmware_bridge.exceptions import IncompleteFrame, InvalidFrame, ProtocolError
 from firmware_bridge.frames import (
     MAX_PAYLOAD,
+    AllOff,
+    AllOffAck,
     Frame,
     FrameDecoder,
+    Inputs,
     Message,
     Nack,
     NackReason,
@@ -21,8 +24,10 @@ from firmware_bridge.frames import (
     Pong,
     Query,
     QueryReply,
+    ReadInputs,
     Release,
     ReleaseAck,
+    ReleaseLevel,
     crc16,
     decode,
     encode,
@@ -30,7 +35,11 @@ from firmware_bridge.frames import (
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "firmware-protocol.md"
 MESSAGES: dict[str, type[Message]] = {
-    cls.__name__: cls for cls in (Ping, Pong, Release, ReleaseAck, Query, QueryReply, Nack)
+    cls.__name__: cls
+    for cls in (
+        Ping, Pong, Release, ReleaseAck, Query, QueryReply, Nack,
+        ReleaseLevel, AllOff, AllOffAck, ReadInputs, Inputs,
+    )
 }
 
 
@@ -67,6 +76,8 @@ def test_doc_has_every_required_vector() -> None:
     required = {
         "crc16", "ping", "pong", "release", "release_ack_new", "release_ack_duplicate",
         "query", "query_reply_not_executed", "query_reply_executed", "nack_bad_channel",
+        "release_level", "all_off", "all_off_ack", "read_inputs", "inputs_sensed",
+        "inputs_not_sensed",
     }
     assert required <= VECTORS.keys()
 

@@ -11,7 +11,7 @@ from typing import TypeVar
 
 import pytest
 
-from firmware_bridge.driver import BoardDriver
+from firmware_bridge.driver import BoardDriver, PulseTrain
 from firmware_bridge.exceptions import BoardNack, BoardNoReply, BoardUnavailable
 from firmware_bridge.frames import NackReason
 from firmware_bridge.serial_board import SerialBoard
@@ -21,6 +21,7 @@ from .conftest import SimulatorProcess
 T = TypeVar("T")
 Start = Callable[..., SimulatorProcess]
 COMMAND = 0x0123456789ABCDEF
+TRAIN = PulseTrain(count=1, on_ms=100, off_ms=100)
 
 
 def run(coro_fn: Callable[[SerialBoard], Awaitable[T]], port: str, **kwargs: float) -> T:
@@ -49,10 +50,10 @@ def test_release_pulses_once_and_repeat_is_duplicate(start_simulator: Start) -> 
     sim = start_simulator()
 
     async def scenario(board: SerialBoard) -> None:
-        first = await board.release(COMMAND, 2, 1, 100, 100)
+        first = await board.release(COMMAND, 2, TRAIN)
         assert not first.duplicate and first.command_id == COMMAND
         assert len(sim.actuations()) == 1  # fsync'ed before the ack was written
-        second = await board.release(COMMAND, 2, 1, 100, 100)
+        second = await board.release(COMMAND, 2, TRAIN)
         assert second.duplicate and second.boot_id == first.boot_id
 
     run(scenario, sim.path)
@@ -64,7 +65,7 @@ def test_release_pulses_once_and_repeat_is_duplicate(start_simulator: Start) -> 
 
 def test_retransmitted_release_never_pulses_twice(start_simulator: Start) -> None:
     sim = start_simulator("--drop-release-acks", "1")
-    ack = run(lambda b: b.release(COMMAND, 1, 1, 100, 100), sim.path, ack_timeout=0.1)
+    ack = run(lambda b: b.release(COMMAND, 1, TRAIN), sim.path, ack_timeout=0.1)
     assert ack.duplicate
     assert len(sim.actuations()) == 1
 
@@ -74,7 +75,7 @@ def test_query_tells_executed_only_after_release(start_simulator: Start) -> None
 
     async def scenario(board: SerialBoard) -> tuple[bool, bool]:
         before = await board.query(COMMAND)
-        await board.release(COMMAND, 1, 1, 100, 100)
+        await board.release(COMMAND, 1, TRAIN)
         after = await board.query(COMMAND)
         return before.executed, after.executed
 
@@ -85,7 +86,7 @@ def test_reboot_changes_boot_id_and_forgets_commands(start_simulator: Start) -> 
     sim = start_simulator()
 
     async def scenario(board: SerialBoard) -> None:
-        ack = await board.release(COMMAND, 1, 1, 100, 100)
+        ack = await board.release(COMMAND, 1, TRAIN)
         sim.send_signal(signal.SIGHUP)
         for _ in range(100):  # the signal is handled asynchronously
             reply = await board.query(COMMAND)
@@ -101,7 +102,7 @@ def test_reboot_changes_boot_id_and_forgets_commands(start_simulator: Start) -> 
 def test_bad_channel_is_refused_and_never_pulses(start_simulator: Start) -> None:
     sim = start_simulator("--channels", "4")
     with pytest.raises(BoardNack) as info:
-        run(lambda b: b.release(COMMAND, 5, 1, 100, 100), sim.path)
+        run(lambda b: b.release(COMMAND, 5, TRAIN), sim.path)
     assert info.value.reason is NackReason.BAD_CHANNEL
     assert sim.actuations() == []
 
@@ -115,7 +116,7 @@ def test_killed_simulator_fails_requests_fast_and_never_hangs(start_simulator: S
         sim.proc.wait()
         started = time.monotonic()
         with pytest.raises((BoardNoReply, BoardUnavailable)):
-            await board.release(COMMAND, 1, 1, 100, 100)
+            await board.release(COMMAND, 1, TRAIN)
         assert time.monotonic() - started < 2.0
         assert not board.is_open
         with pytest.raises(BoardUnavailable):
@@ -140,7 +141,7 @@ def test_lost_port_during_wait_gives_no_reply(start_simulator: Start) -> None:
 
         killer = asyncio.create_task(kill_soon())
         with pytest.raises(BoardNoReply):
-            await board.release(COMMAND, 1, 1, 100, 100)
+            await board.release(COMMAND, 1, TRAIN)
         await killer
 
     async def open_and_run() -> None:
@@ -189,7 +190,7 @@ def test_late_reply_from_earlier_request_is_ignored(start_simulator: Start) -> N
 
     async def scenario(board: SerialBoard) -> None:
         for command_id in range(1, 6):
-            ack = await board.release(command_id, 1, 1, 100, 100)
+            ack = await board.release(command_id, 1, TRAIN)
             assert ack.command_id == command_id
             reply = await board.query(command_id)
             assert reply.command_id == command_id and reply.executed

@@ -1,0 +1,288 @@
+"""The simulator program's machines, timing and faults, seen through SerialBoard
+over a real pty (issue 3 item 5)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from firmware_bridge.driver import InputState, LevelHold, PulseTrain
+from firmware_bridge.exceptions import BoardNoReply, BoardUnavailable
+from firmware_bridge.serial_board import SerialBoard
+
+from .conftest import SimulatorProcess
+
+T = TypeVar("T")
+Start = Callable[..., SimulatorProcess]
+TRAIN = PulseTrain(count=1, on_ms=50, off_ms=50)
+
+
+def run(coro_fn: Callable[[SerialBoard], Awaitable[T]], port: str, **kwargs: Any) -> T:
+    async def main() -> T:
+        board = SerialBoard(port, **kwargs)
+        await board.open()
+        try:
+            return await coro_fn(board)
+        finally:
+            await board.close()
+
+    return asyncio.run(main())
+
+
+def _closures(edges: list[dict[str, Any]], channel: int) -> list[tuple[float, float]]:
+    """(on time, off time) of each closure of ``channel``."""
+    mine = [e for e in edges if e["channel"] == channel]
+    assert [e["state"] for e in mine] == ["on", "off"] * (len(mine) // 2)
+    pairs = zip(mine[::2], mine[1::2], strict=True)
+    return [(on["monotonic"], off["monotonic"]) for on, off in pairs]
+
+
+async def _wait_inputs(
+    board: SerialBoard, predicate: Callable[[InputState], bool], within: float = 5.0
+) -> float:
+    deadline = time.monotonic() + within
+    while True:
+        state = await board.read_inputs()
+        if predicate(state):
+            return time.monotonic()
+        assert time.monotonic() < deadline, f"inputs never matched; last {state}"
+        await asyncio.sleep(0.01)
+
+
+# --- program timing ------------------------------------------------------------
+
+
+def test_pulse_train_produces_exactly_the_configured_edges(start_simulator: Start) -> None:
+    sim = start_simulator("--time-scale", "1")
+    train = PulseTrain(count=4, on_ms=60, off_ms=90)
+
+    async def scenario(board: SerialBoard) -> None:
+        ack = await board.release(0xA1, 3, train)
+        assert not ack.duplicate
+        await asyncio.sleep(train.duration_ms / 1000 + 0.2)
+
+    run(scenario, sim.path)
+    closures = _closures(sim.edges(), 3)
+    assert len(closures) == train.count
+    assert all(e["command_id"] == f"{0xA1:016x}" for e in sim.edges())
+    for on, off in closures:
+        assert abs((off - on) * 1000 - train.on_ms) <= 25
+    for (_, off), (next_on, _) in zip(closures, closures[1:], strict=False):
+        assert abs((next_on - off) * 1000 - train.off_ms) <= 25
+    (line,) = sim.actuations()
+    assert (line["kind"], line["pulse_count"], line["on_ms"], line["off_ms"]) == (
+        "pulses", 4, 60, 90,
+    )
+
+
+def test_level_hold_keeps_the_contact_closed_for_hold_ms(start_simulator: Start) -> None:
+    sim = start_simulator("--time-scale", "1")
+
+    async def scenario(board: SerialBoard) -> None:
+        await board.release(0xB2, 2, LevelHold(hold_ms=300))
+        # Busy while held: another command on the channel is refused, and the
+        # contact is sensed closed.
+        state = await board.read_inputs()
+        assert state.relays == 0b10
+        await asyncio.sleep(0.45)
+        assert (await board.read_inputs()).relays == 0
+
+    run(scenario, sim.path)
+    ((on, off),) = _closures(sim.edges(), 2)
+    assert abs((off - on) * 1000 - 300) <= 40
+    (line,) = sim.actuations()
+    assert (line["kind"], line["hold_ms"], line["pulse_count"]) == ("level", 300, 0)
+
+
+def test_all_off_cancels_a_running_program(start_simulator: Start) -> None:
+    sim = start_simulator("--time-scale", "1")
+
+    async def scenario(board: SerialBoard) -> None:
+        await board.release(0xC3, 1, LevelHold(hold_ms=5000))
+        await board.all_off()
+        assert (await board.read_inputs()).relays == 0
+        # The channel is free again; the cancelled command stays executed.
+        assert (await board.query(0xC3)).executed
+        await board.release(0xC4, 1, TRAIN)
+        await asyncio.sleep(TRAIN.duration_ms / 1000 + 0.1)
+
+    run(scenario, sim.path)
+    assert len(_closures(sim.edges(), 1)) == 2
+
+
+# --- machines --------------------------------------------------------------------
+
+
+def test_machine_goes_busy_after_the_train_and_idle_after_its_run(start_simulator: Start) -> None:
+    # A 40-minute cycle (4-minute start) compressed 1200 times: 2 s (0.2 s).
+    sim = start_simulator(
+        "--machine", "channel=1,input=2,start_ms=240000,run_ms=2400000",
+        "--machine-time-scale", "1200",
+    )
+
+    async def scenario(board: SerialBoard) -> None:
+        assert (await board.read_inputs()).inputs == 0
+        released = time.monotonic()
+        await board.release(1, 1, TRAIN)
+        rose = await _wait_inputs(board, lambda s: s.inputs == 0b10)
+        fell = await _wait_inputs(board, lambda s: s.inputs == 0)
+        assert 0.15 <= rose - released <= 0.4  # 240 s / 1200 = 0.2 s
+        assert 1.8 <= fell - rose <= 2.3  # 40 min / 1200 = 2 s
+
+    run(scenario, sim.path)
+
+
+def test_never_starts_late_start_and_coins(tmp_path: Path, start_simulator: Start) -> None:
+    scenario_file = tmp_path / "store.json"
+    scenario_file.write_text(json.dumps({
+        "machine_time_scale": 10,
+        "machines": [
+            "channel=1,input=1,start_ms=500,run_ms=3000",
+            {"channel": 2, "input": 2, "never_starts": True},
+            {"channel": 3, "input": 3, "late_ms": 6000, "run_ms": 3000},
+            "channel=4,input=4,coins=3,start_ms=500,run_ms=3000",
+        ],
+    }))
+    sim = start_simulator("--scenario", str(scenario_file))
+
+    async def scenario(board: SerialBoard) -> None:
+        for channel in (1, 2, 3):
+            await board.release(channel, channel, TRAIN)
+        await board.release(4, 4, PulseTrain(2, 50, 50))  # not enough coins
+        await _wait_inputs(board, lambda s: s.inputs == 0b0001)  # ch1 after 50 ms
+        await asyncio.sleep(0.2)
+        assert (await board.read_inputs()).inputs == 0b0001
+        await _wait_inputs(board, lambda s: s.inputs & 0b0100 != 0)  # late: 600 ms
+        await board.release(5, 4, PulseTrain(3, 50, 50))  # enough coins now
+        await _wait_inputs(board, lambda s: s.inputs & 0b1000 != 0)
+        await _wait_inputs(board, lambda s: s.inputs == 0)
+        assert (await board.read_inputs()).inputs & 0b0010 == 0  # never started
+
+    run(scenario, sim.path)
+
+
+def test_level_machine_starts_on_enable_and_dryer_top_up_extends_run(
+    start_simulator: Start,
+) -> None:
+    sim = start_simulator(
+        "--machine", "channel=1,input=1,level,start_ms=0,run_ms=2000",
+        "--machine", "channel=2,input=2,start_ms=0,run_ms=3000,minutes_per_pulse=0.05",
+        "--machine-time-scale", "10",
+    )
+
+    async def scenario(board: SerialBoard) -> None:
+        await board.release(1, 1, LevelHold(hold_ms=150))
+        await board.release(2, 2, TRAIN)  # dryer runs 300 ms
+        started = await _wait_inputs(board, lambda s: s.inputs == 0b11)
+        await board.release(3, 2, PulseTrain(2, 20, 20))  # + 2 x 3 s machine = 600 ms
+        await _wait_inputs(board, lambda s: s.inputs & 0b01 == 0)  # level: 200 ms
+        ended = await _wait_inputs(board, lambda s: s.inputs == 0)
+        assert 0.8 <= ended - started <= 1.2
+
+    run(scenario, sim.path)
+
+
+# --- faults ----------------------------------------------------------------------
+
+
+def test_stuck_relay_is_sensed_closed(start_simulator: Start) -> None:
+    sim = start_simulator("--stuck-relay", "3")
+    state = run(lambda b: b.read_inputs(), sim.path)
+    assert state.relays == 0b100
+    unsensed = start_simulator("--stuck-relay", "3", "--no-relay-sense")
+    assert run(lambda b: b.read_inputs(), unsensed.path).relays is None
+
+
+def test_lossy_corrupt_delayed_link_never_double_actuates(start_simulator: Start) -> None:
+    sim = start_simulator(
+        "--drop-rate", "0.1", "--corrupt-rate", "0.1", "--delay-ms", "20", "--seed", "7",
+    )
+    releases = 50
+
+    async def scenario(board: SerialBoard) -> int:
+        duplicates = 0
+        for command_id in range(1, releases + 1):
+            ack = await board.release(command_id, command_id % 4 + 1, TRAIN)
+            assert ack.command_id == command_id
+            duplicates += ack.duplicate
+        return duplicates
+
+    duplicates = run(scenario, sim.path, ack_timeout=0.08, max_retries=10)
+    ids = [a["command_id"] for a in sim.actuations()]
+    assert sorted(ids) == [f"{i:016x}" for i in range(1, releases + 1)]  # each exactly once
+    assert duplicates > 0  # the faults really hit some acks
+
+
+def test_reboot_mid_train_loses_the_ring_and_cuts_the_train(start_simulator: Start) -> None:
+    sim = start_simulator("--time-scale", "1", "--reboot-mid-train", "2")
+    train = PulseTrain(count=3, on_ms=100, off_ms=100)
+
+    async def scenario(board: SerialBoard) -> None:
+        first = await board.release(1, 1, TRAIN)
+        ack = await board.release(2, 2, train)
+        assert not ack.duplicate and ack.boot_id == first.boot_id
+        await asyncio.sleep(train.duration_ms / 1000)
+        reply = await board.query(2)
+        assert reply.boot_id != ack.boot_id and not reply.executed
+        assert (await board.read_inputs()).relays == 0
+
+    run(scenario, sim.path)
+    assert len(_closures(sim.edges(), 2)) == 2  # cut in the middle of the 2nd pulse
+    sim.wait_stderr("REBOOT ")
+
+
+def test_usb_unplug_and_replug(start_simulator: Start) -> None:
+    sim = start_simulator()
+
+    async def scenario() -> None:
+        board = SerialBoard(str(sim.link), ack_timeout=0.1, max_retries=1)
+        await board.open()
+        before = await board.ping()
+        sim.send_signal(signal.SIGUSR1)
+        await asyncio.to_thread(sim.wait_stderr, "UNPLUG")
+        with pytest.raises((BoardUnavailable, BoardNoReply)):
+            await board.release(9, 1, TRAIN)
+        await board.close()
+        assert not sim.link.exists()
+        with pytest.raises(BoardUnavailable):
+            await board.open()
+        sim.send_signal(signal.SIGUSR2)
+        plug = await asyncio.to_thread(sim.wait_stderr, "PLUG ")
+        await board.open()
+        after = await board.ping()
+        assert after.boot_id != before.boot_id
+        assert plug.split() == ["PLUG", str(sim.link.resolve()), f"{after.boot_id:08x}"]
+        assert (await board.release(9, 1, TRAIN)).boot_id == after.boot_id
+        await board.close()
+
+    asyncio.run(scenario())
+    assert len(sim.actuations()) == 1
+
+
+# --- one owner per bus ----------------------------------------------------------------
+
+
+def test_second_owner_of_a_port_is_refused(start_simulator: Start) -> None:
+    sim = start_simulator()
+
+    async def scenario() -> None:
+        first = SerialBoard(sim.path)
+        await first.open()
+        second = SerialBoard(str(sim.link))  # same device through the link
+        with pytest.raises(BoardUnavailable):
+            await second.open()
+        assert not second.is_open
+        await first.ping()
+        await first.close()
+        await second.open()  # free again once the owner closed it
+        await second.ping()
+        await second.close()
+
+    asyncio.run(scenario())
