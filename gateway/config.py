@@ -15,9 +15,18 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -25,6 +34,7 @@ from pydantic_settings import (
 )
 
 from cloud_sync.commands import CommandVerifier
+from firmware_bridge.driver import LevelHold, PulseTrain
 
 __all__ = ["ConfigError", "GatewayConfig", "load_config", "config_from_dict"]
 
@@ -86,25 +96,109 @@ class CommandsSection(_Section):
         return self
 
 
+class ModbusSettings(_Section):
+    unit_id: int = Field(default=1, ge=1, le=247)
+    channels: int = Field(default=8, ge=1, le=64)
+    inputs: int = Field(default=8, ge=0, le=64)
+    coil_offset: int = Field(default=0, ge=0)
+    input_offset: int = Field(default=0, ge=0)
+    relay_sense_offset: int | None = Field(default=None, ge=0)
+    timeout_s: float = Field(default=0.3, gt=0, le=10)
+
+
+class GpioSettings(_Section):
+    chip: str = "/dev/gpiochip0"
+    outputs: dict[int, int] = Field(default_factory=dict, description="relay channel -> line")
+    inputs: dict[int, int] = Field(default_factory=dict, description="input number -> line")
+
+
 class BoardSection(_Section):
-    driver: Literal["serial"] = "serial"
+    driver: Literal["serial", "modbus", "gpio"] = "serial"
     port: str = "/dev/ttyACM0"
     baudrate: int = Field(default=115200, gt=0)
     ack_timeout_s: float = Field(default=0.25, gt=0, le=10)
     max_retries: int = Field(default=3, ge=0, le=20)
     reconnect_s: float = Field(default=2.0, gt=0)
+    # Inputs (busy signals, sensed relay contacts) are sampled this often.
+    poll_ms: int = Field(default=100, ge=20, le=5000)
+    health_ping_s: float = Field(default=5.0, gt=0)
+    modbus: ModbusSettings = ModbusSettings()
+    gpio: GpioSettings = GpioSettings()
 
 
 class ApiSection(_Section):
     socket: Path = Path("/run/metalav/metalav.sock")
 
 
-class CycleProgram(_Section):
-    """A coin-pulse train (issue 3 adds level "enable" and dryer time credit)."""
+class PulseProgram(_Section):
+    """Coin emulation: ``pulses`` closures (Alliance controls count 15-130 ms as a coin)."""
 
+    type: Literal["pulses"] = "pulses"
     pulses: int = Field(ge=1, le=50)
     on_ms: int = Field(default=100, ge=10, le=5000)
     off_ms: int = Field(default=100, ge=10, le=5000)
+
+    def train(self) -> PulseTrain:
+        return PulseTrain(self.pulses, self.on_ms, self.off_ms)
+
+
+class LevelProgram(_Section):
+    """An "enable start" input held closed for ``hold_ms``."""
+
+    type: Literal["level"]
+    hold_ms: int = Field(ge=100, le=3_600_000)
+
+    def train(self) -> LevelHold:
+        return LevelHold(self.hold_ms)
+
+
+class DryerTimeProgram(_Section):
+    """Dryer time credit: ``minutes`` bought, ``minutes_per_pulse`` per coin pulse,
+    at least ``min_pulses``; ``top_up`` lets it be bought again while the dryer runs."""
+
+    type: Literal["dryer_time"]
+    minutes: int = Field(ge=1, le=240)
+    minutes_per_pulse: int = Field(ge=1, le=60)
+    min_pulses: int = Field(default=1, ge=1, le=50)
+    on_ms: int = Field(default=100, ge=10, le=5000)
+    off_ms: int = Field(default=100, ge=10, le=5000)
+    top_up: bool = False
+
+    @property
+    def pulses(self) -> int:
+        return max(self.min_pulses, -(-self.minutes // self.minutes_per_pulse))
+
+    def train(self) -> PulseTrain:
+        return PulseTrain(self.pulses, self.on_ms, self.off_ms)
+
+    @model_validator(mode="after")
+    def _fits(self) -> DryerTimeProgram:
+        if self.pulses > 50:
+            raise ValueError(f"{self.pulses} pulses needed, at most 50 in one train")
+        return self
+
+
+def _program_type(value: Any) -> str:
+    # "type" may be left out for the common case, a coin-pulse train.
+    if isinstance(value, dict):
+        return str(value.get("type", "pulses"))
+    return str(getattr(value, "type", "pulses"))
+
+
+CycleProgram = Annotated[
+    Annotated[PulseProgram, Tag("pulses")]
+    | Annotated[LevelProgram, Tag("level")]
+    | Annotated[DryerTimeProgram, Tag("dryer_time")],
+    Discriminator(_program_type),
+]
+
+
+class BusyInput(_Section):
+    """The machine's "running" signal wired to a board input."""
+
+    input: int = Field(ge=1, le=64)
+    active: Literal["high", "low"] = "high"
+    debounce_ms: int = Field(default=200, ge=0, le=10_000)
 
 
 class Machine(_Section):
@@ -112,6 +206,13 @@ class Machine(_Section):
     label: str = ""
     kind: Literal["washer", "dryer"]
     channel: int = Field(ge=1, le=64)
+    polarity: Literal["active_high", "active_low"] = "active_high"
+    busy_input: BusyInput | None = None
+    # After the release, the machine must report busy within this window, else
+    # not_started (alert + compensation event). Only with a busy_input.
+    confirm_window_s: float = Field(default=60.0, gt=0, le=3600)
+    # A start seen this long after the window still corrects not_started -> started.
+    late_start_grace_s: float = Field(default=600.0, ge=0, le=86400)
     cycles: dict[str, CycleProgram] = Field(min_length=1)
 
     @field_validator("id")
@@ -146,6 +247,20 @@ class GatewayConfig(BaseSettings):
                 raise ValueError(f"relay channel {m.channel} is used by two machines")
             seen_ids.add(m.id)
             seen_channels.add(m.channel)
+        inputs = [m.busy_input.input for m in self.machines if m.busy_input]
+        if len(inputs) != len(set(inputs)):
+            raise ValueError("a busy input is used by two machines")
+        if self.board.driver == "gpio":
+            gpio = self.board.gpio
+            for m in self.machines:
+                if m.channel not in gpio.outputs:
+                    raise ValueError(
+                        f"machine {m.id}: channel {m.channel} has no board.gpio.outputs line"
+                    )
+                if m.busy_input and m.busy_input.input not in gpio.inputs:
+                    raise ValueError(
+                        f"machine {m.id}: input {m.busy_input.input} has no board.gpio.inputs line"
+                    )
         return self
 
     def machine(self, machine_id: str) -> Machine | None:

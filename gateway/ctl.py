@@ -4,10 +4,14 @@ output is for scripts.
 
     metalavctl status [--json]
     metalavctl execution KEY [--json]
+    metalavctl machines [--json]
+    metalavctl relay test MACHINE --reason TEXT [--cycle C] [--by NAME]
+    metalavctl machine out-of-service|in-service MACHINE --reason TEXT [--by NAME]
+    metalavctl audit [--json]
 
 The socket is found from ``--socket``, else ``--config`` (the daemon's config file),
 else ``$METALAV_API__SOCKET``, else the packaged default. Exit status: 0 ok,
-1 not found, 2 usage, 3 daemon unreachable.
+1 not found, 2 usage, 3 daemon unreachable, 4 refused (e.g. machine busy).
 """
 
 from __future__ import annotations
@@ -30,6 +34,14 @@ __all__ = ["main"]
 EXIT_NOT_FOUND = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
+EXIT_REFUSED = 4
+
+MACHINE_STATE_PT = {
+    "free": "livre",
+    "releasing": "liberando / aguardando início",
+    "running": "em ciclo",
+    "out_of_service": "FORA DE SERVIÇO",
+}
 
 STATE_PT = {
     "accepted": "aceita",
@@ -39,6 +51,9 @@ STATE_PT = {
     "rejected": "rejeitada",
     "expired": "expirada (compensar)",
     "needs_review": "revisão manual",
+    "started": "em ciclo",
+    "not_started": "não iniciou (compensar)",
+    "completed": "concluída",
 }
 
 
@@ -62,17 +77,27 @@ def _socket_path(args: argparse.Namespace) -> Path:
     return Path(env) if env else ApiSection().socket
 
 
-def _get(sock: Path, path: str) -> httpx.Response:
+def _request(sock: Path, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    """Call the daemon; return the JSON body, or raise CtlError with its message."""
     transport = httpx.HTTPTransport(uds=str(sock))
     try:
-        with httpx.Client(transport=transport, base_url="http://gateway", timeout=5.0) as client:
-            return client.get(path)
+        with httpx.Client(transport=transport, base_url="http://gateway", timeout=10.0) as client:
+            resp = client.request(method, path, json=body)
     except httpx.TransportError:
         raise CtlError(
             f"o gateway não responde em {sock} — o serviço está rodando? "
             "(systemctl status metalav-gateway)",
             EXIT_UNREACHABLE,
         ) from None
+    try:
+        data = resp.json()
+    except ValueError:
+        raise CtlError(f"resposta inválida do gateway (HTTP {resp.status_code})", 1) from None
+    if resp.status_code >= 400:
+        message = data.get("message") or data.get("error") or f"HTTP {resp.status_code}"
+        code = EXIT_NOT_FOUND if resp.status_code == 404 else EXIT_REFUSED
+        raise CtlError(message, code)
+    return data
 
 
 def _when(ts: float | None) -> str:
@@ -116,6 +141,37 @@ def _print_execution(e: dict[str, Any]) -> None:
         print(f"    #{o['id']} {o['state']} (tentativas {o['attempts']}){err}")
 
 
+def _print_machines(data: dict[str, Any]) -> None:
+    for m in data["machines"]:
+        kind = "lavadora" if m["kind"] == "washer" else "secadora"
+        flags = " RELÉ TRAVADO" if m["stuck_relay"] else ""
+        print(
+            f"{m['id']:<6} {m['label'] or kind:<16} canal {m['channel']:<3} "
+            f"{MACHINE_STATE_PT.get(m['state'], m['state'])}{flags}"
+        )
+        oos = m["out_of_service"]
+        if oos:
+            print(
+                f"       fora de serviço desde {oos['set_at']} por {oos['set_by']}: {oos['reason']}"
+            )
+        last = m["last_execution"]
+        if last:
+            print(
+                f"       último ciclo: {last['execute_key']} {last['cycle']} "
+                f"{STATE_PT.get(last['state'], last['state'])} ({last['updated_at']})"
+            )
+        for alert in m["recent_alerts"][:3]:
+            print(f"       alerta {alert['at']} {alert['code']}: {alert['detail'] or ''}")
+
+
+def _print_audit(data: dict[str, Any]) -> None:
+    for e in data["entries"]:
+        print(
+            f"{e['at']}  {e['actor']} ({e['os_user']})  {e['action']} {e['target']}  "
+            f"{e['outcome']}  motivo: {e['reason']}"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--socket", help="unix socket of the daemon's local API")
@@ -128,28 +184,73 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("status", parents=[common], help="daemon, links, executions, outbox")
     ex = sub.add_parser("execution", parents=[common], help="one execution's whole history")
     ex.add_argument("key", help="the execute_key")
+    sub.add_parser("machines", parents=[common], help="machines: state, last cycle, alerts")
+    sub.add_parser("audit", parents=[common], help="recent operator actions")
+    action = argparse.ArgumentParser(add_help=False, parents=[common])
+    action.add_argument("--reason", required=True, help="why (recorded in the audit log)")
+    action.add_argument("--by", help="technician's name (default: your OS account)")
+    relay = sub.add_parser("relay", help="relay actions")
+    relay_sub = relay.add_subparsers(dest="relay_command", required=True)
+    test = relay_sub.add_parser("test", parents=[action], help="a technical-service test turn")
+    test.add_argument("machine")
+    test.add_argument("--cycle", help="cycle program to run (default: the machine's first)")
+    machine = sub.add_parser("machine", help="machine actions")
+    machine_sub = machine.add_subparsers(dest="machine_command", required=True)
+    for name, text in (
+        ("out-of-service", "take a machine out of service"),
+        ("in-service", "put a machine back in service"),
+    ):
+        p = machine_sub.add_parser(name, parents=[action], help=text)
+        p.add_argument("machine")
     args = parser.parse_args(argv)
 
     try:
         sock = _socket_path(args)
         if args.command == "status":
-            resp = _get(sock, "/v1/status")
-            data = resp.json()
-            if args.json:
-                print(json.dumps(data, indent=2, ensure_ascii=False))
-            else:
-                _print_status(data)
-            return 0
-        resp = _get(sock, f"/v1/executions/{quote(args.key, safe='')}")
-        if resp.status_code == 404:
-            if args.json:
-                print(json.dumps(resp.json()))
-            raise CtlError(f"execução {args.key!r} não encontrada no diário", EXIT_NOT_FOUND)
-        data = resp.json()
+            data = _request(sock, "GET", "/v1/status")
+            printer: Any = _print_status
+        elif args.command == "execution":
+            try:
+                data = _request(sock, "GET", f"/v1/executions/{quote(args.key, safe='')}")
+            except CtlError as exc:
+                if exc.code == EXIT_NOT_FOUND and args.json:
+                    print(json.dumps({"error": "not_found", "execute_key": args.key}))
+                raise
+            printer = _print_execution
+        elif args.command == "machines":
+            data = _request(sock, "GET", "/v1/machines")
+            printer = _print_machines
+        elif args.command == "audit":
+            data = _request(sock, "GET", "/v1/audit")
+            printer = _print_audit
+        elif args.command == "relay":
+            data = _request(
+                sock,
+                "POST",
+                f"/v1/machines/{quote(args.machine, safe='')}/relay-test",
+                {"reason": args.reason, "actor": args.by, "cycle": args.cycle},
+            )
+            printer = lambda d: print(  # noqa: E731
+                f"teste de relé enviado: {d['execute_key']} "
+                f"(acompanhe com: metalavctl execution {d['execute_key']})"
+            )
+        else:
+            value = args.machine_command == "out-of-service"
+            data = _request(
+                sock,
+                "POST",
+                f"/v1/machines/{quote(args.machine, safe='')}/service",
+                {"out_of_service": value, "reason": args.reason, "actor": args.by},
+            )
+            printer = lambda d: print(  # noqa: E731
+                f"máquina {args.machine}: "
+                + ("fora de serviço" if value else "em serviço")
+                + ("" if d["changed"] else " (já estava)")
+            )
         if args.json:
             print(json.dumps(data, indent=2, ensure_ascii=False))
         else:
-            _print_execution(data)
+            printer(data)
         return 0
     except CtlError as exc:
         print(f"metalavctl: {exc}", file=sys.stderr)

@@ -23,9 +23,9 @@ from typing import Any
 
 from cloud_sync.commands import CommandVerifier
 from cloud_sync.mqtt_session import MqttSession, MqttSettings
-from firmware_bridge.serial_board import SerialBoard
 
 from .api import LocalApi
+from .boards import build_driver
 from .config import ConfigError, GatewayConfig, load_config
 from .executor import Executor
 from .journal import Journal, JournalError
@@ -50,12 +50,7 @@ class Daemon:
             algorithms=config.commands.algorithms,
             leeway_s=config.commands.leeway_s,
         )
-        board = SerialBoard(
-            config.board.port,
-            baudrate=config.board.baudrate,
-            ack_timeout=config.board.ack_timeout_s,
-            max_retries=config.board.max_retries,
-        )
+        board = build_driver(config, on_fault=lambda fault: self.executor.output_fault(fault))
         self.executor = Executor(
             config,
             self.journal,
@@ -88,7 +83,7 @@ class Daemon:
         )
         self.board = board
         self.api = LocalApi(
-            config.api.socket, status=self.status, execution=self.journal.execution_details
+            config.api.socket, status=self.status, journal=self.journal, executor=self.executor
         )
 
     def _broker_link(self, up: bool) -> None:
@@ -139,7 +134,8 @@ class Daemon:
             async with asyncio.TaskGroup() as tg:
                 tasks = [
                     tg.create_task(self.executor.run_board(), name="board"),
-                    tg.create_task(self.executor.run_expiry(), name="expiry"),
+                    tg.create_task(self.executor.run_timers(), name="timers"),
+                    tg.create_task(self.executor.run_inputs(), name="inputs"),
                     tg.create_task(self.session.run(), name="mqtt"),
                 ]
                 await stop.wait()

@@ -81,6 +81,7 @@ def demo_config(
     public_key_pem: str,
     board_port: Path,
     machines: list[dict[str, Any]] | None = None,
+    board: dict[str, Any] | None = None,
 ) -> str:
     """The smallest config a store needs: everything else is the embedded defaults."""
     lines = [
@@ -98,7 +99,7 @@ def demo_config(
         f"public_keys = [{_toml_value(public_key_pem)}]",
         "[board]",
         f"port = {_toml_value(board_port)}",
-        "reconnect_s = 0.3",
+        *(f"{k} = {_toml_value(v)}" for k, v in {"reconnect_s": 0.3, **(board or {})}.items()),
         "[api]",
         f"socket = {_toml_value(workdir / 'metalav.sock')}",
     ]
@@ -287,6 +288,9 @@ class CloudStandIn:
         self.presence_topic = f"{base}/presence"
         self.results: list[dict[str, Any]] = []
         self.presence: list[dict[str, Any]] = []
+        # Every other event stream by topic suffix: alerts, compensation, cycles.
+        self.events: dict[str, list[dict[str, Any]]] = {}
+        self._base = base
         self._cond = threading.Condition()
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=f"cloud-standin-{uuid.uuid4().hex[:8]}"
@@ -296,7 +300,9 @@ class CloudStandIn:
         sock = self._client.socket()
         if isinstance(sock, socket.socket):  # see cloud_sync.mqtt_session._no_delay
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._client.subscribe([(self.results_topic, 1), (self.presence_topic, 1)])
+        # One level below the gateway: results, presence, alerts, compensation, cycles
+        # (commands/execute is two levels down, so the cloud's own commands stay out).
+        self._client.subscribe(f"{base}/+", 1)
         self._client.loop_start()
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
@@ -304,9 +310,30 @@ class CloudStandIn:
             data = json.loads(msg.payload)
         except ValueError:
             return
+        suffix = msg.topic.removeprefix(self._base + "/")
         with self._cond:
-            (self.results if msg.topic == self.results_topic else self.presence).append(data)
+            if suffix == "results":
+                self.results.append(data)
+            elif suffix == "presence":
+                self.presence.append(data)
+            else:
+                self.events.setdefault(suffix, []).append(data)
             self._cond.notify_all()
+
+    def events_of(self, stream: str, **match: Any) -> list[dict[str, Any]]:
+        with self._cond:
+            return [
+                e
+                for e in self.events.get(stream, [])
+                if all(e.get(k) == v for k, v in match.items())
+            ]
+
+    def wait_event(self, stream: str, timeout: float = 10.0, **match: Any) -> dict[str, Any]:
+        """The first event on ``stream`` (alerts, compensation, cycles) matching ``match``."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.events_of(stream, **match), timeout):
+                raise TimeoutError(f"no {stream} event {match}: {self.events.get(stream)}")
+            return self.events_of(stream, **match)[0]
 
     def sign(
         self,

@@ -9,6 +9,10 @@ final state, and the recovery of executions a crash left half-done.
         executed                 -> released
         not executed, same boot  -> dispatched again (the board de-duplicates anyway)
         not executed, new boot   -> needs_review (never pulsed again automatically)
+    released -> started -> completed                    (machine's busy input, if wired)
+    released -> not_started  (no start in the confirm window: alert + compensation)
+    not_started -> started   (late start within the grace period: alert, the cloud
+                              reverses the compensation)
 
 Promise 1 rests on two locks: the journal row keyed by execute_key (a duplicate never
 reaches the board; it gets the stored result) and the board's own de-duplication of
@@ -19,30 +23,36 @@ the journal commit; the MQTT session acknowledges the message after that.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
 import signal
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from cloud_sync.commands import CommandRejected, CommandVerifier, ExecuteCommand
-from firmware_bridge.driver import BoardDriver
+from firmware_bridge.driver import BoardDriver, Program
 from firmware_bridge.exceptions import BoardError, BoardNack, BoardNoReply, BoardUnavailable
+from firmware_bridge.host_timed import OutputFault
 
-from .config import GatewayConfig
-from .journal import Execution, Journal, iso_utc, result_payload
+from .config import DryerTimeProgram, GatewayConfig, Machine
+from .journal import Alert, Execution, Journal, iso_utc, result_payload
+from .machines import BusyChange, MachineMonitor, StuckRelay
 
-__all__ = ["Executor", "command_id_for", "BoardLink"]
+__all__ = ["Executor", "ExecutorRefusal", "command_id_for", "BoardLink"]
 
 log = logging.getLogger(__name__)
 
 # How often accepted-but-waiting executions are checked for expiry, and how often a
 # board that stopped answering is asked again about a command in doubt.
-EXPIRY_SWEEP_S = 1.0
+EXPIRY_SWEEP_S = 0.25
 RECOVERY_RETRY_S = 1.0
-BOARD_HEALTH_PING_S = 5.0
+# A relay may still be closing this long after its program's nominal end (board
+# latency) before a closed contact counts as stuck.
+RELAY_SETTLE_S = 0.5
 
 # Fault injection for the crash tests: the daemon SIGKILLs itself at the named point.
 # Read once at start-up; unset in production.
@@ -59,6 +69,14 @@ def command_id_for(execute_key: str) -> int:
     """The board's 64-bit command id for an execution: stable across restarts, so a
     re-sent release is recognised by the board's de-duplication ring."""
     return int.from_bytes(hashlib.sha256(execute_key.encode()).digest()[:8], "big")
+
+
+class ExecutorRefusal(Exception):
+    """An operator request the executor refuses (machine busy, unknown, ...)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass
@@ -98,6 +116,10 @@ class Executor:
         # Keys whose release is being written right now; recovery leaves them alone.
         self._inflight: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.monitor = MachineMonitor(list(config.machines))
+        # Relay channel -> until when a program may legitimately keep it closed.
+        self._driven_until: dict[int, float] = {}
+        self._started_up = False  # outputs are forced off once, at the first connect
 
     # -- commands in (cloud_sync.mqtt_session.CommandSink) -------------------------
 
@@ -126,8 +148,10 @@ class Executor:
             refusal = ("rejected", "unknown_cycle")
         elif cmd.is_expired(now):
             refusal = ("expired", "command_expired")
-        elif self._journal.machine_is_active(cmd.machine_id):
-            refusal = ("rejected", "machine_busy")
+        else:
+            unavailable = self._unavailable(machine, cmd.cycle)
+            if unavailable is not None:
+                refusal = ("rejected", unavailable)
 
         if refusal is not None:
             state, reason = refusal
@@ -135,9 +159,18 @@ class Executor:
             log.info("execution %s %s (%s)", cmd.execute_key, state, reason)
             return
 
+        assert machine is not None  # no refusal: the machine exists
         boot_id = self.board_link.boot_id if self.board_link.connected else None
         state = "dispatching" if boot_id is not None else "accepted"
-        self._record(cmd, state=state, reason=None, now=now, dispatch_boot_id=boot_id, notify=False)
+        self._record(
+            cmd,
+            state=state,
+            reason=None,
+            now=now,
+            dispatch_boot_id=boot_id,
+            notify=False,
+            awaits_start=self._awaits_start(machine, cmd.cycle),
+        )
         log.info(
             "execution %s accepted: payment %s machine %s cycle %s",
             cmd.execute_key,
@@ -162,8 +195,9 @@ class Executor:
         now: float,
         dispatch_boot_id: int | None = None,
         notify: bool = True,
-    ) -> Execution:
-        row = self._journal.record_new(
+        awaits_start: bool = False,
+    ) -> None:
+        self._journal.record_new(
             execute_key=cmd.execute_key,
             command_id=command_id_for(cmd.execute_key),
             payment_id=cmd.payment_id,
@@ -178,10 +212,153 @@ class Executor:
             reason=reason,
             now=now,
             dispatch_boot_id=dispatch_boot_id,
+            awaits_start=awaits_start,
         )
         if notify:
             self._outbox_changed()
-        return row
+
+    def _is_top_up(self, machine: Machine, cycle: str) -> bool:
+        """A dryer time credit bought while the dryer runs (its program allows it)."""
+        program = machine.cycles[cycle]
+        return (
+            isinstance(program, DryerTimeProgram)
+            and program.top_up
+            and self.monitor.busy(machine.id) is True
+        )
+
+    def _unavailable(self, machine: Machine, cycle: str) -> str | None:
+        """Why this machine cannot take a release now, or None."""
+        if machine.id in self._journal.out_of_service():
+            return "out_of_service"
+        if self._journal.machine_is_active(machine.id):
+            return "machine_busy"
+        if self.monitor.busy(machine.id) and not self._is_top_up(machine, cycle):
+            return "machine_busy"
+        return None
+
+    def _awaits_start(self, machine: Machine, cycle: str) -> bool:
+        # A top-up goes to a dryer already running: there is no start to wait for.
+        return machine.busy_input is not None and not self._is_top_up(machine, cycle)
+
+    # -- technician actions (each one audited) ------------------------------------
+
+    def technical_release(
+        self, machine_id: str, cycle: str | None, *, actor: str, os_user: str, reason: str
+    ) -> str:
+        """A technician's test turn ("technical service"): the same lifecycle as a paid
+        release, journaled with who asked and why; refused while the machine is busy."""
+        now = self._clock()
+        machine = self._config.machine(machine_id)
+        refusal: tuple[str, str] | None = None
+        if machine is None:
+            refusal = ("unknown_machine", f"máquina {machine_id!r} não existe nesta Loja")
+        elif cycle is not None and cycle not in machine.cycles:
+            refusal = ("unknown_cycle", f"ciclo {cycle!r} não existe para {machine_id}")
+        elif self._journal.machine_is_active(machine_id) or self.monitor.busy(machine_id):
+            refusal = ("machine_busy", f"máquina {machine_id} está ocupada")
+        elif not self.board_link.connected or self.board_link.boot_id is None:
+            refusal = ("board_unavailable", "placa desconectada")
+        if refusal is not None or machine is None:
+            code, message = refusal or ("unknown_machine", "")
+            self._journal.audit(
+                action="relay.test",
+                target=machine_id,
+                actor=actor,
+                os_user=os_user,
+                reason=reason,
+                outcome=f"refused:{code}",
+                now=now,
+            )
+            raise ExecutorRefusal(code, message)
+        cycle = cycle or next(iter(machine.cycles))
+        key = f"tech-{uuid.uuid4().hex[:16]}"
+        self._journal.record_new(
+            execute_key=key,
+            command_id=command_id_for(key),
+            payment_id="technical-service",
+            machine_id=machine_id,
+            cycle=cycle,
+            issued_at=int(now),
+            expires_at=int(now) + 60,
+            provider_ref=None,
+            idempotency_key=None,
+            amount_cents=None,
+            state="dispatching",
+            reason=None,
+            now=now,
+            dispatch_boot_id=self.board_link.boot_id,
+            kind="technical_service",
+            requested_by=f"{actor} ({os_user}): {reason}",
+            awaits_start=machine.busy_input is not None,
+        )
+        self._journal.audit(
+            action="relay.test",
+            target=machine_id,
+            actor=actor,
+            os_user=os_user,
+            reason=reason,
+            outcome="dispatched",
+            now=now,
+            after={"execute_key": key, "cycle": cycle},
+        )
+        self._spawn(self._dispatch(key), f"dispatch-{key}")
+        self._outbox_changed()
+        return key
+
+    def set_out_of_service(
+        self, machine_id: str, value: bool, *, actor: str, os_user: str, reason: str
+    ) -> bool:
+        if self._config.machine(machine_id) is None:
+            raise ExecutorRefusal(
+                "unknown_machine", f"máquina {machine_id!r} não existe nesta Loja"
+            )
+        now = self._clock()
+        changed = self._journal.set_out_of_service(
+            machine_id, value, reason=reason, actor=actor, os_user=os_user, now=now
+        )
+        if changed:
+            # The cloud stops selling cycles of a machine out of service.
+            self._journal.raise_alert(
+                Alert(
+                    "out_of_service" if value else "back_in_service",
+                    "warning",
+                    machine_id,
+                    detail=f"by {actor}: {reason}"[:160],
+                ),
+                now=now,
+            )
+            self._outbox_changed()
+        return changed
+
+    def machines(self) -> list[dict[str, object]]:
+        """Each machine as a technician sees it (metalavctl machines)."""
+        out_of_service = self._journal.out_of_service()
+        result = []
+        for m in self._config.machines:
+            busy = self.monitor.busy(m.id)
+            if m.id in out_of_service:
+                state = "out_of_service"
+            elif self._journal.machine_is_active(m.id):
+                state = "releasing"
+            elif busy:
+                state = "running"
+            else:
+                state = "free"
+            result.append(
+                {
+                    "id": m.id,
+                    "label": m.label,
+                    "kind": m.kind,
+                    "channel": m.channel,
+                    "state": state,
+                    "busy": busy,
+                    "stuck_relay": self.monitor.stuck(m.id),
+                    "out_of_service": out_of_service.get(m.id),
+                    "last_execution": self._journal.last_execution(m.id),
+                    "recent_alerts": self._journal.recent_alerts(m.id),
+                }
+            )
+        return result
 
     def _answer_duplicate(self, cmd: ExecuteCommand, known: Execution) -> None:
         if (cmd.payment_id, cmd.machine_id) != (known.payment_id, known.machine_id):
@@ -243,13 +420,12 @@ class Executor:
             return
         machine = self._config.machine(row.machine_id)
         assert machine is not None  # checked when accepted; config is frozen
-        program = machine.cycles[row.cycle]
+        program: Program = machine.cycles[row.cycle].train()
         _crash_point("after_dispatching_commit")
         try:
             async with self._board_lock:
-                ack = await self._board.release(
-                    row.command_id, machine.channel, program.pulses, program.on_ms, program.off_ms
-                )
+                self._drive(machine.channel, program.duration_ms)
+                ack = await self._board.release(row.command_id, machine.channel, program)
         except BoardNack as exc:
             self._finish(row, "failed", f"board_nack:{exc.reason.name.lower()}")
             return
@@ -277,12 +453,29 @@ class Executor:
             self._recovery_wanted.set()
             return
         _crash_point("after_board_ack")
-        self._finish(
-            row,
-            "released",
-            "board_duplicate_ack" if ack.duplicate else None,
-            board_boot_id=ack.boot_id,
-        )
+        self._released(row, "board_duplicate_ack" if ack.duplicate else None, ack.boot_id)
+
+    def _drive(self, channel: int, duration_ms: int) -> None:
+        until = self._clock() + duration_ms / 1000 + RELAY_SETTLE_S
+        self._driven_until[channel] = max(until, self._driven_until.get(channel, 0.0))
+
+    def _released(self, row: Execution, reason: str | None, boot_id: int) -> None:
+        now = self._clock()
+        times = {"released_at": now}
+        machine = self._config.machine(row.machine_id)
+        if row.awaits_start and machine is not None:
+            times["confirm_deadline"] = now + machine.confirm_window_s
+        if self._journal.transition(
+            row.execute_key,
+            from_states=("dispatching",),
+            to_state="released",
+            reason=reason,
+            now=now,
+            board_boot_id=boot_id,
+            times=times,
+        ):
+            self._outbox_changed()
+            log.info("execution %s released%s", row.execute_key, f" ({reason})" if reason else "")
 
     def _finish(
         self,
@@ -292,6 +485,9 @@ class Executor:
         *,
         board_boot_id: int | None = None,
         from_states: tuple[str, ...] = ("dispatching",),
+        alert: Alert | None = None,
+        times: dict[str, float] | None = None,
+        cycle_event: dict[str, object] | None = None,
     ) -> None:
         if self._journal.transition(
             row.execute_key,
@@ -300,6 +496,9 @@ class Executor:
             reason=reason,
             now=self._clock(),
             board_boot_id=board_boot_id,
+            alert=alert,
+            times=times,
+            cycle_event=cycle_event,
         ):
             self._outbox_changed()
             log.info("execution %s %s%s", row.execute_key, state, f" ({reason})" if reason else "")
@@ -318,9 +517,7 @@ class Executor:
                 log.warning("recovery of %s postponed: %s", row.execute_key, exc)
                 return False
             if reply.executed:
-                self._finish(
-                    row, "released", "confirmed_by_board_query", board_boot_id=reply.boot_id
-                )
+                self._released(row, "confirmed_by_board_query", reply.boot_id)
             elif reply.boot_id == row.dispatch_boot_id:
                 # Same boot and the board never saw it: nothing was pulsed, so sending
                 # it now is the first and only release.
@@ -338,7 +535,17 @@ class Executor:
                 # The board reset since the release was written: it may or may not have
                 # pulsed. Never pulse again automatically (runbook incident A).
                 self._finish(
-                    row, "needs_review", "board_reset_during_dispatch", board_boot_id=reply.boot_id
+                    row,
+                    "needs_review",
+                    "board_reset_during_dispatch",
+                    board_boot_id=reply.boot_id,
+                    alert=Alert(
+                        "needs_review",
+                        "critical",
+                        row.machine_id,
+                        row.execute_key,
+                        "board reset while a release was in doubt; check the machine",
+                    ),
                 )
         return True
 
@@ -366,28 +573,65 @@ class Executor:
     def _link_lost(self, error: str) -> None:
         if self.board_link.connected:
             log.error("board link lost: %s", error)
+            self._journal.raise_alert(
+                Alert("board_link_lost", "critical", detail=error[:160]), now=self._clock()
+            )
+            self._outbox_changed()
+            self.monitor.forget()
         self.board_link.connected = False
         self.board_link.last_error = error
         self.board_link.since = self._clock()
 
+    def _link_up(self, boot_id: int) -> None:
+        now = self._clock()
+        previous = self._journal.board_value("boot_id")
+        alerts = []
+        if self.board_link.last_error is not None and self.board_link.since:
+            alerts.append(Alert("board_link_restored", "info", detail=f"boot id {boot_id:08x}"))
+        if previous is not None and int(previous, 16) != boot_id:
+            log.warning("board rebooted: boot id %s -> %08x", previous, boot_id)
+            alerts.append(
+                Alert("board_rebooted", "warning", detail=f"boot id {previous} -> {boot_id:08x}")
+            )
+        if previous is None or int(previous, 16) != boot_id:
+            self._journal.set_board_value("boot_id", f"{boot_id:08x}")
+        for alert in alerts:
+            self._journal.raise_alert(alert, now=now)
+        if alerts:
+            self._outbox_changed()
+        self.board_link.connected = True
+        self.board_link.boot_id = boot_id
+        self.board_link.last_error = None
+        self.board_link.since = now
+        log.info("board link up, boot id %08x", boot_id)
+
+    async def _connect(self) -> bool:
+        try:
+            if not self._board.is_open:
+                await self._board.open()
+            async with self._board_lock:
+                pong = await self._board.ping()
+                if not self._started_up:
+                    # Contacts open before any command is taken (a previous process
+                    # may have died with a relay closed).
+                    await self._board.all_off()
+                    self._driven_until.clear()
+        except BoardError as exc:
+            self._link_lost(str(exc))
+            await self._board.close()
+            return False
+        self._started_up = True
+        self._link_up(pong.boot_id)
+        self._recovery_wanted.set()
+        return True
+
     async def run_board(self) -> None:
-        """Own the board link: open it, learn its boot id, recover, keep it healthy."""
+        """Own the board link: open it, learn its boot id, recover, dispatch what waits."""
         cfg = self._config.board
         while True:
-            if not self.board_link.connected:
-                try:
-                    if not self._board.is_open:
-                        await self._board.open()
-                    async with self._board_lock:
-                        pong = await self._board.ping()
-                except BoardError as exc:
-                    self._link_lost(str(exc))
-                    await self._board.close()
-                    await asyncio.sleep(cfg.reconnect_s)
-                    continue
-                self._link_up(pong.boot_id)
-                self._recovery_wanted.set()
-
+            if not self.board_link.connected and not await self._connect():
+                await asyncio.sleep(cfg.reconnect_s)
+                continue
             if self._recovery_wanted.is_set():
                 self._recovery_wanted.clear()
                 if not await self.recover():
@@ -397,44 +641,168 @@ class Executor:
                     await asyncio.sleep(RECOVERY_RETRY_S)
                     continue
             await self._dispatch_waiting()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._recovery_wanted.wait(), cfg.health_ping_s)
 
-            try:
-                await asyncio.wait_for(self._recovery_wanted.wait(), BOARD_HEALTH_PING_S)
+    async def run_inputs(self) -> None:
+        """Sample the board's inputs: busy signals (start confirmation, completion),
+        sensed relay contacts (stuck relays), and the boot id (board resets)."""
+        period = self._config.board.poll_ms / 1000
+        while True:
+            await asyncio.sleep(period)
+            if not self.board_link.connected:
                 continue
-            except TimeoutError:
-                pass
             try:
                 async with self._board_lock:
-                    pong = await self._board.ping()
+                    state = await self._board.read_inputs()
             except BoardError as exc:
                 self._link_lost(str(exc))
                 await self._board.close()
+                self._recovery_wanted.set()  # wakes run_board, which reconnects
                 continue
-            if pong.boot_id != self.board_link.boot_id:
-                self._link_up(pong.boot_id)
+            if state.boot_id != self.board_link.boot_id:
+                self._link_up(state.boot_id)
                 self._recovery_wanted.set()
+            now = self._clock()
+            driven = {ch for ch, until in self._driven_until.items() if until > now}
+            for change in self.monitor.sample(state, now, driven):
+                if isinstance(change, BusyChange):
+                    self._on_busy_change(change)
+                else:
+                    self._on_stuck_relay(change)
 
-    def _link_up(self, boot_id: int) -> None:
-        previous = self._journal.board_value("boot_id")
-        if previous is not None and int(previous, 16) != boot_id:
-            log.warning("board rebooted: boot id %s -> %08x", previous, boot_id)
-        if previous is None or int(previous, 16) != boot_id:
-            self._journal.set_board_value("boot_id", f"{boot_id:08x}")
-        self.board_link.connected = True
-        self.board_link.boot_id = boot_id
-        self.board_link.last_error = None
-        self.board_link.since = self._clock()
-        log.info("board link up, boot id %08x", boot_id)
+    def _on_busy_change(self, change: BusyChange) -> None:
+        machine = self._config.machine(change.machine_id)
+        assert machine is not None
+        rows = [
+            r
+            for r in self._journal.in_states(("released", "not_started", "started"))
+            if r.machine_id == machine.id
+        ]
+        if change.busy:
+            waiting = [r for r in rows if r.state == "released" and r.awaits_start]
+            late = [
+                r
+                for r in rows
+                if r.state == "not_started"
+                and r.confirm_deadline is not None
+                and change.at <= r.confirm_deadline + machine.late_start_grace_s
+            ]
+            if waiting:
+                row = waiting[-1]
+                self._finish(
+                    row,
+                    "started",
+                    None,
+                    from_states=("released",),
+                    times={"started_at": change.at},
+                    cycle_event={"machine_id": machine.id, "cycle": row.cycle},
+                )
+            elif late:
+                row = late[-1]
+                self._finish(
+                    row,
+                    "started",
+                    "late_start",
+                    from_states=("not_started",),
+                    times={"started_at": change.at},
+                    cycle_event={"machine_id": machine.id, "cycle": row.cycle},
+                    alert=Alert(
+                        "late_start",
+                        "warning",
+                        machine.id,
+                        row.execute_key,
+                        "machine started after its confirm window; compensation "
+                        "already requested must be reversed",
+                    ),
+                )
+            elif change.previous is False:
+                log.warning("machine %s started without a release from this gateway", machine.id)
+                self._journal.raise_alert(
+                    Alert("start_without_release", "info", machine.id), now=self._clock()
+                )
+                self._outbox_changed()
+        else:
+            for row in rows:
+                if row.state == "started":
+                    duration = change.at - (row.started_at or change.at)
+                    self._finish(
+                        row,
+                        "completed",
+                        None,
+                        from_states=("started",),
+                        times={"completed_at": change.at},
+                        cycle_event={
+                            "machine_id": machine.id,
+                            "cycle": row.cycle,
+                            "duration_s": round(duration, 3),
+                        },
+                    )
 
-    async def run_expiry(self) -> None:
-        """Accepted executions that wait for the board expire on time, even if the board
-        never comes back (promise 2: never "unknown forever")."""
+    def output_fault(self, fault: OutputFault) -> None:
+        """A host-timed driver failed a write after the release was acknowledged: the
+        train may be incomplete. The start confirmation decides the execution's fate;
+        people are told now."""
+        machine = next((m for m in self._config.machines if m.channel == fault.channel), None)
+        log.error("relay write failed on channel %d: %s", fault.channel, fault.error)
+        self._journal.raise_alert(
+            Alert(
+                "relay_write_failed",
+                "critical",
+                machine.id if machine else None,
+                detail=f"channel {fault.channel}: {type(fault.error).__name__}",
+            ),
+            now=self._clock(),
+        )
+        self._outbox_changed()
+
+    def _on_stuck_relay(self, change: StuckRelay) -> None:
+        if change.stuck:
+            log.error(
+                "relay of machine %s (channel %d) is closed while not driven",
+                change.machine_id,
+                change.channel,
+            )
+            alert = Alert(
+                "stuck_relay",
+                "critical",
+                change.machine_id,
+                detail=f"channel {change.channel} closed while not driven",
+            )
+        else:
+            alert = Alert(
+                "stuck_relay_cleared", "info", change.machine_id, detail=f"channel {change.channel}"
+            )
+        self._journal.raise_alert(alert, now=self._clock())
+        self._outbox_changed()
+
+    async def run_timers(self) -> None:
+        """Deadlines nobody else watches: accepted executions that wait for the board
+        expire on time, even if it never comes back (promise 2: never "unknown
+        forever"); released ones past their confirm window end as not_started."""
         while True:
             await asyncio.sleep(EXPIRY_SWEEP_S)
             now = self._clock()
             for row in self._journal.in_states(("accepted",)):
                 if row.expires_at <= now:
                     self._finish(row, "expired", "command_expired", from_states=("accepted",))
+            if not self.board_link.connected:
+                continue  # no readings: cannot tell a start from a silent input
+            for row in self._journal.in_states(("released",)):
+                if row.awaits_start and row.confirm_deadline and row.confirm_deadline <= now:
+                    self._finish(
+                        row,
+                        "not_started",
+                        "no_start_in_confirm_window",
+                        from_states=("released",),
+                        alert=Alert(
+                            "not_started",
+                            "critical",
+                            row.machine_id,
+                            row.execute_key,
+                            "machine did not start after its release",
+                        ),
+                    )
 
     async def drain(self) -> None:
         """Wait for in-flight dispatches (clean shutdown)."""

@@ -30,6 +30,7 @@ from cloud_sync.mqtt_session import OutboxItem
 
 __all__ = [
     "ACTIVE_STATES",
+    "Alert",
     "COMPENSATION_STATES",
     "FINAL_STATES",
     "Execution",
@@ -41,10 +42,26 @@ __all__ = [
 
 # States that still have work to do; a machine with one of these is busy.
 ACTIVE_STATES = ("accepted", "dispatching")
-# States reported to the cloud as final for this execution.
-FINAL_STATES = ("released", "failed", "rejected", "expired", "needs_review")
+# States reported to the cloud as final for this execution. ``released`` is final only
+# for machines without a busy input: the others go on to started / not_started.
+FINAL_STATES = (
+    "released",
+    "started",
+    "not_started",
+    "completed",
+    "failed",
+    "rejected",
+    "expired",
+    "needs_review",
+)
 # States that call for a refund / compensation on the cloud side.
-COMPENSATION_STATES = ("failed", "expired", "needs_review")
+COMPENSATION_STATES = ("failed", "expired", "needs_review", "not_started")
+# Of those, the ones where the gateway knows nothing ran and emits a compensation
+# event itself; needs_review is a technician's call (an alert instead).
+AUTO_COMPENSATION_STATES = ("failed", "expired", "not_started")
+ALERTS_TOPIC = "alerts"
+COMPENSATION_TOPIC = "compensation"
+CYCLES_TOPIC = "cycles"
 
 RESULTS_TOPIC = "results"
 
@@ -65,6 +82,7 @@ def result_payload(
     seq: int,
     event_id: str | None = None,
     authentic: bool = True,
+    awaits_start: bool = False,
 ) -> str:
     """The ``execution.result`` event of docs/mqtt-contract.md, as compact JSON."""
     return json.dumps(
@@ -78,7 +96,9 @@ def result_payload(
             "state": state,
             "reason": reason,
             # An unauthenticated rejection is never final for its (untrusted) key.
-            "final": authentic and state in FINAL_STATES,
+            "final": authentic
+            and state in FINAL_STATES
+            and not (state == "released" and awaits_start),
             "compensation": state in COMPENSATION_STATES,
             "authentic": authentic,
             "at": at,
@@ -86,6 +106,21 @@ def result_payload(
         },
         separators=(",", ":"),
     )
+
+
+_TIME_COLUMNS = ("released_at", "confirm_deadline", "started_at", "completed_at")
+
+
+@dataclass(frozen=True)
+class Alert:
+    """Something a person must know: sent to the cloud (topic ``alerts``) and kept
+    locally for ``metalavctl machines``. ``detail`` never carries PII."""
+
+    code: str  # not_started, late_start, stuck_relay, board_link_lost, board_rebooted, ...
+    severity: str  # info | warning | critical
+    machine_id: str | None = None
+    execute_key: str | None = None
+    detail: str | None = None
 
 
 @dataclass(frozen=True)
@@ -103,6 +138,11 @@ class Execution:
     received_at: str
     updated_at: str
     last_result: str
+    kind: str = "payment"
+    awaits_start: bool = False
+    released_at: float | None = None
+    confirm_deadline: float | None = None
+    started_at: float | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Execution:
@@ -120,6 +160,11 @@ class Execution:
             received_at=row["received_at"],
             updated_at=row["updated_at"],
             last_result=row["last_result"],
+            kind=row["kind"] or "payment",
+            awaits_start=bool(row["awaits_start"]),
+            released_at=row["released_at"],
+            confirm_deadline=row["confirm_deadline"],
+            started_at=row["started_at"],
         )
 
 
@@ -188,8 +233,59 @@ def _migration_1(db: sqlite_utils.Database) -> None:
     db["board_state"].create({"key": str, "value": str}, pk="key")  # type: ignore[union-attr]
 
 
+def _migration_2(db: sqlite_utils.Database) -> None:
+    """Issue 3: start confirmation, machines, alerts, technician actions."""
+    executions = db["executions"]
+    for column, kind in (
+        ("kind", str),  # payment | technical_service
+        ("requested_by", str),  # technical service: who asked, and why
+        ("awaits_start", int),  # 1: the machine has a busy input; released is not final
+        ("released_at", float),
+        ("confirm_deadline", float),
+        ("started_at", float),
+        ("completed_at", float),
+    ):
+        executions.add_column(column, kind)  # type: ignore[union-attr]
+    db.execute("UPDATE executions SET kind = 'payment', awaits_start = 0")
+    db["machine_state"].create(  # type: ignore[union-attr]
+        {"machine_id": str, "out_of_service": int, "reason": str, "set_by": str, "set_at": str},
+        pk="machine_id",
+    )
+    db["alerts"].create(  # type: ignore[union-attr]
+        {
+            "id": int,
+            "at": str,
+            "code": str,
+            "severity": str,
+            "machine_id": str,
+            "execute_key": str,
+            "detail": str,
+        },
+        pk="id",
+        not_null={"at", "code", "severity"},
+    )
+    db["alerts"].create_index(["machine_id", "id"])  # type: ignore[union-attr]
+    # The runbook's "registro obrigatório de operação": who, when, what, before/after.
+    db["audit_log"].create(  # type: ignore[union-attr]
+        {
+            "id": int,
+            "at": str,
+            "actor": str,
+            "os_user": str,
+            "action": str,
+            "target": str,
+            "before": str,
+            "after": str,
+            "reason": str,
+            "outcome": str,
+        },
+        pk="id",
+        not_null={"at", "os_user", "action", "outcome"},
+    )
+
+
 # Append-only: a released gateway's journal is migrated forward, never rewritten.
-MIGRATIONS = [_migration_1]
+MIGRATIONS = [_migration_1, _migration_2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -272,9 +368,12 @@ class Journal:
         return [Execution.from_row(r) for r in rows]
 
     def machine_is_active(self, machine_id: str) -> bool:
+        """An execution of this machine is still on its way: accepted, being sent, or
+        released and waiting for the machine to confirm its start."""
         marks = ",".join("?" * len(ACTIVE_STATES))
         row = self._conn.execute(
-            f"SELECT 1 FROM executions WHERE machine_id = ? AND state IN ({marks}) LIMIT 1",
+            f"SELECT 1 FROM executions WHERE machine_id = ? AND (state IN ({marks})"
+            f" OR (state = 'released' AND awaits_start = 1)) LIMIT 1",
             (machine_id, *ACTIVE_STATES),
         ).fetchone()
         return row is not None
@@ -349,7 +448,10 @@ class Journal:
         reason: str | None,
         now: float,
         dispatch_boot_id: int | None = None,
-    ) -> Execution:
+        kind: str = "payment",
+        requested_by: str | None = None,
+        awaits_start: bool = False,
+    ) -> None:
         """Journal a verified command in its first state.
 
         ``state`` is ``accepted``, ``dispatching`` (accepted and, in the same commit,
@@ -361,8 +463,8 @@ class Journal:
             c.execute(
                 "INSERT INTO executions(execute_key, command_id, payment_id, machine_id, cycle,"
                 " provider_ref, idempotency_key, amount_cents, issued_at, expires_at, state,"
-                " reason, dispatch_boot_id, received_at, updated_at)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " reason, dispatch_boot_id, received_at, updated_at, kind, requested_by,"
+                " awaits_start) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     execute_key,
                     f"{command_id:016x}",
@@ -379,6 +481,9 @@ class Journal:
                     dispatch_boot_id,
                     at,
                     at,
+                    kind,
+                    requested_by,
+                    int(awaits_start),
                 ),
             )
             if state in ("accepted", "dispatching"):
@@ -391,9 +496,8 @@ class Journal:
             else:
                 self._event(c, execute_key, state, reason, at, None)
                 self._result(c, execute_key, state, reason, at)
-        row = self.get(execute_key)
-        assert row is not None
-        return row
+                if state in AUTO_COMPENSATION_STATES:
+                    self._compensation(c, execute_key, reason, at)
 
     def transition(
         self,
@@ -407,28 +511,67 @@ class Journal:
         dispatch_boot_id: int | None = None,
         board_boot_id: int | None = None,
         report: bool = True,
+        times: dict[str, float] | None = None,
+        alert: Alert | None = None,
+        cycle_event: dict[str, Any] | None = None,
     ) -> bool:
         """Move one execution to ``to_state`` if it is in one of ``from_states``.
 
         Returns False (and changes nothing) when the row is not in an expected state,
-        so two paths racing for the same execution cannot both act on it.
-        ``report`` queues a result event for the cloud in the same transaction.
+        so two paths racing for the same execution cannot both act on it. In the same
+        transaction: the history line, the result event (``report``), the compensation
+        event for states that need one, an optional alert and cycle event.
+        ``times`` sets released_at / confirm_deadline / started_at / completed_at.
         """
         at = iso_utc(now)
         marks = ",".join("?" * len(from_states))
+        sets = ""
+        values: list[Any] = []
+        for column, value in (times or {}).items():
+            if column not in _TIME_COLUMNS:
+                raise ValueError(f"not a time column: {column}")
+            sets += f", {column} = ?"
+            values.append(value)
         with self._tx() as c:
             cur = c.execute(
                 f"UPDATE executions SET state = ?, reason = ?, updated_at = ?,"
                 f" dispatch_boot_id = coalesce(?, dispatch_boot_id),"
-                f" board_boot_id = coalesce(?, board_boot_id)"
+                f" board_boot_id = coalesce(?, board_boot_id){sets}"
                 f" WHERE execute_key = ? AND state IN ({marks})",
-                (to_state, reason, at, dispatch_boot_id, board_boot_id, execute_key, *from_states),
+                (
+                    to_state,
+                    reason,
+                    at,
+                    dispatch_boot_id,
+                    board_boot_id,
+                    *values,
+                    execute_key,
+                    *from_states,
+                ),
             )
             if cur.rowcount != 1:
                 return False
             self._event(c, execute_key, to_state, reason, at, detail)
             if report:
                 self._result(c, execute_key, to_state, reason, at)
+                if to_state in AUTO_COMPENSATION_STATES:
+                    self._compensation(c, execute_key, reason, at)
+            if alert is not None:
+                self._alert(c, alert, at)
+            if cycle_event is not None:
+                self._outbox(
+                    c,
+                    execute_key,
+                    CYCLES_TOPIC,
+                    {
+                        "type": f"cycle.{to_state}",
+                        "gateway_id": self.gateway_id,
+                        "execute_key": execute_key,
+                        "at": at,
+                        **cycle_event,
+                    },
+                    at,
+                )
         return True
 
     def note(self, execute_key: str, *, now: float, state: str, detail: str) -> None:
@@ -444,6 +587,131 @@ class Journal:
                 "INSERT INTO rejections(at, execute_key, reason, detail) VALUES (?,?,?,?)",
                 (iso_utc(now), execute_key, reason, detail[:200]),
             )
+
+    def raise_alert(self, alert: Alert, *, now: float) -> None:
+        with self._tx() as c:
+            self._alert(c, alert, iso_utc(now))
+
+    def recent_alerts(self, machine_id: str | None, limit: int = 5) -> list[dict[str, Any]]:
+        rows = self._conn.execute(
+            "SELECT at, code, severity, execute_key, detail FROM alerts"
+            " WHERE machine_id IS ? ORDER BY id DESC LIMIT ?",
+            (machine_id, limit),
+        ).fetchall()
+        return [dict(r) for r in rows]
+
+    def last_execution(self, machine_id: str) -> dict[str, Any] | None:
+        row = self._conn.execute(
+            "SELECT execute_key, kind, cycle, state, reason, received_at, updated_at,"
+            " started_at, completed_at FROM executions WHERE machine_id = ?"
+            " AND state NOT IN ('rejected') ORDER BY received_at DESC LIMIT 1",
+            (machine_id,),
+        ).fetchone()
+        return None if row is None else dict(row)
+
+    def out_of_service(self) -> dict[str, dict[str, Any]]:
+        rows = self._conn.execute(
+            "SELECT machine_id, reason, set_by, set_at FROM machine_state WHERE out_of_service = 1"
+        ).fetchall()
+        return {r["machine_id"]: dict(r) for r in rows}
+
+    def set_out_of_service(
+        self, machine_id: str, value: bool, *, reason: str, actor: str, os_user: str, now: float
+    ) -> bool:
+        """Set or clear a machine's out-of-service flag, audited in the same commit.
+        Returns False (and audits a no-op) when the flag already had that value."""
+        at = iso_utc(now)
+        with self._tx() as c:
+            row = c.execute(
+                "SELECT out_of_service, reason FROM machine_state WHERE machine_id = ?",
+                (machine_id,),
+            ).fetchone()
+            before = bool(row and row["out_of_service"])
+            changed = before != value
+            if changed:
+                c.execute(
+                    "INSERT INTO machine_state(machine_id, out_of_service, reason, set_by, set_at)"
+                    " VALUES (?,?,?,?,?) ON CONFLICT(machine_id) DO UPDATE SET"
+                    " out_of_service = excluded.out_of_service, reason = excluded.reason,"
+                    " set_by = excluded.set_by, set_at = excluded.set_at",
+                    (machine_id, int(value), reason, actor, at),
+                )
+            self._audit(
+                c,
+                at=at,
+                actor=actor,
+                os_user=os_user,
+                action="machine.out_of_service" if value else "machine.in_service",
+                target=machine_id,
+                before={"out_of_service": before},
+                after={"out_of_service": value},
+                reason=reason,
+                outcome="applied" if changed else "unchanged",
+            )
+        return changed
+
+    def audit(
+        self,
+        *,
+        action: str,
+        target: str,
+        actor: str,
+        os_user: str,
+        reason: str,
+        outcome: str,
+        now: float,
+        before: dict[str, Any] | None = None,
+        after: dict[str, Any] | None = None,
+    ) -> None:
+        with self._tx() as c:
+            self._audit(
+                c,
+                at=iso_utc(now),
+                actor=actor,
+                os_user=os_user,
+                action=action,
+                target=target,
+                before=before,
+                after=after,
+                reason=reason,
+                outcome=outcome,
+            )
+
+    @staticmethod
+    def _audit(
+        c: sqlite3.Connection,
+        *,
+        at: str,
+        actor: str,
+        os_user: str,
+        action: str,
+        target: str,
+        before: dict[str, Any] | None,
+        after: dict[str, Any] | None,
+        reason: str,
+        outcome: str,
+    ) -> None:
+        c.execute(
+            "INSERT INTO audit_log(at, actor, os_user, action, target, before, after, reason,"
+            " outcome) VALUES (?,?,?,?,?,?,?,?,?)",
+            (
+                at,
+                actor,
+                os_user,
+                action,
+                target,
+                None if before is None else json.dumps(before),
+                None if after is None else json.dumps(after),
+                reason,
+                outcome,
+            ),
+        )
+
+    def audit_entries(self, limit: int = 50) -> list[dict[str, Any]]:
+        rows = self._conn.execute(
+            "SELECT * FROM audit_log ORDER BY id DESC LIMIT ?", (limit,)
+        ).fetchall()
+        return [dict(r) for r in rows]
 
     # -- outbox (the cloud_sync.mqtt_session.OutboxSource interface) ------------
 
@@ -498,7 +766,7 @@ class Journal:
     ) -> None:
         row = c.execute(
             "UPDATE executions SET result_seq = result_seq + 1 WHERE execute_key = ?"
-            " RETURNING result_seq, payment_id, machine_id",
+            " RETURNING result_seq, payment_id, machine_id, awaits_start",
             (key,),
         ).fetchone()
         event_id = str(uuid.uuid4())
@@ -512,10 +780,77 @@ class Journal:
             at=at,
             seq=row["result_seq"],
             event_id=event_id,
+            awaits_start=bool(row["awaits_start"]),
         )
         c.execute("UPDATE executions SET last_result = ? WHERE execute_key = ?", (payload, key))
+        self._outbox_raw(c, event_id, key, RESULTS_TOPIC, payload, at)
+
+    def _compensation(self, c: sqlite3.Connection, key: str, reason: str | None, at: str) -> None:
+        """The runbook's compensation alert: the customer paid, the machine did not run."""
+        row = c.execute(
+            "SELECT payment_id, provider_ref, idempotency_key, amount_cents, machine_id, kind"
+            " FROM executions WHERE execute_key = ?",
+            (key,),
+        ).fetchone()
+        if row["kind"] != "payment":
+            return  # a technician's test turn was never paid
+        self._outbox(
+            c,
+            key,
+            COMPENSATION_TOPIC,
+            {
+                "type": "payment.compensation",
+                "gateway_id": self.gateway_id,
+                "execute_key": key,
+                "payment_id": row["payment_id"],
+                "provider_ref": row["provider_ref"],
+                "idempotency_key": row["idempotency_key"],
+                "amount_cents": row["amount_cents"],
+                "machine_id": row["machine_id"],
+                "reason": reason,
+                "at": at,
+            },
+            at,
+        )
+
+    def _alert(self, c: sqlite3.Connection, alert: Alert, at: str) -> None:
+        c.execute(
+            "INSERT INTO alerts(at, code, severity, machine_id, execute_key, detail)"
+            " VALUES (?,?,?,?,?,?)",
+            (at, alert.code, alert.severity, alert.machine_id, alert.execute_key, alert.detail),
+        )
+        # Alerts of one machine (or of the board) form one ordered stream.
+        stream = f"alerts:{alert.machine_id or 'board'}"
+        self._outbox(
+            c,
+            stream,
+            ALERTS_TOPIC,
+            {
+                "type": "alert",
+                "gateway_id": self.gateway_id,
+                "code": alert.code,
+                "severity": alert.severity,
+                "machine_id": alert.machine_id,
+                "execute_key": alert.execute_key,
+                "detail": alert.detail,
+                "at": at,
+            },
+            at,
+        )
+
+    def _outbox(
+        self, c: sqlite3.Connection, stream: str, topic: str, body: dict[str, Any], at: str
+    ) -> None:
+        event_id = str(uuid.uuid4())
+        payload = json.dumps({"event_id": event_id, **body}, separators=(",", ":"))
+        self._outbox_raw(c, event_id, stream, topic, payload, at)
+
+    @staticmethod
+    def _outbox_raw(
+        c: sqlite3.Connection, event_id: str, stream: str, topic: str, payload: str, at: str
+    ) -> None:
         c.execute(
             "INSERT INTO outbox(event_id, stream, topic, payload, created_at, updated_at)"
             " VALUES (?,?,?,?,?,?)",
-            (event_id, key, RESULTS_TOPIC, payload, at, at),
+            (event_id, stream, topic, payload, at, at),
         )

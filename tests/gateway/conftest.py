@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,7 +34,13 @@ class Store:
         return self.sim.actuation_records()
 
 
-def make_store(tmp_path: Path, broker: LocalBroker, *sim_args: str) -> Store:
+def make_store(
+    tmp_path: Path,
+    broker: LocalBroker,
+    *sim_args: str,
+    machines: list[dict[str, Any]] | None = None,
+    board: dict[str, Any] | None = None,
+) -> Store:
     gateway_id = f"gw-{uuid.uuid4().hex[:10]}"
     cloud = CloudStandIn(broker.host, broker.port, gateway_id)
     sim = SimulatorProcess(tmp_path, *sim_args)
@@ -46,6 +53,8 @@ def make_store(tmp_path: Path, broker: LocalBroker, *sim_args: str) -> Store:
             mqtt_port=broker.port,
             public_key_pem=cloud.public_key_pem,
             board_port=sim.link,
+            machines=machines,
+            board=board,
         )
     )
     daemon = DaemonProcess(tmp_path, config)
@@ -56,8 +65,8 @@ def make_store(tmp_path: Path, broker: LocalBroker, *sim_args: str) -> Store:
 def store_factory(tmp_path: Path, mqtt_broker: LocalBroker) -> Iterator[object]:
     made: list[Store] = []
 
-    def factory(*sim_args: str) -> Store:
-        s = make_store(tmp_path, mqtt_broker, *sim_args)
+    def factory(*sim_args: str, **config: Any) -> Store:
+        s = make_store(tmp_path, mqtt_broker, *sim_args, **config)
         made.append(s)
         return s
 

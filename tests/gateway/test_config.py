@@ -110,7 +110,7 @@ def test_two_machines_on_one_relay_channel_are_refused(tmp_path: Path) -> None:
 
 def test_example_config_is_valid() -> None:
     config = load_config(Path(__file__).parents[2] / "config.example.toml")
-    assert [m.id for m in config.machines] == ["W1", "D1"]
+    assert [m.id for m in config.machines] == ["W1", "W2", "W3", "W4", "D1", "D2", "D3", "D4"]
 
 
 def test_unusable_public_key_is_a_config_error(tmp_path: Path) -> None:
