@@ -17,6 +17,7 @@ and benchmarks talk to it exactly as to the MCU::
         [--edges FILE] [--machine SPEC]... [--machine-time-scale K]
         [--stuck-relay CH]... [--no-relay-sense] [--drop-rate P] [--corrupt-rate P]
         [--delay-ms N] [--seed S] [--reboot-mid-train N] [--drop-release-acks N]
+        [--control SOCKET]
 
 stdout carries exactly one line, ``PTY <slave path>``. The actuations FILE gets
 one JSON line per executed release, fsync'ed before the RELEASE_ACK leaves, so a
@@ -28,6 +29,12 @@ Signals: SIGHUP resets the board (new boot id, ring cleared, outputs off);
 SIGUSR1 is "USB unplugged" (the pty closes, the --link symlink disappears);
 SIGUSR2 is "plugged back" (a new pty, the link re-created, a new boot id since a
 replugged board power-cycles); SIGTERM/SIGINT exit cleanly.
+
+``--control SOCKET`` listens on a Unix stream socket for line commands that act
+on the board's input lines like a test clip on the wire: ``input N high``,
+``input N low`` force input N's raw level whatever its machines do, ``input N
+auto`` hands it back to them. Each line is answered ``ok`` once applied (a
+READ_INPUTS sent afterwards sees it) or ``error <reason>``.
 """
 
 from __future__ import annotations
@@ -146,10 +153,11 @@ class MachineSpec:
     coins: int = 1  # pulses in one train needed to start
     level: bool = False  # starts on an enable held >= LEVEL_START_MS
     minutes_per_pulse: float = 0.0  # dryer top-up: run extended per pulse while busy
+    active_low: bool = False  # busy input raw level 1 when idle, 0 while running
 
     @classmethod
     def parse(cls, spec: str) -> MachineSpec:
-        """``channel=1,input=1,start_ms=300,run_ms=2000,never_starts,coins=2,...``"""
+        """``channel=1,input=1,start_ms=300,run_ms=2000,never_starts,coins=2,active_low,...``"""
         values: dict[str, Any] = {}
         for part in filter(None, (p.strip() for p in spec.split(","))):
             key, sep, value = part.partition("=")
@@ -163,7 +171,7 @@ class MachineSpec:
         for key, value in values.items():
             if key not in known:
                 raise ValueError(f"unknown machine option {key!r}")
-            if key in ("never_starts", "level"):
+            if key in ("never_starts", "level", "active_low"):
                 kwargs[key] = value if isinstance(value, bool) else str(value).lower() in (
                     "1", "true", "yes"
                 )
@@ -216,6 +224,11 @@ class _Machine:
     @property
     def busy(self) -> bool:
         return self.state == "running"
+
+    @property
+    def raw_level(self) -> bool:
+        """The busy input's electrical level (1 = high)."""
+        return self.busy != self.spec.active_low
 
     def next_deadline(self) -> float | None:
         if self.state == "starting":
@@ -328,6 +341,7 @@ class SimulatedBoard:
         self._running: dict[int, _Running] = {}
         self._relays = 0  # actual contacts, bit n-1 = channel n closed
         self._machines = [_Machine(spec, machine_time_scale) for spec in machines]
+        self._forced: dict[int, bool] = {}  # input -> raw level forced from outside
 
     # --- state -------------------------------------------------------------
 
@@ -337,12 +351,27 @@ class SimulatedBoard:
         return self._relays
 
     def inputs(self, now: float) -> int:
+        """Raw levels of the input lines, bit n-1 = input n high: each machine's
+        busy signal (inverted for an ``active_low`` machine), then forced levels."""
         self.advance(now)
         level = 0
         for machine in self._machines:
-            if machine.busy:
+            if machine.raw_level:
                 level |= 1 << (machine.spec.input - 1)
+        for n, high in self._forced.items():
+            level = level | (1 << (n - 1)) if high else level & ~(1 << (n - 1))
         return level
+
+    def force_input(self, n: int, level: bool | None) -> None:
+        """Force input ``n``'s raw level (True = high) whatever its machines do,
+        or hand it back to them (None). A forced level survives a reboot: it is
+        the wire, not the board."""
+        if not 1 <= n <= 64:
+            raise ValueError("input must be 1..64")
+        if level is None:
+            self._forced.pop(n, None)
+        else:
+            self._forced[n] = level
 
     def reboot(self, now: float | None = None) -> int:
         """Board reset: outputs off, new boot id, ring and programs cleared,
@@ -669,7 +698,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--edges", metavar="FILE", help="append one JSON line per relay edge")
     parser.add_argument("--machine", action="append", metavar="SPEC",
                         help="e.g. channel=1,input=1,start_ms=300,run_ms=2000[,never_starts]"
-                        "[,late_ms=N][,coins=N][,level][,minutes_per_pulse=M]; repeatable")
+                        "[,late_ms=N][,coins=N][,level][,minutes_per_pulse=M][,active_low];"
+                        " repeatable")
     parser.add_argument("--machine-time-scale", type=float, metavar="K",
                         help="machine timings are divided by K (default 1)")
     parser.add_argument("--stuck-relay", type=int, action="append", metavar="CH",
@@ -684,6 +714,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, metavar="S", help="seed of the fault generator")
     parser.add_argument("--reboot-mid-train", type=int, metavar="N",
                         help="reboot in the middle of the Nth pulse train (after its ACK)")
+    parser.add_argument("--control", metavar="SOCKET",
+                        help="Unix socket taking 'input N high|low|auto' lines (force an "
+                        "input's raw level / give it back to its machines); answers 'ok'")
     args = parser.parse_args(argv)
     try:
         scenario = load_scenario(args.scenario) if args.scenario else {}
@@ -763,7 +796,22 @@ class _Pty:
         self.master = self.slave = -1
 
 
-async def _serve(port: _Pty, board: SimulatedBoard, delay_s: float) -> None:
+def _control_command(board: SimulatedBoard, line: str) -> str:
+    """One ``--control`` line applied to ``board``; the answer line."""
+    words = line.split()
+    levels = {"high": True, "1": True, "low": False, "0": False, "auto": None}
+    if len(words) != 3 or words[0] != "input" or words[2].lower() not in levels:
+        return "error expected: input N high|low|auto"
+    try:
+        board.force_input(int(words[1]), levels[words[2].lower()])
+    except ValueError as exc:
+        return f"error {exc}"
+    return "ok"
+
+
+async def _serve(
+    port: _Pty, board: SimulatedBoard, delay_s: float, control: str | None = None
+) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     timer: asyncio.TimerHandle | None = None
@@ -833,6 +881,22 @@ async def _serve(port: _Pty, board: SimulatedBoard, delay_s: float) -> None:
         loop.add_reader(port.master, on_readable)
         print(f"PLUG {port.path} {board.boot_id:08x}", file=sys.stderr, flush=True)
 
+    async def on_control(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                answer = _control_command(board, line.decode("utf-8", "replace"))
+                writer.write(answer.encode() + b"\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server: asyncio.AbstractServer | None = None
+    if control is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(control)
+        server = await asyncio.start_unix_server(on_control, path=control)
     loop.add_reader(port.master, on_readable)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     loop.add_signal_handler(signal.SIGUSR1, on_unplug)
@@ -842,6 +906,10 @@ async def _serve(port: _Pty, board: SimulatedBoard, delay_s: float) -> None:
     try:
         await stop.wait()
     finally:
+        if server is not None and control is not None:
+            server.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(control)
         if port.plugged:
             loop.remove_reader(port.master)
         if timer is not None:
@@ -878,7 +946,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(f"BOOT {board.boot_id:08x}", file=sys.stderr, flush=True)
     try:
-        asyncio.run(_serve(port, board, args.delay_ms / 1000))
+        asyncio.run(_serve(port, board, args.delay_ms / 1000, args.control))
     finally:
         actuations.close()
         if edges is not None:

@@ -4,7 +4,8 @@
   ``gpio_board.GpioChip``; one owner per line, like the kernel.
 - ``ModbusPtyServer``: pymodbus' own RTU server in a thread of its own, on a real pty
   pair bridged byte for byte, with a datastore that timestamps every coil write.
-- ``SimulatorEdges``: the simulator program's ``--edges`` file.
+- ``SimulatorEdges``: the simulator program's ``--edges`` file, and its ``--control``
+  socket to set input levels.
 
 Each observer offers ``edges(channel) -> [(monotonic, on)]`` (level changes only,
 logical level, starting from off) and ``set_input(n, level)``.
@@ -16,6 +17,7 @@ import asyncio
 import errno
 import json
 import os
+import socket
 import threading
 import time
 import tty
@@ -30,8 +32,6 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 
 
 class Observer(Protocol):
-    can_set_inputs: bool
-
     def edges(self, channel: int) -> list[tuple[float, bool]]: ...
 
     def set_input(self, n: int, level: bool) -> None: ...
@@ -118,8 +118,6 @@ class FakeGpioLines:
 
 
 class GpioObserver:
-    can_set_inputs = True
-
     def __init__(
         self,
         chip: FakeGpioChip,
@@ -254,8 +252,6 @@ class ModbusPtyServer:
 
 
 class ModbusObserver:
-    can_set_inputs = True
-
     def __init__(
         self,
         server: ModbusPtyServer,
@@ -283,12 +279,13 @@ class ModbusObserver:
 
 class SimulatorEdges:
     """Edges the simulator writes to its ``--edges`` file: one JSON line per relay
-    change, ``{"monotonic": t, "channel": c, "state": "on" | "off", ...}``."""
+    change, ``{"monotonic": t, "channel": c, "state": "on" | "off", ...}``; inputs
+    are set through its ``--control`` socket (``input N high|low``, answered ``ok``
+    once applied)."""
 
-    can_set_inputs = False
-
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, control: Path | None = None) -> None:
         self.path = path
+        self.control = control
 
     def edges(self, channel: int) -> list[tuple[float, bool]]:
         if not self.path.exists():
@@ -304,4 +301,12 @@ class SimulatorEdges:
         return transitions(writes)
 
     def set_input(self, n: int, level: bool) -> None:
-        raise NotImplementedError("the simulator's inputs are driven by its machines")
+        if self.control is None:
+            raise RuntimeError("start the simulator with --control to set its inputs")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(str(self.control))
+            sock.sendall(f"input {n} {'high' if level else 'low'}\n".encode())
+            answer = sock.makefile("r", encoding="utf-8").readline().strip()
+        if answer != "ok":
+            raise RuntimeError(f"simulator control answered {answer!r}")

@@ -78,9 +78,11 @@ def rig(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Rig]:
 
         start = request.getfixturevalue("start_simulator")
         edges_file = tmp_path / "edges.jsonl"
+        control = tmp_path / "control.sock"
         sim = start("--channels", str(CHANNELS), "--time-scale", "1",
-                    "--edges", str(edges_file))
-        yield Rig("serial", lambda: SerialBoard(sim.path), SimulatorEdges(edges_file), False)
+                    "--edges", str(edges_file), "--control", str(control))
+        yield Rig("serial", lambda: SerialBoard(sim.path),
+                  SimulatorEdges(edges_file, control), False)
     elif request.param == "modbus":
         server = ModbusPtyServer().start()
         try:
@@ -250,9 +252,6 @@ def test_busy_channel_is_refused_and_not_recorded(rig: Rig) -> None:
 
 
 def test_read_inputs_reflects_the_input_lines(rig: Rig) -> None:
-    if not rig.observer.can_set_inputs:
-        pytest.skip(f"{rig.name}: inputs are driven by the simulated machines")
-
     async def scenario(driver: Any) -> None:
         boot_id = (await driver.ping()).boot_id
         assert (await driver.read_inputs()).inputs == 0

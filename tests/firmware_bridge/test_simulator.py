@@ -309,3 +309,37 @@ def test_faults_are_reproducible_with_a_seed() -> None:
     good = [encode(Pong(1, FW_MAJOR, FW_MINOR, 8), seq) for seq in range(50)]
     assert sum(r == b"" for r in first) > 5  # dropped
     assert sum(r not in (b"", g) for r, g in zip(first, good, strict=True)) > 5  # corrupted
+
+
+def test_active_low_machine_input_is_high_when_idle_and_low_while_running() -> None:
+    spec = MachineSpec.parse("channel=1,input=3,start_ms=300,run_ms=2000,active_low")
+    assert spec.active_low
+    assert MachineSpec.from_dict({"channel": 1, "input": 3, "active_low": True}).active_low
+    h = Clocked(
+        machines=[spec, MachineSpec.parse("channel=2,input=1,start_ms=300,run_ms=2000")],
+    )
+    assert h.inputs(0.0).inputs == 0b100  # idle: the active-low line rests high
+    h.request(Release(1, 1, 1, 100, 100), now=10.0)
+    assert h.inputs(10.29).inputs == 0b100
+    assert h.inputs(10.3).inputs == 0  # running: pulled low
+    assert h.inputs(12.29).inputs == 0
+    assert h.inputs(12.3).inputs == 0b100  # idle again
+    h.request(Release(2, 2, 1, 100, 100), now=20.0)  # the active-high one beside it
+    assert h.inputs(20.3).inputs == 0b101
+
+
+def test_forced_input_overrides_machines_until_handed_back() -> None:
+    h = Clocked(machines=[MachineSpec.parse("channel=1,input=2,start_ms=0,run_ms=1000")])
+    h.board.force_input(1, True)
+    h.board.force_input(3, True)
+    assert h.inputs(0.0).inputs == 0b101
+    h.request(Release(1, 1, 1, 100, 100), now=1.0)
+    h.board.force_input(2, False)  # the machine runs, but the wire reads low
+    assert h.inputs(1.0).inputs == 0b101
+    h.board.force_input(2, None)
+    assert h.inputs(1.0).inputs == 0b111
+    h.board.reboot(1.5)  # the wire, not the board: survives a reset
+    h.board.force_input(1, None)
+    assert h.inputs(3.0).inputs == 0b100
+    with pytest.raises(ValueError):
+        h.board.force_input(65, True)

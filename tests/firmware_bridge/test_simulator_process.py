@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import time
+import tomllib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -16,6 +18,7 @@ import pytest
 from firmware_bridge.driver import InputState, LevelHold, PulseTrain
 from firmware_bridge.exceptions import BoardNoReply, BoardUnavailable
 from firmware_bridge.serial_board import SerialBoard
+from firmware_bridge.simulator import MachineSpec, load_scenario
 
 from .conftest import SimulatorProcess
 
@@ -286,3 +289,89 @@ def test_second_owner_of_a_port_is_refused(start_simulator: Start) -> None:
         await second.close()
 
     asyncio.run(scenario())
+
+
+def test_active_low_machine_over_the_pty(start_simulator: Start) -> None:
+    sim = start_simulator(
+        "--machine", "channel=4,input=4,start_ms=0,run_ms=3000,active_low",
+        "--machine-time-scale", "10",
+    )
+
+    async def scenario(board: SerialBoard) -> None:
+        assert (await board.read_inputs()).inputs == 0b1000  # idle: high
+        released = time.monotonic()
+        await board.release(1, 4, TRAIN)
+        fell = await _wait_inputs(board, lambda s: s.inputs == 0)  # running: low
+        rose = await _wait_inputs(board, lambda s: s.inputs == 0b1000)
+        assert fell - released <= 0.2
+        assert 0.2 <= rose - fell <= 0.45  # 3 s / 10
+
+    run(scenario, sim.path)
+
+
+def _control(path: Path, *lines: str) -> list[str]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(str(path))
+        reader = sock.makefile("r", encoding="utf-8")
+        answers = []
+        for line in lines:
+            sock.sendall(line.encode() + b"\n")
+            answers.append(reader.readline().strip())
+        return answers
+
+
+def test_control_socket_forces_inputs(tmp_path: Path, start_simulator: Start) -> None:
+    control = tmp_path / "ctl.sock"
+    sim = start_simulator("--control", str(control),
+                          "--machine", "channel=1,input=2,start_ms=0,run_ms=60000")
+
+    async def scenario(board: SerialBoard) -> None:
+        assert (await board.read_inputs()).inputs == 0  # answered: the socket listens
+        assert _control(control, "input 1 high", "input 3 high") == ["ok", "ok"]
+        assert (await board.read_inputs()).inputs == 0b101
+        await board.release(1, 1, TRAIN)
+        await _wait_inputs(board, lambda s: s.inputs == 0b111)
+        assert _control(control, "input 2 low", "input 9 sideways", "input 65 high",
+                        "input 1 auto") == ["ok", "error expected: input N high|low|auto",
+                                            "error input must be 1..64", "ok"]
+        assert (await board.read_inputs()).inputs == 0b100
+        assert _control(control, "input 2 auto") == ["ok"]
+        assert (await board.read_inputs()).inputs == 0b110
+
+    run(scenario, sim.path)
+    sim.stop()
+    assert not control.exists()  # removed on exit
+
+
+STORE_SCENARIO = Path(__file__).resolve().parents[2] / "scenarios" / "store-4x4.json"
+
+
+def test_store_4x4_scenario_matches_the_example_store_and_serves(start_simulator: Start) -> None:
+    # The scenario wires the machines of config.example.toml the same way.
+    config = tomllib.loads((STORE_SCENARIO.parents[1] / "config.example.toml").read_text())
+    specs = {m.channel: m for m in (MachineSpec.from_dict(item) for item in
+                                    load_scenario(str(STORE_SCENARIO))["machines"])}
+    for machine in config["machines"]:
+        spec = specs[machine["channel"]]
+        busy = machine["busy_input"]
+        assert spec.input == busy["input"], machine["id"]
+        assert spec.active_low == (busy.get("active", "high") == "low"), machine["id"]
+        programs = list(machine["cycles"].values())
+        assert spec.level == any(p.get("type") == "level" for p in programs), machine["id"]
+        if machine["kind"] == "dryer":
+            assert spec.minutes_per_pulse == programs[0]["minutes_per_pulse"]
+            assert spec.run_ms == programs[0]["minutes_per_pulse"] * 60_000  # one pulse
+
+    sim = start_simulator("--scenario", str(STORE_SCENARIO))  # asserts the PTY line
+
+    async def scenario(board: SerialBoard) -> None:
+        pong = await board.ping()  # through 5 % loss and corruption: retried
+        assert pong.channels == 8
+        assert (await board.read_inputs()).inputs == 0b1000  # W4 idles high
+        released = time.monotonic()
+        await board.release(1, 1, TRAIN)  # W1: 6 machine minutes = 0.3 s to start
+        rose = await _wait_inputs(board, lambda s: s.inputs & 1 != 0)
+        assert 0.25 <= rose - released <= 1.5
+
+    run(scenario, sim.path, ack_timeout=0.1, max_retries=8)
