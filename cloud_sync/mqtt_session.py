@@ -4,7 +4,8 @@ Topics, with ``P = {topic_prefix}/gateways/{gateway_id}`` (docs/mqtt-contract.md
 
 - ``P/commands/execute``  in, QoS 1, persistent session (clean_session=False), so
   commands published while the gateway is offline arrive when it returns.
-- ``P/<item.topic>``      out, QoS 1, from the outbox, in order.
+- ``P/<topic>``           out, QoS 1: :meth:`MqttSession.publish_many` (the outbox
+  dispatcher, cloud_sync/dispatcher.py) and :meth:`MqttSession.publish_best_effort`.
 - ``P/presence``          retained ``online`` after each connect; the last will
   publishes ``offline`` retained when the link dies uncleanly.
 
@@ -29,15 +30,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiomqtt
 import paho.mqtt.client as paho
 
 __all__ = [
     "CommandSink",
-    "OutboxItem",
-    "OutboxSource",
+    "MqttLinkDown",
     "MqttSettings",
     "MqttSession",
 ]
@@ -46,9 +46,10 @@ log = logging.getLogger(__name__)
 
 #: A connection that lasted this long resets the reconnect backoff.
 STABLE_CONNECTION_S = 30.0
-#: Outbox round size and idle poll period.
-OUTBOX_BATCH = 100
-OUTBOX_IDLE_POLL_S = 1.0
+#: How long a QoS 1 publish of :meth:`MqttSession.publish_many` waits for its PUBACK.
+PUBLISH_TIMEOUT_S = 10.0
+#: aiomqtt warns above this many calls awaiting the broker (its default is 10).
+PENDING_CALLS_WARNING = 10_000
 #: How long a clean stop waits for the broker to take the "offline" presence.
 OFFLINE_PUBLISH_TIMEOUT_S = 2.0
 
@@ -62,17 +63,22 @@ class CommandSink(Protocol):
         ...
 
 
+class MqttLinkDown(Exception):
+    """A publish could not complete because the link is (or went) down."""
+
+
+# Deprecated: the session no longer reads an outbox (the dispatcher does, through
+# cloud_sync.outbox.OutboxStore). Kept only until gateway/journal.py stops importing
+# them; do not use in new code.
 @dataclass(frozen=True)
 class OutboxItem:
     id: int
-    topic: str  # suffix under the gateway's prefix, e.g. "results"
+    topic: str
     payload: bytes
 
 
 class OutboxSource(Protocol):
-    def pending(self, limit: int) -> Sequence[OutboxItem]:
-        """Items pending or failed, oldest first."""
-        ...
+    def pending(self, limit: int) -> Sequence[OutboxItem]: ...
 
     def mark_sent(self, item_id: int) -> None: ...
 
@@ -94,6 +100,7 @@ class MqttSettings:
     tls_key_file: str | None = None
     reconnect_min_s: float = 1.0
     reconnect_max_s: float = 60.0
+    max_inflight: int = 100  # QoS 1 messages awaiting PUBACK (mosquitto's default cap)
 
     def __post_init__(self) -> None:
         if not self.gateway_id or any(c in self.gateway_id for c in "/+#"):
@@ -128,17 +135,22 @@ class MqttSession:
         self,
         settings: MqttSettings,
         sink: CommandSink,
-        outbox: OutboxSource,
+        outbox: object | None = None,
         *,
         on_link_change: Callable[[bool], None] | None = None,
+        publish_timeout_s: float = PUBLISH_TIMEOUT_S,
     ) -> None:
+        # ``outbox`` is ignored (kept so existing callers still construct a session):
+        # the outbox dispatcher publishes through publish_many().
+        del outbox
         self._settings = settings
         self._sink = sink
-        self._outbox = outbox
         self._on_link_change = on_link_change
+        self._publish_timeout_s = publish_timeout_s
         self._client: aiomqtt.Client | None = None
         self._connected = False
-        self._outbox_wakeup = asyncio.Event()
+        self._link_down = asyncio.Event()
+        self._link_down.set()
         base = settings.base_topic
         self.command_topic = f"{base}/commands/execute"
         self.presence_topic = f"{base}/presence"
@@ -148,8 +160,56 @@ class MqttSession:
         return self._connected
 
     def outbox_changed(self) -> None:
-        """Wake the outbox publisher (call from the event loop's thread)."""
-        self._outbox_wakeup.set()
+        """Deprecated no-op: wake the dispatcher with OutboxDispatcher.notify()."""
+
+    async def publish_many(self, items: Sequence[tuple[str, bytes]]) -> list[BaseException | None]:
+        """QoS 1 publish of each ``(topic suffix, payload)`` under ``P/``, pipelined.
+
+        All PUBLISHes are issued first, in order, then the PUBACKs are awaited
+        together; per item the result is ``None`` (PUBACK received) or the error:
+        :class:`MqttLinkDown` when the link is or went down before its PUBACK."""
+        client = self._client
+        if client is None or not self._connected:
+            return [MqttLinkDown("not connected") for _ in items]
+        base = self._settings.base_topic
+        tasks: list[asyncio.Task[None]] = []
+        down = asyncio.create_task(self._link_down.wait())
+        try:
+            for topic, payload in items:
+                tasks.append(
+                    asyncio.create_task(
+                        client.publish(
+                            f"{base}/{topic}", payload, qos=1, timeout=self._publish_timeout_s
+                        )
+                    )
+                )
+                # Let that task run up to paho's publish(), which writes (or queues) the
+                # PUBLISH synchronously: the wire order is the order of ``items``.
+                await asyncio.sleep(0)
+            # aiomqtt does not fail pending publishes when the link drops (they would
+            # wait out their timeout): stop waiting as soon as the session sees it.
+            pending: set[asyncio.Future[Any]] = {t for t in tasks if not t.done()}
+            while pending and not down.done():
+                _, pending = await asyncio.wait(
+                    {*pending, down}, return_when=asyncio.FIRST_COMPLETED
+                )
+                pending.discard(down)
+        finally:
+            down.cancel()
+            for task in tasks:
+                task.cancel()  # no-op for the finished ones
+            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        results: list[BaseException | None] = []
+        for outcome in outcomes:
+            if isinstance(outcome, asyncio.CancelledError) or (
+                isinstance(outcome, aiomqtt.MqttError) and not self._connected
+            ):
+                results.append(MqttLinkDown("link lost before PUBACK"))
+            elif isinstance(outcome, BaseException):
+                results.append(outcome)
+            else:
+                results.append(None)
+        return results
 
     def publish_best_effort(self, topic: str, payload: bytes) -> None:
         """QoS 1 publish of ``P/<topic>`` if connected, silently dropped otherwise.
@@ -216,6 +276,9 @@ class MqttSession:
             clean_session=False,
             keepalive=s.keepalive,
             tls_params=tls,
+            # paho's default window is 20 unacked QoS 1 messages; publish_many's
+            # pipeline needs a wider one (brokers cap it with their receive maximum).
+            max_inflight_messages=s.max_inflight,
             will=aiomqtt.Will(
                 self.presence_topic, _presence("offline", s.gateway_id), qos=1, retain=True
             ),
@@ -223,6 +286,9 @@ class MqttSession:
         # Before CONNACK: a persistent session's queued commands flow right after it,
         # and paho would PUBACK each one as soon as on_message returned.
         self._paho(client).manual_ack_set(True)
+        # publish_many pipelines a whole outbox batch: aiomqtt would log a warning for
+        # every publish beyond its default of 10 pending calls.
+        client.pending_calls_threshold = PENDING_CALLS_WARNING
         return client
 
     @staticmethod
@@ -245,9 +311,7 @@ class MqttSession:
                 await client.subscribe(self.command_topic, qos=1)
                 # "Up" means serving: subscribed, so a command published now is ours.
                 self._set_link(True)
-                async with asyncio.TaskGroup() as tg:
-                    tg.create_task(self._serve_commands(client), name="mqtt-commands")
-                    tg.create_task(self._publish_outbox(client), name="mqtt-outbox")
+                await self._serve_commands(client)
             except asyncio.CancelledError:
                 # Clean stop: a DISCONNECT suppresses the will, so say "offline" ourselves.
                 with contextlib.suppress(aiomqtt.MqttError):
@@ -281,29 +345,14 @@ class MqttSession:
                 # now, with handle_command returned, does the broker forget the command.
                 self._paho(client).ack(message.mid, message.qos)
 
-    async def _publish_outbox(self, client: aiomqtt.Client) -> None:
-        base = self._settings.base_topic
-        while True:
-            self._outbox_wakeup.clear()
-            items = self._outbox.pending(OUTBOX_BATCH)
-            for item in items:
-                try:
-                    # QoS 1: aiomqtt returns once the broker's PUBACK arrived.
-                    await client.publish(f"{base}/{item.topic}", item.payload, qos=1)
-                except aiomqtt.MqttError as exc:
-                    self._outbox.mark_failed(item.id, str(exc) or type(exc).__name__)
-                    break  # keep order: nothing after a failed item this round
-                self._outbox.mark_sent(item.id)
-            else:
-                if items:
-                    continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._outbox_wakeup.wait(), OUTBOX_IDLE_POLL_S)
-
     def _set_link(self, up: bool) -> None:
         if up == self._connected:
             return
         self._connected = up
+        if up:
+            self._link_down.clear()
+        else:
+            self._link_down.set()
         if self._on_link_change is not None:
             try:
                 self._on_link_change(up)

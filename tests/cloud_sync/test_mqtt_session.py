@@ -1,6 +1,6 @@
 """Promises 3 and 5 over a real mosquitto: a command's PUBACK never precedes its durable
 handling, a persistent session keeps commands for an offline gateway, presence and the
-last will tell the truth, and the outbox is delivered in order once the link is back."""
+last will tell the truth. (Outbox delivery over the session: test_dispatcher.py.)"""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import aiomqtt
 import pytest
 
-from cloud_sync.mqtt_session import MqttSession, MqttSettings, OutboxItem
+from cloud_sync.mqtt_session import MqttSession, MqttSettings
 from gateway.localbroker import LocalBroker
 
 T = TypeVar("T")
@@ -49,35 +49,6 @@ class RecordingSink:
         if self.block:
             await asyncio.Event().wait()
         self.durable.append(payload)
-
-
-class MemoryOutbox:
-    def __init__(self) -> None:
-        self.items: dict[int, OutboxItem] = {}
-        self.state: dict[int, str] = {}
-        self.errors: dict[int, str] = {}
-        self.sent_order: list[int] = []
-        self.on_sent: Callable[[int], None] | None = None
-
-    def add(self, topic: str, payload: bytes) -> int:
-        item_id = len(self.items) + 1
-        self.items[item_id] = OutboxItem(item_id, topic, payload)
-        self.state[item_id] = "pending"
-        return item_id
-
-    def pending(self, limit: int) -> Sequence[OutboxItem]:
-        ids = sorted(i for i, s in self.state.items() if s in ("pending", "failed"))
-        return [self.items[i] for i in ids[:limit]]
-
-    def mark_sent(self, item_id: int) -> None:
-        self.state[item_id] = "sent"
-        self.sent_order.append(item_id)
-        if self.on_sent:
-            self.on_sent(item_id)
-
-    def mark_failed(self, item_id: int, error: str) -> None:
-        self.state[item_id] = "failed"
-        self.errors[item_id] = error
 
 
 def settings_for(broker: LocalBroker, gateway_id: str) -> MqttSettings:
@@ -130,9 +101,9 @@ async def retained(broker: LocalBroker, topic: str) -> dict[str, Any]:
 
 
 async def connected_session(
-    broker: LocalBroker, gateway_id: str, sink: RecordingSink, outbox: MemoryOutbox | None = None
+    broker: LocalBroker, gateway_id: str, sink: RecordingSink
 ) -> MqttSession:
-    return MqttSession(settings_for(broker, gateway_id), sink, outbox or MemoryOutbox())
+    return MqttSession(settings_for(broker, gateway_id), sink)
 
 
 def test_command_reaches_the_sink_once_and_is_acked_after_handling(mqtt_broker: LocalBroker):
@@ -142,7 +113,6 @@ def test_command_reaches_the_sink_once_and_is_acked_after_handling(mqtt_broker: 
         session = MqttSession(
             settings_for(mqtt_broker, new_gateway_id()),
             sink,
-            MemoryOutbox(),
             on_link_change=links.append,
         )
         async with running(session):
@@ -168,7 +138,6 @@ def test_sink_failure_means_no_puback_and_broker_redelivers(mqtt_broker: LocalBr
         session = MqttSession(
             settings_for(mqtt_broker, new_gateway_id()),
             sink,
-            MemoryOutbox(),
             on_link_change=links.append,
         )
         async with running(session):
@@ -249,17 +218,12 @@ class BlockingSink:
         print("RECEIVED", flush=True)
         await asyncio.Event().wait()   # the journal commit never happens
 
-class NoOutbox:
-    def pending(self, limit): return []
-    def mark_sent(self, item_id): pass
-    def mark_failed(self, item_id, error): pass
-
 def on_link(up):
     print("UP" if up else "DOWN", flush=True)
 
 settings = MqttSettings(host=sys.argv[1], port=int(sys.argv[2]), gateway_id=sys.argv[3],
                         keepalive=5, reconnect_min_s=0.05, reconnect_max_s=0.3)
-asyncio.run(MqttSession(settings, BlockingSink(), NoOutbox(), on_link_change=on_link).run())
+asyncio.run(MqttSession(settings, BlockingSink(), on_link_change=on_link).run())
 """
 
 
@@ -281,9 +245,7 @@ def test_killed_gateway_gets_last_will_offline_and_its_unacked_command_back(
         try:
             assert proc.stdout is not None
             assert await asyncio.wait_for(proc.stdout.readline(), 10) == b"UP\n"
-            probe = MqttSession(
-                settings_for(mqtt_broker, gateway_id), RecordingSink(), MemoryOutbox()
-            )
+            probe = MqttSession(settings_for(mqtt_broker, gateway_id), RecordingSink())
             await publish_command(mqtt_broker, probe.command_topic, b"token-K")
             assert await asyncio.wait_for(proc.stdout.readline(), 10) == b"RECEIVED\n"
             online = await retained(mqtt_broker, probe.presence_topic)
@@ -303,120 +265,8 @@ def test_killed_gateway_gets_last_will_offline_and_its_unacked_command_back(
                 await asyncio.sleep(0.05)
 
         sink = RecordingSink()
-        async with running(
-            MqttSession(settings_for(mqtt_broker, gateway_id), sink, MemoryOutbox())
-        ):
+        async with running(MqttSession(settings_for(mqtt_broker, gateway_id), sink)):
             assert await asyncio.wait_for(sink.arrived.get(), 5) == b"token-K"
-
-    run(scenario())
-
-
-@pytest.mark.broker_semantics
-def test_outbox_items_are_published_in_order_and_marked_sent(mqtt_broker: LocalBroker):
-    async def scenario() -> None:
-        outbox = MemoryOutbox()
-        for n in range(5):
-            outbox.add("results", f"result-{n}".encode())
-        outbox.add("events", b"event-5")
-        session = MqttSession(settings_for(mqtt_broker, new_gateway_id()), RecordingSink(), outbox)
-        base = session.command_topic.rsplit("/commands/", 1)[0]
-        seen: list[tuple[str, bytes]] = []
-        async with aiomqtt.Client(mqtt_broker.host, mqtt_broker.port) as cloud:
-            await cloud.subscribe(f"{base}/results", qos=1)
-            await cloud.subscribe(f"{base}/events", qos=1)
-            async with running(session):
-
-                async def collect(count: int) -> None:
-                    async for message in cloud.messages:
-                        assert isinstance(message.payload, bytes)
-                        seen.append((str(message.topic), message.payload))
-                        if len(seen) == count:
-                            return
-
-                await asyncio.wait_for(collect(6), 5)
-                # A later item is woken by outbox_changed(), not by a reconnect.
-                outbox.add("results", b"result-6")
-                session.outbox_changed()
-                await asyncio.wait_for(collect(7), 0.8)
-        assert [p for _, p in seen] == [f"result-{n}".encode() for n in range(5)] + [
-            b"event-5",
-            b"result-6",
-        ]
-        assert seen[5][0] == f"{base}/events"
-        assert outbox.sent_order == [1, 2, 3, 4, 5, 6, 7]
-
-    run(scenario())
-
-
-def test_outbox_item_is_not_marked_sent_before_the_broker_puback(fresh_broker: LocalBroker):
-    async def scenario() -> None:
-        outbox = MemoryOutbox()
-        session = MqttSession(settings_for(fresh_broker, new_gateway_id()), RecordingSink(), outbox)
-        async with running(session):
-            await wait_until(lambda: session.connected)
-            proc = fresh_broker._proc  # noqa: SLF001 - freeze the real broker process
-            assert proc is not None
-            os.kill(proc.pid, signal.SIGSTOP)
-            try:
-                outbox.add("results", b"r-1")
-                session.outbox_changed()
-                await asyncio.sleep(0.5)  # the PUBLISH is on the wire, no PUBACK yet
-                assert outbox.state[1] == "pending"
-            finally:
-                os.kill(proc.pid, signal.SIGCONT)
-            await wait_until(lambda: outbox.state[1] == "sent", 5)
-
-    run(scenario())
-
-
-@pytest.mark.broker_semantics
-def test_outbox_waits_while_broker_is_down_and_delivers_in_order_after(
-    fresh_broker: LocalBroker,
-):
-    async def scenario() -> None:
-        outbox = MemoryOutbox()
-        links: list[bool] = []
-        session = MqttSession(
-            settings_for(fresh_broker, new_gateway_id()),
-            RecordingSink(),
-            outbox,
-            on_link_change=links.append,
-        )
-        base = session.command_topic.rsplit("/commands/", 1)[0]
-        observer_id = f"cloud-{uuid.uuid4().hex[:8]}"
-
-        def cloud() -> aiomqtt.Client:
-            return aiomqtt.Client(
-                fresh_broker.host, fresh_broker.port, identifier=observer_id, clean_session=False
-            )
-
-        async with cloud() as c:
-            await c.subscribe(f"{base}/results", qos=1)
-
-        async with running(session):
-            await wait_until(lambda: session.connected)
-            fresh_broker.stop()
-            await wait_until(lambda: not session.connected)
-            for n in range(20):
-                outbox.add("results", f"r-{n}".encode())
-            session.outbox_changed()
-            await asyncio.sleep(0.5)
-            assert outbox.sent_order == []
-            assert set(outbox.state.values()) <= {"pending", "failed"}
-            fresh_broker.start()
-            await wait_until(lambda: len(outbox.sent_order) == 20, 10)
-
-        assert outbox.sent_order == list(range(1, 21))
-        assert links[:3] == [True, False, True]
-        received: list[bytes] = []
-        async with cloud() as c:
-            async with asyncio.timeout(5):
-                async for message in c.messages:
-                    assert isinstance(message.payload, bytes)
-                    received.append(message.payload)
-                    if len(received) == 20:
-                        break
-        assert received == [f"r-{n}".encode() for n in range(20)]
 
     run(scenario())
 
@@ -431,7 +281,6 @@ def test_reconnect_backoff_is_jittered_within_bounds() -> None:
                 reconnect_max_s=60.0,
             ),
             RecordingSink(),
-            MemoryOutbox(),
         )
         first = {session._backoff(0) for _ in range(50)}  # noqa: SLF001
         assert first == {1.0}
@@ -454,9 +303,7 @@ def test_best_effort_publish_goes_out_when_connected_and_is_dropped_when_not(
     mqtt_broker: LocalBroker,
 ) -> None:
     async def scenario() -> None:
-        session = MqttSession(
-            settings_for(mqtt_broker, new_gateway_id()), RecordingSink(), MemoryOutbox()
-        )
+        session = MqttSession(settings_for(mqtt_broker, new_gateway_id()), RecordingSink())
         session.publish_best_effort("results", b"dropped")  # not connected: no error
         base = session.command_topic.rsplit("/commands/", 1)[0]
         async with aiomqtt.Client(mqtt_broker.host, mqtt_broker.port) as cloud:

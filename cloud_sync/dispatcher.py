@@ -1,0 +1,326 @@
+"""The outbox dispatcher: store and forward over MQTT first, HTTPS second (issue 4).
+
+One round (:meth:`OutboxDispatcher.run_once`):
+
+1. ``requeue_stale``: items left in ``sending`` longer than ``sending_timeout_s`` (a
+   dispatcher killed mid-send) go back to ``failed`` with ``sending_timeout`` (payments
+   runbook, section 6).
+2. Pick a channel *before* claiming, so nothing is claimed (and no attempt is spent)
+   while every channel is down: HTTPS when the backlog is at least
+   ``https_bulk_threshold`` (pending + failed) and its breaker allows; else MQTT when
+   connected and its breaker allows; else HTTPS when its breaker allows; else nothing.
+3. Claim up to ``batch_size`` items (per-stream order is the store's job) and send:
+
+   - MQTT: every item is published QoS 1, pipelined: all PUBLISHes are issued in id
+     order, then all PUBACKs awaited. An acked item is ``sent``. A failed one is
+     released (not an attempt) when the link went down, else ``failed``. An item
+     acked after an older one of its stream failed was still received after it: one
+     TCP connection, and MQTT keeps the order of QoS 1 messages of one client.
+   - HTTPS: one ``post_events`` request for the batch (all or nothing, in order).
+
+   An item of the ``compensation`` topic is ``sent`` only when its event went out on
+   the chosen channel *and* ``post_compensation`` succeeded (when an HTTPS client is
+   configured): the payments team acts on that endpoint, so a failed alert re-sends
+   the event too (the cloud de-duplicates by ``event_id``).
+4. Outcomes: :class:`~cloud_sync.https_client.CloudUnreachable` or an MQTT link loss
+   -> ``release`` (no attempt); other retryable errors -> ``mark_failed`` with
+   ``next_attempt_at = now + full-jitter backoff(attempts)``; a
+   :class:`~cloud_sync.https_client.CloudRejected` -> ``dead`` (DLQ) with its reason.
+   Each remote endpoint's breaker records the call's outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from cloud_sync.breaker import CircuitBreaker
+from cloud_sync.https_client import (
+    CloudError,
+    CloudHttpClient,
+    CloudRejected,
+    CloudUnreachable,
+)
+from cloud_sync.mqtt_session import MqttLinkDown
+from cloud_sync.outbox import OutboxItem, OutboxStore
+
+__all__ = [
+    "BREAKER_COMPENSATION",
+    "BREAKER_EVENTS",
+    "BREAKER_MQTT",
+    "COMPENSATION_TOPIC",
+    "MqttPublisher",
+    "OutboxDispatcher",
+    "full_jitter_backoff",
+]
+
+log = logging.getLogger(__name__)
+
+#: Breaker names (keys of ``breakers``), one per remote endpoint.
+BREAKER_MQTT = "mqtt"
+BREAKER_EVENTS = "https_events"
+BREAKER_COMPENSATION = "https_compensation"
+COMPENSATION_TOPIC = "compensation"
+#: How long :meth:`OutboxDispatcher.run` sleeps when idle unless :meth:`notify` wakes it.
+IDLE_POLL_S = 1.0
+MAX_ERROR_CHARS = 200
+
+
+class MqttPublisher(Protocol):
+    @property
+    def connected(self) -> bool: ...
+
+    async def publish_many(self, items: Sequence[tuple[str, bytes]]) -> list[BaseException | None]:
+        """QoS 1 publish of each ``(topic, payload)`` in order, pipelined; per item
+        ``None`` once its PUBACK arrived, else the error."""
+        ...
+
+
+def full_jitter_backoff(attempts: int, base_s: float, max_s: float) -> float:
+    """AWS "Exponential Backoff And Jitter", full jitter: uniform(0, min(max, base*2^n))."""
+    cap = min(max_s, base_s * (2 ** min(max(attempts - 1, 0), 32)))
+    return random.uniform(0.0, cap)
+
+
+def _error_text(exc: BaseException) -> str:
+    text = str(exc)
+    return (f"{type(exc).__name__}: {text}" if text else type(exc).__name__)[:MAX_ERROR_CHARS]
+
+
+class OutboxDispatcher:
+    def __init__(
+        self,
+        store: OutboxStore,
+        *,
+        mqtt: MqttPublisher | None,
+        https: CloudHttpClient | None,
+        breakers: dict[str, CircuitBreaker],
+        clock: Callable[[], float] = time.time,
+        max_attempts: int = 10,
+        sending_timeout_s: float = 300.0,
+        batch_size: int = 500,
+        backoff_base_s: float = 1.0,
+        backoff_max_s: float = 300.0,
+        https_bulk_threshold: int | None = 1000,
+        idle_poll_s: float = IDLE_POLL_S,
+    ) -> None:
+        if max_attempts < 1 or batch_size < 1:
+            raise ValueError("need max_attempts >= 1 and batch_size >= 1")
+        self._store = store
+        self._mqtt = mqtt
+        self._https = https
+        self._breakers = breakers
+        self._clock = clock
+        self.max_attempts = max_attempts
+        self.sending_timeout_s = sending_timeout_s
+        self.batch_size = batch_size
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self.https_bulk_threshold = https_bulk_threshold
+        self.idle_poll_s = idle_poll_s
+        self._wakeup = asyncio.Event()
+
+    def notify(self) -> None:
+        """Something was added to the outbox (call from the event loop's thread)."""
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        """Dispatch forever. Cancel the task to stop: items caught in ``sending`` come
+        back through ``requeue_stale`` after ``sending_timeout_s``."""
+        while True:
+            self._wakeup.clear()
+            try:
+                handled = await self.run_once()
+            except Exception:
+                # A store error (disk full, locked database) must not end the dispatcher.
+                log.exception("outbox dispatch round failed")
+                handled = 0
+            if handled:
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), self.idle_poll_s)
+
+    async def run_once(self) -> int:
+        """One round; returns how many items were claimed (0: nothing to do or no channel)."""
+        now = self._clock()
+        requeued = self._store.requeue_stale(self.sending_timeout_s, now)
+        if requeued:
+            log.warning("outbox: %d item(s) stuck in sending requeued (sending_timeout)", requeued)
+        channel = self._pick_channel()
+        if channel is None:
+            return 0
+        items = self._store.claim(self.batch_size, now)
+        if not items:
+            # The breaker's allow() may have handed us a probe slot: give it back.
+            self._breaker(BREAKER_MQTT if channel == "mqtt" else BREAKER_EVENTS).cancel()
+            return 0
+        if channel == "mqtt":
+            delivered = await self._send_mqtt(items)
+        else:
+            delivered = await self._send_https(items)
+        if delivered:
+            await self._finish(delivered, channel)
+        return len(items)
+
+    # -- channels -------------------------------------------------------------------
+
+    def _pick_channel(self) -> str | None:
+        mqtt_up = self._mqtt is not None and self._mqtt.connected
+        if self._https is not None and self.https_bulk_threshold is not None:
+            depth = self._store.depth()
+            backlog = depth.get("pending", 0) + depth.get("failed", 0)
+            if backlog >= self.https_bulk_threshold and self._breaker(BREAKER_EVENTS).allow():
+                return "https"
+        if mqtt_up and self._breaker(BREAKER_MQTT).allow():
+            return "mqtt"
+        if self._https is not None and self._breaker(BREAKER_EVENTS).allow():
+            return "https"
+        return None
+
+    async def _send_mqtt(self, items: Sequence[OutboxItem]) -> list[OutboxItem]:
+        assert self._mqtt is not None
+        breaker = self._breaker(BREAKER_MQTT)
+        results = await self._mqtt.publish_many([(item.topic, item.payload) for item in items])
+        delivered: list[OutboxItem] = []
+        link_down: list[int] = []
+        any_failed = False
+        for item, error in zip(items, results, strict=True):
+            if error is None:
+                delivered.append(item)
+            elif isinstance(error, MqttLinkDown) or not self._mqtt.connected:
+                link_down.append(item.id)
+            else:
+                any_failed = True
+                self._fail(item, error, "mqtt")
+        if link_down:
+            now = self._clock()
+            self._store.release(
+                link_down, error="mqtt_link_down", channel="mqtt", now=now, next_attempt_at=now
+            )
+        if delivered:
+            breaker.record_success()
+        elif any_failed:
+            breaker.record_failure()
+        else:
+            breaker.cancel()  # the link went down: the session's reconnect loop's business
+        return delivered
+
+    async def _send_https(self, items: Sequence[OutboxItem]) -> list[OutboxItem]:
+        assert self._https is not None
+        breaker = self._breaker(BREAKER_EVENTS)
+        sendable: list[OutboxItem] = []
+        for item in items:
+            if _is_json_object(item.payload):
+                sendable.append(item)
+            else:
+                self._fail(item, CloudRejected(0, "malformed_payload"), "https")
+        if not sendable:
+            breaker.cancel()  # nothing was called
+            return []
+        try:
+            await self._https.post_events(sendable)
+        except CloudError as exc:
+            self._fail_all(sendable, exc, "https")
+            if isinstance(exc, CloudRejected):
+                breaker.record_success()  # the endpoint works; the request was bad
+            else:
+                breaker.record_failure()
+            return []
+        breaker.record_success()
+        return sendable
+
+    async def _finish(self, delivered: Sequence[OutboxItem], channel: str) -> None:
+        """Compensation alerts for the delivered items, then ``mark_sent``."""
+        done: list[int] = []
+        for item in delivered:
+            if item.topic != COMPENSATION_TOPIC or self._https is None:
+                done.append(item.id)
+                continue
+            # Keep order: everything acked before this item is marked first.
+            if done:
+                self._store.mark_sent(done, channel=channel, now=self._clock())
+                done = []
+            breaker = self._breaker(BREAKER_COMPENSATION)
+            if not breaker.allow():
+                now = self._clock()
+                self._store.release(
+                    [item.id],
+                    error="breaker_open:" + BREAKER_COMPENSATION,
+                    channel="https",
+                    now=now,
+                    next_attempt_at=now,
+                )
+                continue
+            try:
+                await self._https.post_compensation(item)
+            except CloudError as exc:
+                self._fail(item, exc, "https")
+                if isinstance(exc, CloudRejected):
+                    breaker.record_success()
+                else:
+                    breaker.record_failure()
+                continue
+            breaker.record_success()
+            done.append(item.id)
+        if done:
+            self._store.mark_sent(done, channel=channel, now=self._clock())
+
+    # -- outcomes -------------------------------------------------------------------
+
+    def _fail_all(self, items: Sequence[OutboxItem], exc: BaseException, channel: str) -> None:
+        if isinstance(exc, CloudUnreachable):
+            now = self._clock()
+            self._store.release(
+                [i.id for i in items],
+                error=_error_text(exc),
+                channel=channel,
+                now=now,
+                next_attempt_at=now,
+            )
+            return
+        for item in items:
+            self._fail(item, exc, channel)
+
+    def _fail(self, item: OutboxItem, exc: BaseException, channel: str) -> None:
+        now = self._clock()
+        if isinstance(exc, CloudUnreachable):
+            self._store.release(
+                [item.id], error=_error_text(exc), channel=channel, now=now, next_attempt_at=now
+            )
+            return
+        rejected = isinstance(exc, CloudRejected)
+        error = f"rejected:{exc.status}:{exc.reason}" if isinstance(exc, CloudRejected) else None
+        attempts = item.attempts + 1
+        state = self._store.mark_failed(
+            item.id,
+            error=(error or _error_text(exc))[:MAX_ERROR_CHARS],
+            retryable=not rejected,
+            channel=channel,
+            now=now,
+            next_attempt_at=now
+            + full_jitter_backoff(attempts, self.backoff_base_s, self.backoff_max_s),
+            max_attempts=self.max_attempts,
+        )
+        if state == "dead":
+            log.error("outbox item %d (%s) is dead: %s", item.id, item.topic, error or exc)
+
+    def _breaker(self, name: str) -> CircuitBreaker:
+        breaker = self._breakers.get(name)
+        if breaker is None:
+            # No breaker configured for this endpoint: one that never opens.
+            breaker = CircuitBreaker(name, failure_threshold=2**31)
+            self._breakers[name] = breaker
+        return breaker
+
+
+def _is_json_object(payload: bytes) -> bool:
+    try:
+        return isinstance(json.loads(payload), dict)
+    except (ValueError, UnicodeDecodeError):
+        return False
