@@ -14,13 +14,15 @@ import socket
 import struct
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from .executor import Executor, ExecutorRefusal
-from .journal import Journal
+from .journal import Journal, iso_utc
+from .sync import CloudSync
 
 __all__ = ["LocalApi"]
 
@@ -36,11 +38,13 @@ class LocalApi:
         status: Callable[[], dict[str, Any]],
         journal: Journal,
         executor: Executor,
+        sync: CloudSync,
     ) -> None:
         self._path = socket_path
         self._status = status
         self._journal = journal
         self._executor = executor
+        self._sync = sync
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -52,6 +56,14 @@ class LocalApi:
         app.router.add_post(f"{v}/machines/{{id}}/relay-test", self._post_relay_test)
         app.router.add_post(f"{v}/machines/{{id}}/service", self._post_service)
         app.router.add_get(f"{v}/audit", self._get_audit)
+        app.router.add_get(f"{v}/breakers", self._get_breakers)
+        app.router.add_post(f"{v}/breakers/{{name}}/reset", self._post_breaker_reset)
+        app.router.add_get(f"{v}/dlq", self._get_dlq)
+        app.router.add_get(f"{v}/dlq/{{id}}", self._get_dlq_item)
+        app.router.add_post(f"{v}/dlq/retry", self._post_dlq_retry)
+        app.router.add_post(f"{v}/dlq/{{id}}/archive", self._post_dlq_archive)
+        app.router.add_get(f"{v}/reconcile", self._get_reconcile)
+        app.router.add_post(f"{v}/cleanup", self._post_cleanup)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         self._path.parent.mkdir(parents=True, exist_ok=True)
@@ -116,6 +128,82 @@ class LocalApi:
         except ExecutorRefusal as exc:
             return _error(404, exc.code, str(exc))
         return web.json_response({"changed": changed, "out_of_service": value})
+
+    async def _get_breakers(self, request: web.Request) -> web.Response:
+        return web.json_response({"breakers": self._sync.breaker_status()})
+
+    async def _post_breaker_reset(self, request: web.Request) -> web.Response:
+        _, actor, reason = await _operator_request(request)
+        name = request.match_info["name"]
+        if not self._sync.reset_breaker(
+            name, actor=actor, os_user=_peer_user(request), reason=reason
+        ):
+            names = ", ".join(b["name"] for b in self._sync.breaker_status())
+            return _error(404, "unknown_breaker", f"disjuntor {name!r} não existe ({names})")
+        return web.json_response({"reset": name})
+
+    async def _get_dlq(self, request: web.Request) -> web.Response:
+        archived = request.query.get("archived") == "1"
+        return web.json_response({"items": self._journal.dlq(include_archived=archived)})
+
+    async def _get_dlq_item(self, request: web.Request) -> web.Response:
+        item_id = _int_id(request.match_info["id"])
+        item = None if item_id is None else self._journal.outbox_item(item_id)
+        if item is None:
+            return _error(404, "not_found", f"item {request.match_info['id']!r} não existe")
+        return web.json_response(item)
+
+    async def _post_dlq_retry(self, request: web.Request) -> web.Response:
+        body, actor, reason = await _operator_request(request)
+        ids = body.get("ids")
+        if body.get("all") is True:
+            ids = None
+        elif not (isinstance(ids, list) and ids and all(isinstance(i, int) for i in ids)):
+            return _error(400, "bad_request", "informe os ids ou --all")
+        moved = self._journal.dlq_retry(
+            ids, actor=actor, os_user=_peer_user(request), reason=reason, now=time.time()
+        )
+        self._sync.notify()
+        return web.json_response({"retried": moved})
+
+    async def _post_dlq_archive(self, request: web.Request) -> web.Response:
+        _, actor, reason = await _operator_request(request)
+        item_id = _int_id(request.match_info["id"])
+        if item_id is None or not self._journal.dlq_archive(
+            item_id, actor=actor, os_user=_peer_user(request), reason=reason, now=time.time()
+        ):
+            return _error(
+                404,
+                "not_in_dlq",
+                f"item {request.match_info['id']!r} não está na fila de mortos (DLQ)",
+            )
+        return web.json_response({"archived": item_id})
+
+    async def _get_reconcile(self, request: web.Request) -> web.Response:
+        since = request.query.get("since", "")
+        try:
+            parsed = datetime.fromisoformat(since)
+        except ValueError:
+            return _error(400, "bad_request", f"data inválida: {since!r} (use AAAA-MM-DD)")
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        return web.json_response(
+            {"since": parsed.isoformat(), **self._journal.reconcile(iso_utc(parsed.timestamp()))}
+        )
+
+    async def _post_cleanup(self, request: web.Request) -> web.Response:
+        body, actor, reason = await _operator_request(request)
+        days = body.get("days")
+        if not isinstance(days, int) or isinstance(days, bool) or not 1 <= days <= 3650:
+            return _error(400, "bad_request", "--days deve ser um número de 1 a 3650")
+        removed = self._sync.manual_cleanup(
+            days, actor=actor, os_user=_peer_user(request), reason=reason
+        )
+        return web.json_response({"removed": removed})
+
+
+def _int_id(text: str) -> int | None:
+    return int(text) if text.isdigit() else None
 
 
 def _error(status: int, code: str, message: str) -> web.Response:

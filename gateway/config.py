@@ -126,6 +126,45 @@ class BoardSection(_Section):
     gpio: GpioSettings = GpioSettings()
 
 
+class CloudSection(_Section):
+    """The cloud's HTTPS API: the fallback and bulk path for events, and the
+    compensation endpoint. Without base_url, events go over MQTT only."""
+
+    base_url: str | None = None
+    # Bearer token of this gateway; set it through METALAV_CLOUD__TOKEN.
+    token: str | None = None
+    timeout_s: float = Field(default=10.0, gt=0, le=120)
+    ca_file: Path | None = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _https(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("https://", "http://127.0.0.1", "http://localhost")):
+            raise ValueError("must be an https:// URL (plain http only to localhost)")
+        return v
+
+
+class OutboxSection(_Section):
+    max_attempts: int = Field(default=10, ge=1, le=1000)
+    # The runbook's rule: an item "sending" longer than this goes back to failed.
+    sending_timeout_s: float = Field(default=300.0, gt=0)
+    batch_size: int = Field(default=500, ge=1, le=10_000)
+    backoff_base_s: float = Field(default=1.0, gt=0)
+    backoff_max_s: float = Field(default=300.0, gt=0)
+    # A backlog deeper than this goes over HTTPS batches even with MQTT up.
+    https_bulk_threshold: int = Field(default=1000, ge=1)
+    # The integrations runbook: pending under 100 normal, 100-500 alert, over 500 critical.
+    warn_depth: int = Field(default=100, ge=1)
+    critical_depth: int = Field(default=500, ge=1)
+    # Sent events and finished executions older than this are pruned daily.
+    retention_days: int = Field(default=30, ge=1, le=3650)
+
+
+class BreakerSection(_Section):
+    failure_threshold: int = Field(default=5, ge=1, le=1000)
+    reset_timeout_s: float = Field(default=30.0, gt=0)
+
+
 class ApiSection(_Section):
     socket: Path = Path("/run/metalav/metalav.sock")
 
@@ -233,6 +272,9 @@ class GatewayConfig(BaseSettings):
     mqtt: MqttSection = MqttSection()
     commands: CommandsSection
     board: BoardSection = BoardSection()
+    cloud: CloudSection = CloudSection()
+    outbox: OutboxSection = OutboxSection()
+    breakers: BreakerSection = BreakerSection()
     api: ApiSection = ApiSection()
     machines: list[Machine] = Field(min_length=1)
 

@@ -8,6 +8,11 @@ output is for scripts.
     metalavctl relay test MACHINE --reason TEXT [--cycle C] [--by NAME]
     metalavctl machine out-of-service|in-service MACHINE --reason TEXT [--by NAME]
     metalavctl audit [--json]
+    metalavctl breakers [--json] | breakers reset NAME --reason TEXT
+    metalavctl dlq list [--archived] | dlq show ID | dlq retry ID|--all --reason TEXT
+                | dlq archive ID --reason TEXT
+    metalavctl reconcile --since DATE [--json]
+    metalavctl cleanup --days N --reason TEXT
 
 The socket is found from ``--socket``, else ``--config`` (the daemon's config file),
 else ``$METALAV_API__SOCKET``, else the packaged default. Exit status: 0 ok,
@@ -172,11 +177,51 @@ def _print_audit(data: dict[str, Any]) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> int:
+def _print_breakers(data: dict[str, Any]) -> None:
+    state_pt = {"closed": "fechado (ok)", "open": "ABERTO", "half_open": "meio-aberto (testando)"}
+    for b in data["breakers"]:
+        extra = f", falhas {b['failures']}" if b["failures"] else ""
+        print(f"{b['name']:<20} {state_pt.get(b['state'], b['state'])}{extra}")
+
+
+def _print_dlq(data: dict[str, Any]) -> None:
+    if not data["items"]:
+        print("fila de mortos (DLQ) vazia")
+    for i in data["items"]:
+        print(
+            f"#{i['id']:<6} {i['state']:<8} {i['topic']:<12} {i['stream']:<28} "
+            f"tentativas {i['attempts']}  {i['last_error'] or ''}"
+        )
+
+
+def _print_reconcile(data: dict[str, Any]) -> None:
+    print(f"Desde {data['since']}")
+    print(
+        f"Execuções com eventos ainda não confirmados pela nuvem: {len(data['not_acknowledged'])}"
+    )
+    for r in data["not_acknowledged"]:
+        print(
+            f"  {r['execute_key']:<28} pagamento {r['payment_id']:<20} {r['state']:<13} "
+            f"{r['events_not_acked']} evento(s) {r['outbox_states']}"
+        )
+    print(f"Execuções aguardando compensação ou revisão: {len(data['awaiting_compensation'])}")
+    for r in data["awaiting_compensation"]:
+        print(
+            f"  {r['execute_key']:<28} pagamento {r['payment_id']:<20} "
+            f"{STATE_PT.get(r['state'], r['state']):<24} compensação: "
+            f"{r['compensation_event'] or 'técnico decide'}"
+        )
+
+
+def _build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--socket", help="unix socket of the daemon's local API")
     common.add_argument("--config", help="the daemon's config file (to find the socket)")
     common.add_argument("--json", action="store_true", help="machine-readable output")
+    action = argparse.ArgumentParser(add_help=False, parents=[common])
+    action.add_argument("--reason", required=True, help="why (recorded in the audit log)")
+    action.add_argument("--by", help="technician's name (default: your OS account)")
+
     parser = argparse.ArgumentParser(
         prog="metalavctl", description="Meta-Lav gateway: technician CLI"
     )
@@ -186,67 +231,120 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("key", help="the execute_key")
     sub.add_parser("machines", parents=[common], help="machines: state, last cycle, alerts")
     sub.add_parser("audit", parents=[common], help="recent operator actions")
-    action = argparse.ArgumentParser(add_help=False, parents=[common])
-    action.add_argument("--reason", required=True, help="why (recorded in the audit log)")
-    action.add_argument("--by", help="technician's name (default: your OS account)")
-    relay = sub.add_parser("relay", help="relay actions")
-    relay_sub = relay.add_subparsers(dest="relay_command", required=True)
-    test = relay_sub.add_parser("test", parents=[action], help="a technical-service test turn")
+
+    relay = sub.add_parser("relay", help="relay actions").add_subparsers(dest="sub", required=True)
+    test = relay.add_parser("test", parents=[action], help="a technical-service test turn")
     test.add_argument("machine")
     test.add_argument("--cycle", help="cycle program to run (default: the machine's first)")
+
     machine = sub.add_parser("machine", help="machine actions")
-    machine_sub = machine.add_subparsers(dest="machine_command", required=True)
+    machine_sub = machine.add_subparsers(dest="sub", required=True)
     for name, text in (
         ("out-of-service", "take a machine out of service"),
         ("in-service", "put a machine back in service"),
     ):
-        p = machine_sub.add_parser(name, parents=[action], help=text)
-        p.add_argument("machine")
-    args = parser.parse_args(argv)
+        machine_sub.add_parser(name, parents=[action], help=text).add_argument("machine")
 
+    breakers = sub.add_parser("breakers", parents=[common], help="circuit breakers")
+    breakers_sub = breakers.add_subparsers(dest="sub")
+    breakers_sub.add_parser("reset", parents=[action], help="close a breaker").add_argument("name")
+
+    dlq = sub.add_parser("dlq", help="dead-letter queue").add_subparsers(dest="sub", required=True)
+    dlq.add_parser("list", parents=[common], help="dead events").add_argument(
+        "--archived", action="store_true", help="include archived ones"
+    )
+    dlq.add_parser("show", parents=[common], help="one event and its attempts").add_argument(
+        "id", type=int
+    )
+    retry = dlq.add_parser("retry", parents=[action], help="send dead events again")
+    target = retry.add_mutually_exclusive_group(required=True)
+    target.add_argument("id", type=int, nargs="?")
+    target.add_argument("--all", action="store_true")
+    dlq.add_parser("archive", parents=[action], help="keep, never send").add_argument(
+        "id", type=int
+    )
+
+    rec = sub.add_parser("reconcile", parents=[common], help="what the cloud still lacks")
+    rec.add_argument("--since", required=True, help="date (AAAA-MM-DD or ISO 8601)")
+    clean = sub.add_parser("cleanup", parents=[action], help="prune old, acknowledged data")
+    clean.add_argument("--days", type=int, required=True)
+    return parser
+
+
+def _run(args: argparse.Namespace, sock: Path) -> tuple[Any, Any]:
+    """Call the daemon for one command: (its JSON answer, how to print it for people)."""
+
+    def act(extra: dict[str, Any]) -> dict[str, Any]:
+        return {"reason": args.reason, "actor": args.by, **extra}
+
+
+    def q(text: object) -> str:
+        return quote(str(text), safe="")
+    cmd, sub = args.command, getattr(args, "sub", None)
+    if cmd == "status":
+        return _request(sock, "GET", "/v1/status"), _print_status
+    if cmd == "execution":
+        return _request(sock, "GET", f"/v1/executions/{q(args.key)}"), _print_execution
+    if cmd == "machines":
+        return _request(sock, "GET", "/v1/machines"), _print_machines
+    if cmd == "audit":
+        return _request(sock, "GET", "/v1/audit"), _print_audit
+    if cmd == "relay":
+        data = _request(
+            sock, "POST", f"/v1/machines/{q(args.machine)}/relay-test", act({"cycle": args.cycle})
+        )
+        return data, lambda d: print(
+            f"teste de relé enviado: {d['execute_key']} "
+            f"(acompanhe com: metalavctl execution {d['execute_key']})"
+        )
+    if cmd == "machine":
+        value = sub == "out-of-service"
+        data = _request(
+            sock, "POST", f"/v1/machines/{q(args.machine)}/service", act({"out_of_service": value})
+        )
+        return data, lambda d: print(
+            f"máquina {args.machine}: "
+            + ("fora de serviço" if value else "em serviço")
+            + ("" if d["changed"] else " (já estava)")
+        )
+    if cmd == "breakers" and sub == "reset":
+        data = _request(sock, "POST", f"/v1/breakers/{q(args.name)}/reset", act({}))
+        return data, lambda d: print(f"disjuntor {d['reset']} fechado")
+    if cmd == "breakers":
+        return _request(sock, "GET", "/v1/breakers"), _print_breakers
+    if cmd == "dlq" and sub == "list":
+        archived = "?archived=1" if args.archived else ""
+        return _request(sock, "GET", f"/v1/dlq{archived}"), _print_dlq
+    if cmd == "dlq" and sub == "show":
+        return _request(sock, "GET", f"/v1/dlq/{args.id}"), lambda d: print(
+            json.dumps(d, indent=2, ensure_ascii=False)
+        )
+    if cmd == "dlq" and sub == "retry":
+        body = act({"all": True} if args.all else {"ids": [args.id]})
+        data = _request(sock, "POST", "/v1/dlq/retry", body)
+        return data, lambda d: print(f"{len(d['retried'])} evento(s) de volta à fila de envio")
+    if cmd == "dlq":
+        data = _request(sock, "POST", f"/v1/dlq/{args.id}/archive", act({}))
+        return data, lambda d: print(f"evento #{d['archived']} arquivado (mantido, não enviado)")
+    if cmd == "reconcile":
+        return _request(sock, "GET", f"/v1/reconcile?since={q(args.since)}"), _print_reconcile
+    data = _request(sock, "POST", "/v1/cleanup", act({"days": args.days}))
+    return data, lambda d: print(
+        f"removidos: {d['removed']['executions']} execução(ões), "
+        f"{d['removed']['outbox_events']} evento(s) já confirmados"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
     try:
         sock = _socket_path(args)
-        if args.command == "status":
-            data = _request(sock, "GET", "/v1/status")
-            printer: Any = _print_status
-        elif args.command == "execution":
-            try:
-                data = _request(sock, "GET", f"/v1/executions/{quote(args.key, safe='')}")
-            except CtlError as exc:
-                if exc.code == EXIT_NOT_FOUND and args.json:
-                    print(json.dumps({"error": "not_found", "execute_key": args.key}))
-                raise
-            printer = _print_execution
-        elif args.command == "machines":
-            data = _request(sock, "GET", "/v1/machines")
-            printer = _print_machines
-        elif args.command == "audit":
-            data = _request(sock, "GET", "/v1/audit")
-            printer = _print_audit
-        elif args.command == "relay":
-            data = _request(
-                sock,
-                "POST",
-                f"/v1/machines/{quote(args.machine, safe='')}/relay-test",
-                {"reason": args.reason, "actor": args.by, "cycle": args.cycle},
-            )
-            printer = lambda d: print(  # noqa: E731
-                f"teste de relé enviado: {d['execute_key']} "
-                f"(acompanhe com: metalavctl execution {d['execute_key']})"
-            )
-        else:
-            value = args.machine_command == "out-of-service"
-            data = _request(
-                sock,
-                "POST",
-                f"/v1/machines/{quote(args.machine, safe='')}/service",
-                {"out_of_service": value, "reason": args.reason, "actor": args.by},
-            )
-            printer = lambda d: print(  # noqa: E731
-                f"máquina {args.machine}: "
-                + ("fora de serviço" if value else "em serviço")
-                + ("" if d["changed"] else " (já estava)")
-            )
+        try:
+            data, printer = _run(args, sock)
+        except CtlError as exc:
+            if exc.code == EXIT_NOT_FOUND and args.json:
+                print(json.dumps({"error": "not_found", "message": str(exc)}))
+            raise
         if args.json:
             print(json.dumps(data, indent=2, ensure_ascii=False))
         else:

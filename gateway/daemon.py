@@ -29,6 +29,7 @@ from .boards import build_driver
 from .config import ConfigError, GatewayConfig, load_config
 from .executor import Executor
 from .journal import Journal, JournalError
+from .sync import CloudSync
 
 __all__ = ["Daemon", "main"]
 
@@ -56,7 +57,7 @@ class Daemon:
             self.journal,
             board,
             verifier,
-            outbox_changed=lambda: self.session.outbox_changed(),
+            outbox_changed=lambda: self.sync.notify(),
             publish_best_effort=lambda topic, payload: self.session.publish_best_effort(
                 topic, payload
             ),
@@ -78,12 +79,16 @@ class Daemon:
                 reconnect_max_s=m.reconnect_max_s,
             ),
             self.executor,
-            self.journal,
             on_link_change=self._broker_link,
         )
+        self.sync = CloudSync(config, self.journal, self.session)
         self.board = board
         self.api = LocalApi(
-            config.api.socket, status=self.status, journal=self.journal, executor=self.executor
+            config.api.socket,
+            status=self.status,
+            journal=self.journal,
+            executor=self.executor,
+            sync=self.sync,
         )
 
     def _broker_link(self, up: bool) -> None:
@@ -116,7 +121,13 @@ class Daemon:
                 "since": link.since or None,
             },
             "executions": self.journal.counts_by_state(),
-            "outbox_depth": self.journal.outbox_depth(),
+            "outbox_depth": (depth := self.journal.outbox_depth()),
+            "outbox": {
+                "by_state": self.journal.depth(),
+                "level": self.sync.depth_level(depth),
+                "dlq": len(self.journal.dlq()),
+            },
+            "breakers": self.sync.breaker_status(),
             "rejected_unauthenticated": self.journal.rejection_count(),
         }
 
@@ -137,6 +148,7 @@ class Daemon:
                     tg.create_task(self.executor.run_timers(), name="timers"),
                     tg.create_task(self.executor.run_inputs(), name="inputs"),
                     tg.create_task(self.session.run(), name="mqtt"),
+                    tg.create_task(self.sync.run(), name="cloud-sync"),
                 ]
                 await stop.wait()
                 log.info("stopping")

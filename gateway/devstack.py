@@ -82,6 +82,7 @@ def demo_config(
     board_port: Path,
     machines: list[dict[str, Any]] | None = None,
     board: dict[str, Any] | None = None,
+    sections: dict[str, dict[str, Any]] | None = None,
 ) -> str:
     """The smallest config a store needs: everything else is the embedded defaults."""
     lines = [
@@ -103,6 +104,9 @@ def demo_config(
         "[api]",
         f"socket = {_toml_value(workdir / 'metalav.sock')}",
     ]
+    for name, values in (sections or {}).items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
     for m in machines or DEMO_MACHINES:
         lines.append("[[machines]]")
         lines += [f"{k} = {_toml_value(v)}" for k, v in m.items()]

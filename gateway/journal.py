@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -26,7 +25,7 @@ from typing import Any
 
 import sqlite_utils
 
-from cloud_sync.mqtt_session import OutboxItem
+from cloud_sync.outbox import OutboxItem
 
 __all__ = [
     "ACTIVE_STATES",
@@ -62,6 +61,10 @@ AUTO_COMPENSATION_STATES = ("failed", "expired", "not_started")
 ALERTS_TOPIC = "alerts"
 COMPENSATION_TOPIC = "compensation"
 CYCLES_TOPIC = "cycles"
+
+# The dispatcher's states (cloud_sync.outbox.STATES); the journal adds "archived": a
+# dead item a technician chose not to send, kept for the record.
+OUTBOX_STATES = ("pending", "sending", "sent", "failed", "dead")
 
 RESULTS_TOPIC = "results"
 
@@ -284,8 +287,25 @@ def _migration_2(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migration_3(db: sqlite_utils.Database) -> None:
+    """Issue 4: the dispatcher's outbox (cloud_sync.outbox.OutboxStore) and the DLQ."""
+    outbox = db["outbox"]
+    outbox.add_column("next_attempt_at", float)  # type: ignore[union-attr]
+    outbox.add_column("sending_since", float)  # type: ignore[union-attr]
+    outbox.add_column("archived_at", str)  # type: ignore[union-attr]  # DLQ items kept, not sent
+    db.execute("UPDATE outbox SET next_attempt_at = 0")
+    db["outbox"].create_index(["stream", "id"])  # type: ignore[union-attr]
+    # Every attempt, whatever its outcome (DESIGN.md "Outbox").
+    db["dispatch_log"].create(  # type: ignore[union-attr]
+        {"id": int, "item_id": int, "at": float, "channel": str, "outcome": str, "error": str},
+        pk="id",
+        not_null={"item_id", "at", "outcome"},
+    )
+    db["dispatch_log"].create_index(["item_id"])  # type: ignore[union-attr]
+
+
 # Append-only: a released gateway's journal is migrated forward, never rewritten.
-MIGRATIONS = [_migration_1, _migration_2]
+MIGRATIONS = [_migration_1, _migration_2, _migration_3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -409,6 +429,7 @@ class Journal:
         return {state: n for state, n in rows}
 
     def outbox_depth(self) -> int:
+        """Events still to deliver (pending, sending or failed; not the DLQ)."""
         row = self._conn.execute(
             "SELECT count(*) FROM outbox WHERE state IN ('pending', 'sending', 'failed')"
         ).fetchone()
@@ -713,32 +734,276 @@ class Journal:
         ).fetchall()
         return [dict(r) for r in rows]
 
-    # -- outbox (the cloud_sync.mqtt_session.OutboxSource interface) ------------
+    # -- outbox: cloud_sync.outbox.OutboxStore, as the dispatcher drives it ---------
+    # "attempts" counts attempts that ended (sent, failed, timed out); a claim alone,
+    # or a release because no channel was reachable, does not spend one, so a long
+    # outage never pushes events into the dead-letter queue.
 
-    def pending(self, limit: int) -> list[OutboxItem]:
-        rows = self._conn.execute(
-            "SELECT id, topic, payload FROM outbox WHERE state IN ('pending', 'failed')"
-            " ORDER BY id LIMIT ?",
-            (limit,),
-        ).fetchall()
-        return [OutboxItem(r["id"], r["topic"], r["payload"].encode()) for r in rows]
-
-    def mark_sent(self, item_id: int) -> None:
-        # Not fsynced: off the release path, and a lost "sent" only means a re-send.
+    def claim(self, limit: int, now: float) -> list[OutboxItem]:
         with self._tx(durable=False) as c:
-            c.execute(
-                "UPDATE outbox SET state = 'sent', attempts = attempts + 1, sent_at = ?,"
-                " updated_at = ? WHERE id = ?",
-                (iso_utc(time.time()), iso_utc(time.time()), item_id),
+            rows = c.execute(
+                "WITH blocked AS (SELECT stream, MIN(id) AS first_blocked FROM outbox"
+                "  WHERE state = 'sending' OR (state = 'failed' AND next_attempt_at > :now)"
+                "  GROUP BY stream)"
+                " SELECT o.id, o.event_id, o.stream, o.topic, o.payload, o.attempts"
+                " FROM outbox o LEFT JOIN blocked b USING (stream)"
+                " WHERE (o.state = 'pending' OR (o.state = 'failed' AND o.next_attempt_at <= :now))"
+                "  AND (b.first_blocked IS NULL OR o.id < b.first_blocked)"
+                " ORDER BY o.id LIMIT :limit",
+                {"now": now, "limit": limit},
+            ).fetchall()
+            c.executemany(
+                "UPDATE outbox SET state = 'sending', sending_since = ? WHERE id = ?",
+                [(now, r["id"]) for r in rows],
             )
+        return [
+            OutboxItem(
+                r["id"],
+                r["event_id"],
+                r["stream"],
+                r["topic"],
+                r["payload"].encode(),
+                r["attempts"],
+            )
+            for r in rows
+        ]
 
-    def mark_failed(self, item_id: int, error: str) -> None:
+    def requeue_stale(self, older_than_s: float, now: float) -> int:
         with self._tx() as c:
-            c.execute(
-                "UPDATE outbox SET state = 'failed', attempts = attempts + 1, last_error = ?,"
-                " updated_at = ? WHERE id = ?",
-                (error[:200], iso_utc(time.time()), item_id),
+            rows = c.execute(
+                "UPDATE outbox SET state = 'failed', attempts = attempts + 1,"
+                " last_error = 'sending_timeout', next_attempt_at = ?, updated_at = ?"
+                " WHERE state = 'sending' AND sending_since < ? RETURNING id",
+                (now, iso_utc(now), now - older_than_s),
+            ).fetchall()
+            self._log_dispatch(c, [r["id"] for r in rows], now, None, "timeout", "sending_timeout")
+        return len(rows)
+
+    def mark_sent(self, ids: Sequence[int], *, channel: str, now: float) -> None:
+        # Not fsynced: a lost "sent" only means a re-send, which the cloud de-duplicates
+        # by event_id; keeping fsyncs off this path keeps them off the release path.
+        with self._tx(durable=False) as c:
+            c.executemany(
+                "UPDATE outbox SET state = 'sent', attempts = attempts + 1, sent_at = ?,"
+                " updated_at = ? WHERE id = ? AND state NOT IN ('sent', 'dead')",
+                [(iso_utc(now), iso_utc(now), i) for i in ids],
             )
+            self._log_dispatch(c, ids, now, channel, "sent", None)
+
+    def mark_failed(
+        self,
+        item_id: int,
+        *,
+        error: str,
+        retryable: bool,
+        channel: str,
+        now: float,
+        next_attempt_at: float,
+        max_attempts: int,
+    ) -> str:
+        with self._tx() as c:
+            row = c.execute(
+                "SELECT state, attempts FROM outbox WHERE id = ?", (item_id,)
+            ).fetchone()
+            if row is None:
+                return "missing"
+            if row["state"] != "sending":
+                return str(row["state"])
+            attempts = row["attempts"] + 1
+            state = "dead" if not retryable or attempts >= max_attempts else "failed"
+            c.execute(
+                "UPDATE outbox SET state = ?, attempts = ?, last_error = ?, next_attempt_at = ?,"
+                " updated_at = ? WHERE id = ?",
+                (state, attempts, error[:300], next_attempt_at, iso_utc(now), item_id),
+            )
+            self._log_dispatch(c, [item_id], now, channel, state, error[:300])
+        return state
+
+    def release(
+        self, ids: Sequence[int], *, error: str, channel: str, now: float, next_attempt_at: float
+    ) -> None:
+        with self._tx(durable=False) as c:
+            released = [
+                r["id"]
+                for i in ids
+                for r in c.execute(
+                    "UPDATE outbox SET state = 'failed', last_error = ?, next_attempt_at = ?,"
+                    " updated_at = ? WHERE id = ? AND state = 'sending' RETURNING id",
+                    (error[:300], next_attempt_at, iso_utc(now), i),
+                )
+            ]
+            self._log_dispatch(c, released, now, channel, "unreachable", error[:300])
+
+    def depth(self) -> dict[str, int]:
+        counts = {state: 0 for state in OUTBOX_STATES}
+        for state, n in self._conn.execute("SELECT state, count(*) FROM outbox GROUP BY state"):
+            counts[state] = n
+        return counts
+
+    @staticmethod
+    def _log_dispatch(
+        c: sqlite3.Connection,
+        ids: Sequence[int],
+        at: float,
+        channel: str | None,
+        outcome: str,
+        error: str | None,
+    ) -> None:
+        c.executemany(
+            "INSERT INTO dispatch_log(item_id, at, channel, outcome, error) VALUES (?,?,?,?,?)",
+            [(i, at, channel, outcome, error) for i in ids],
+        )
+
+    # -- the dead-letter queue (metalavctl dlq ...) ----------------------------------
+
+    def dlq(self, *, include_archived: bool = False) -> list[dict[str, Any]]:
+        states = ("dead", "archived") if include_archived else ("dead",)
+        rows = self._conn.execute(
+            f"SELECT id, event_id, stream, topic, state, attempts, last_error, created_at,"
+            f" updated_at, archived_at FROM outbox WHERE state IN ({','.join('?' * len(states))})"
+            f" ORDER BY id",
+            states,
+        ).fetchall()
+        return [dict(r) for r in rows]
+
+    def outbox_item(self, item_id: int) -> dict[str, Any] | None:
+        row = self._conn.execute("SELECT * FROM outbox WHERE id = ?", (item_id,)).fetchone()
+        if row is None:
+            return None
+        item = dict(row)
+        item["payload"] = json.loads(item["payload"])
+        item["attempts_log"] = [
+            dict(r)
+            for r in self._conn.execute(
+                "SELECT at, channel, outcome, error FROM dispatch_log WHERE item_id = ?"
+                " ORDER BY id",
+                (item_id,),
+            )
+        ]
+        return item
+
+    def dlq_retry(
+        self, ids: Sequence[int] | None, *, actor: str, os_user: str, reason: str, now: float
+    ) -> list[int]:
+        """Dead items (all when ``ids`` is None) back to pending with a fresh attempt
+        budget; audited. Returns the ids moved."""
+        with self._tx() as c:
+            if ids is None:
+                ids = [r["id"] for r in c.execute("SELECT id FROM outbox WHERE state = 'dead'")]
+            moved = [
+                r["id"]
+                for i in ids
+                for r in c.execute(
+                    "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = 0,"
+                    " updated_at = ? WHERE id = ? AND state = 'dead' RETURNING id",
+                    (iso_utc(now), i),
+                )
+            ]
+            self._audit(
+                c,
+                at=iso_utc(now),
+                actor=actor,
+                os_user=os_user,
+                action="dlq.retry",
+                target=",".join(map(str, ids))[:200],
+                before={"state": "dead"},
+                after={"state": "pending", "ids": moved},
+                reason=reason,
+                outcome="applied" if moved else "unchanged",
+            )
+        return moved
+
+    def dlq_archive(
+        self, item_id: int, *, actor: str, os_user: str, reason: str, now: float
+    ) -> bool:
+        """A dead item a technician decided not to send: kept (never deleted), audited."""
+        with self._tx() as c:
+            done = (
+                c.execute(
+                    "UPDATE outbox SET state = 'archived', archived_at = ?, updated_at = ?"
+                    " WHERE id = ? AND state = 'dead' RETURNING id",
+                    (iso_utc(now), iso_utc(now), item_id),
+                ).fetchone()
+                is not None
+            )
+            self._audit(
+                c,
+                at=iso_utc(now),
+                actor=actor,
+                os_user=os_user,
+                action="dlq.archive",
+                target=str(item_id),
+                before={"state": "dead"},
+                after={"state": "archived"} if done else None,
+                reason=reason,
+                outcome="applied" if done else "unchanged",
+            )
+        return done
+
+    # -- reconciliation and retention ---------------------------------------------------
+
+    def reconcile(self, since_iso: str) -> dict[str, list[dict[str, Any]]]:
+        """The runbooks' diagnostic queries, for executions received since ``since_iso``:
+        results the cloud has not acknowledged yet, and executions waiting for a
+        compensation or a technician."""
+        unacked = self._conn.execute(
+            "SELECT e.execute_key, e.payment_id, e.machine_id, e.state, e.received_at,"
+            " count(o.id) AS events_not_acked, group_concat(DISTINCT o.state) AS outbox_states"
+            " FROM executions e JOIN outbox o ON o.stream = e.execute_key"
+            " WHERE e.received_at >= ? AND o.state NOT IN ('sent')"
+            " GROUP BY e.execute_key ORDER BY e.received_at",
+            (since_iso,),
+        ).fetchall()
+        waiting = self._conn.execute(
+            "SELECT e.execute_key, e.payment_id, e.provider_ref, e.idempotency_key,"
+            " e.amount_cents, e.machine_id, e.state, e.reason, e.updated_at,"
+            " (SELECT o.state FROM outbox o WHERE o.stream = e.execute_key"
+            "   AND o.topic = 'compensation' ORDER BY o.id DESC LIMIT 1) AS compensation_event"
+            " FROM executions e WHERE e.received_at >= ?"
+            " AND e.state IN ('needs_review', 'not_started', 'failed', 'expired')"
+            " AND e.kind = 'payment' ORDER BY e.received_at",
+            (since_iso,),
+        ).fetchall()
+        return {
+            "not_acknowledged": [dict(r) for r in unacked],
+            "awaiting_compensation": [dict(r) for r in waiting],
+        }
+
+    def cleanup(self, older_than_iso: str) -> dict[str, int]:
+        """Delete what is old AND done: sent outbox items, and finished executions whose
+        every event the cloud acknowledged. Anything not yet acknowledged is kept."""
+        finished = (
+            "completed",
+            "released",
+            "rejected",
+            "expired",
+            "failed",
+            "not_started",
+            "started",
+        )
+        marks = ",".join("?" * len(finished))
+        with self._tx() as c:
+            keys = [
+                r[0]
+                for r in c.execute(
+                    f"SELECT execute_key FROM executions e"
+                    f" WHERE updated_at < ? AND state IN ({marks})"
+                    " AND (e.state != 'released' OR e.awaits_start = 0)"
+                    " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.stream = e.execute_key"
+                    "   AND o.state != 'sent')",
+                    (older_than_iso, *finished),
+                )
+            ]
+            c.executemany(
+                "DELETE FROM execution_events WHERE execute_key = ?", [(k,) for k in keys]
+            )
+            c.executemany("DELETE FROM executions WHERE execute_key = ?", [(k,) for k in keys])
+            gone = c.execute(
+                "DELETE FROM outbox WHERE state = 'sent' AND sent_at < ? RETURNING id",
+                (older_than_iso,),
+            ).fetchall()
+            c.executemany("DELETE FROM dispatch_log WHERE item_id = ?", [(r[0],) for r in gone])
+        return {"executions": len(keys), "outbox_events": len(gone)}
 
     # -- internals --------------------------------------------------------------
 

@@ -40,6 +40,7 @@ def make_store(
     *sim_args: str,
     machines: list[dict[str, Any]] | None = None,
     board: dict[str, Any] | None = None,
+    sections: dict[str, dict[str, Any]] | None = None,
 ) -> Store:
     gateway_id = f"gw-{uuid.uuid4().hex[:10]}"
     cloud = CloudStandIn(broker.host, broker.port, gateway_id)
@@ -55,6 +56,7 @@ def make_store(
             board_port=sim.link,
             machines=machines,
             board=board,
+            sections=sections,
         )
     )
     daemon = DaemonProcess(tmp_path, config)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.journal import SCHEMA_VERSION, Journal, JournalError
+from gateway.journal import SCHEMA_VERSION, Journal, JournalError, iso_utc
 
 
 def test_journal_runs_in_wal_with_synchronous_full(tmp_path: Path) -> None:
@@ -17,7 +17,7 @@ def test_journal_runs_in_wal_with_synchronous_full(tmp_path: Path) -> None:
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-    journal.mark_sent(12345)  # a non-durable bookkeeping commit ...
+    journal.mark_sent([12345], channel="mqtt", now=0.0)  # a non-durable bookkeeping commit ...
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # ... restores FULL
 
 
@@ -65,3 +65,41 @@ def test_a_file_that_is_not_a_database_is_refused(tmp_path: Path) -> None:
     path.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(JournalError, match="not a journal database"):
         Journal(path, "gw")
+
+
+def _execution(journal: Journal, key: str, state: str, now: float) -> None:
+    journal.record_new(
+        execute_key=key,
+        command_id=1,
+        payment_id="p",
+        machine_id="W1",
+        cycle="normal",
+        issued_at=int(now),
+        expires_at=int(now) + 60,
+        provider_ref=None,
+        idempotency_key=None,
+        amount_cents=None,
+        state=state,
+        reason=None,
+        now=now,
+        dispatch_boot_id=1,
+    )
+
+
+def test_cleanup_never_deletes_what_the_cloud_has_not_acknowledged(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.db", "gw")
+    long_ago = time.time() - 90 * 86400
+    _execution(journal, "acked", "dispatching", long_ago)
+    journal.transition("acked", from_states=("dispatching",), to_state="released", now=long_ago)
+    _execution(journal, "unacked", "dispatching", long_ago)
+    journal.transition("unacked", from_states=("dispatching",), to_state="released", now=long_ago)
+    _execution(journal, "open", "dispatching", long_ago)  # still in doubt: never pruned
+    acked_ids = [i.id for i in journal.claim(100, now=long_ago) if i.stream in ("acked", "open")]
+    journal.mark_sent(acked_ids, channel="mqtt", now=long_ago)
+
+    removed = journal.cleanup(iso_utc(time.time() - 30 * 86400))
+    assert removed == {"executions": 1, "outbox_events": 3}  # acked: 2 events; open: 1
+    assert journal.get("acked") is None
+    assert journal.get("unacked") is not None  # its events never reached the cloud
+    assert journal.get("open") is not None
+    assert journal.depth()["sending"] == 2  # unacked's events, still to deliver
