@@ -67,22 +67,46 @@ class MqttLinkDown(Exception):
     """A publish could not complete because the link is (or went) down."""
 
 
-# Deprecated: the session no longer reads an outbox (the dispatcher does, through
-# cloud_sync.outbox.OutboxStore). Kept only until gateway/journal.py stops importing
-# them; do not use in new code.
-@dataclass(frozen=True)
-class OutboxItem:
-    id: int
-    topic: str
-    payload: bytes
+class _Acks:
+    """PUBACK bookkeeping for one publish_many batch."""
+
+    def __init__(self, n: int) -> None:
+        self._results: list[BaseException | None | bool] = [False] * n  # False: waiting
+        self._waiting = n
+        self.all_done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if n == 0:
+            self.all_done.set_result(None)
+
+    def slot(self, index: int) -> _AckSlot:
+        return _AckSlot(self, index)
+
+    def fail(self, index: int, error: BaseException) -> None:
+        self._settle(index, error)
+
+    def _settle(self, index: int, outcome: BaseException | None) -> None:
+        if self._results[index] is not False:
+            return
+        self._results[index] = outcome
+        self._waiting -= 1
+        if self._waiting == 0 and not self.all_done.done():
+            self.all_done.set_result(None)
+
+    def result(self, index: int, unsettled: BaseException) -> BaseException | None:
+        outcome = self._results[index]
+        return unsettled if outcome is False else outcome  # type: ignore[return-value]
 
 
-class OutboxSource(Protocol):
-    def pending(self, limit: int) -> Sequence[OutboxItem]: ...
+class _AckSlot:
+    """Stands in aiomqtt's _pending_publishes where it expects an asyncio.Event: its
+    on_publish callback calls ``set()`` when the PUBACK arrives."""
 
-    def mark_sent(self, item_id: int) -> None: ...
+    __slots__ = ("_acks", "_index")
 
-    def mark_failed(self, item_id: int, error: str) -> None: ...
+    def __init__(self, acks: _Acks, index: int) -> None:
+        self._acks, self._index = acks, index
+
+    def set(self) -> None:
+        self._acks._settle(self._index, None)  # noqa: SLF001
 
 
 @dataclass(frozen=True)
@@ -165,51 +189,54 @@ class MqttSession:
     async def publish_many(self, items: Sequence[tuple[str, bytes]]) -> list[BaseException | None]:
         """QoS 1 publish of each ``(topic suffix, payload)`` under ``P/``, pipelined.
 
-        All PUBLISHes are issued first, in order, then the PUBACKs are awaited
-        together; per item the result is ``None`` (PUBACK received) or the error:
-        :class:`MqttLinkDown` when the link is or went down before its PUBACK."""
+        All PUBLISHes are handed to paho first, in order, in one go (so the wire order
+        is the order of ``items``), then the PUBACKs are awaited together; per item the
+        result is ``None`` (PUBACK received) or the error: :class:`MqttLinkDown` when the
+        link is or went down before its PUBACK, ``TimeoutError`` after the timeout."""
         client = self._client
         if client is None or not self._connected:
             return [MqttLinkDown("not connected") for _ in items]
         base = self._settings.base_topic
-        tasks: list[asyncio.Task[None]] = []
-        down = asyncio.create_task(self._link_down.wait())
+        paho_client = self._paho(client)
+        acks = _Acks(len(items))
+        # aiomqtt's own publish() costs a task, a future and a timeout per message,
+        # which caps a backlog drain at ~2,000 events/s. Here paho gets every PUBLISH
+        # directly and aiomqtt's on_publish callback, which sets whatever waits in
+        # _pending_publishes under the message id, reports each PUBACK to one counter.
+        # The PUBACK cannot arrive before the registration: paho reads the socket only
+        # when this loop runs its reader callback, after this synchronous block.
+        pending = client._pending_publishes  # noqa: SLF001
+        mids: list[int | None] = []
+        for index, (topic, payload) in enumerate(items):
+            info = paho_client.publish(f"{base}/{topic}", payload, qos=1)
+            if info.rc != paho.MQTT_ERR_SUCCESS:
+                acks.fail(index, MqttLinkDown(f"publish refused: {paho.error_string(info.rc)}"))
+                mids.append(None)
+                continue
+            pending[info.mid] = acks.slot(index)  # type: ignore[assignment]
+            mids.append(info.mid)
+        down: asyncio.Future[Any] = asyncio.ensure_future(self._link_down.wait())
         try:
-            for topic, payload in items:
-                tasks.append(
-                    asyncio.create_task(
-                        client.publish(
-                            f"{base}/{topic}", payload, qos=1, timeout=self._publish_timeout_s
-                        )
-                    )
-                )
-                # Let that task run up to paho's publish(), which writes (or queues) the
-                # PUBLISH synchronously: the wire order is the order of ``items``.
-                await asyncio.sleep(0)
-            # aiomqtt does not fail pending publishes when the link drops (they would
-            # wait out their timeout): stop waiting as soon as the session sees it.
-            pending: set[asyncio.Future[Any]] = {t for t in tasks if not t.done()}
-            while pending and not down.done():
-                _, pending = await asyncio.wait(
-                    {*pending, down}, return_when=asyncio.FIRST_COMPLETED
-                )
-                pending.discard(down)
+            await asyncio.wait(
+                {acks.all_done, down},
+                timeout=self._publish_timeout_s,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
         finally:
             down.cancel()
-            for task in tasks:
-                task.cancel()  # no-op for the finished ones
-            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
-        results: list[BaseException | None] = []
-        for outcome in outcomes:
-            if isinstance(outcome, asyncio.CancelledError) or (
-                isinstance(outcome, aiomqtt.MqttError) and not self._connected
-            ):
-                results.append(MqttLinkDown("link lost before PUBACK"))
-            elif isinstance(outcome, BaseException):
-                results.append(outcome)
-            else:
-                results.append(None)
-        return results
+            for mid in mids:
+                if mid is not None:
+                    pending.pop(mid, None)  # unacked: nobody waits for them any more
+        link_lost = down.done() and not down.cancelled()
+        return [
+            acks.result(
+                i,
+                MqttLinkDown("link lost before PUBACK")
+                if link_lost or not self._connected
+                else TimeoutError("no PUBACK in time"),
+            )
+            for i in range(len(items))
+        ]
 
     def publish_best_effort(self, topic: str, payload: bytes) -> None:
         """QoS 1 publish of ``P/<topic>`` if connected, silently dropped otherwise.
