@@ -647,7 +647,11 @@ class Executor:
     async def run_inputs(self) -> None:
         """Sample the board's inputs: busy signals (start confirmation, completion),
         sensed relay contacts (stuck relays), and the boot id (board resets)."""
-        period = self._config.board.poll_ms / 1000
+        # Busy inputs need fast sampling (start confirmation, debounce); without any,
+        # the poll only watches relay contacts and the boot id, and a health-check pace
+        # keeps the serial line free for releases.
+        wired = any(m.busy_input for m in self._config.machines)
+        period = self._config.board.poll_ms / 1000 if wired else self._config.board.health_ping_s
         while True:
             await asyncio.sleep(period)
             if not self.board_link.connected:
