@@ -66,6 +66,8 @@ CYCLES_TOPIC = "cycles"
 # dead item a technician chose not to send, kept for the record.
 OUTBOX_STATES = ("pending", "sending", "sent", "failed", "dead")
 
+PAYMENT_FIELDS = ("provider_ref", "idempotency_key", "amount_cents")
+
 RESULTS_TOPIC = "results"
 
 
@@ -86,6 +88,7 @@ def result_payload(
     event_id: str | None = None,
     authentic: bool = True,
     awaits_start: bool = False,
+    payment: dict[str, Any] | None = None,
 ) -> str:
     """The ``execution.result`` event of docs/mqtt-contract.md, as compact JSON."""
     return json.dumps(
@@ -95,6 +98,9 @@ def result_payload(
             "gateway_id": gateway_id,
             "execute_key": execute_key,
             "payment_id": payment_id,
+            # The payment fields of the command, synced with every result (issue 4):
+            # provider_ref, idempotency_key, amount_cents (null when absent).
+            **{k: (payment or {}).get(k) for k in PAYMENT_FIELDS},
             "machine_id": machine_id,
             "state": state,
             "reason": reason,
@@ -1038,7 +1044,8 @@ class Journal:
     ) -> None:
         row = c.execute(
             "UPDATE executions SET result_seq = result_seq + 1 WHERE execute_key = ?"
-            " RETURNING result_seq, payment_id, machine_id, awaits_start",
+            " RETURNING result_seq, payment_id, machine_id, awaits_start, provider_ref,"
+            " idempotency_key, amount_cents",
             (key,),
         ).fetchone()
         event_id = str(uuid.uuid4())
@@ -1053,6 +1060,7 @@ class Journal:
             seq=row["result_seq"],
             event_id=event_id,
             awaits_start=bool(row["awaits_start"]),
+            payment={k: row[k] for k in PAYMENT_FIELDS},
         )
         c.execute("UPDATE executions SET last_result = ? WHERE execute_key = ?", (payload, key))
         self._outbox_raw(c, event_id, key, RESULTS_TOPIC, payload, at)

@@ -102,8 +102,13 @@ def https_client(base_url: str, **kw: Any) -> CloudHttpClient:
 def test_broker_down_with_1000_queued_then_all_delivered_in_order_once(
     fresh_broker: LocalBroker,
 ) -> None:
+    broker_down_with_1000_queued_then_delivered(MemoryOutboxStore(), fresh_broker)
+
+
+def broker_down_with_1000_queued_then_delivered(store: Any, fresh_broker: LocalBroker) -> None:
+    """Reused by the gateway's tests with the SQLite journal as the store."""
+
     async def scenario() -> None:
-        store = MemoryOutboxStore()
         session = MqttSession(settings_for(fresh_broker), NullSink())
         dispatcher = OutboxDispatcher(
             store, mqtt=session, https=None, breakers={}, batch_size=200, idle_poll_s=0.05

@@ -8,10 +8,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
+
 from cloud_sync.outbox import DispatchRecord
 from gateway.journal import Journal, iso_utc
+from gateway.localbroker import LocalBroker
 from tests.cloud_sync.outbox_contract import OutboxStoreContract
-from tests.cloud_sync.test_dispatcher import seventy_two_hours_offline_then_drained
+from tests.cloud_sync.test_dispatcher import (
+    broker_down_with_1000_queued_then_delivered,
+    seventy_two_hours_offline_then_drained,
+)
 
 
 class SqliteContractStore(Journal):
@@ -66,3 +72,11 @@ def test_claims_survive_a_crash_as_sending_and_time_out(tmp_path: Path) -> None:
 
 def test_72_hours_offline_then_drained_from_the_journal(tmp_path: Path) -> None:
     seventy_two_hours_offline_then_drained(SqliteContractStore(tmp_path / "journal.db", "gw"))
+
+
+@pytest.mark.broker_semantics
+def test_broker_down_with_1000_queued_in_the_journal_then_delivered_in_order_once(
+    tmp_path: Path, fresh_broker: LocalBroker
+) -> None:
+    store = SqliteContractStore(tmp_path / "journal.db", "gw")
+    broker_down_with_1000_queued_then_delivered(store, fresh_broker)

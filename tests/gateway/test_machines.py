@@ -75,6 +75,8 @@ def test_machine_that_never_starts_ends_not_started_with_alert_and_compensation(
     result = store.cloud.wait_for(key, state="not_started", timeout=10)[-1]
     assert result["final"] is True and result["compensation"] is True
     comp = store.cloud.wait_event("compensation", execute_key=key)
+    result_fields = (result["amount_cents"], result["provider_ref"])
+    assert result_fields == (1500, "stone-9")  # payment fields synced with results
     assert (comp["payment_id"], comp["amount_cents"], comp["provider_ref"]) == (
         "pay-42", 1500, "stone-9")
     alert = store.cloud.wait_event("alerts", code="not_started", execute_key=key)
@@ -181,4 +183,24 @@ def test_usb_unplugged_and_back_loses_and_duplicates_nothing(store_factory) -> N
     store.cloud.wait_event("alerts", code="board_link_restored")
     store.cloud.wait_event("alerts", code="board_rebooted")
     store.cloud.wait_for(key, state="completed", timeout=15)
+    assert len(store.actuations()) == 1
+
+
+def test_outputs_are_released_at_start_up_before_any_command(store_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    edges = tmp_path / "edges.jsonl"
+    level = {"id": "W1", "kind": "washer", "channel": 1,
+             "cycles": {"enable": {"type": "level", "hold_ms": 4000}}}
+    store = start(store_factory("--time-scale", "1", "--edges", str(edges),
+                                machines=[level], board=FAST))
+    key = store.new_key()
+    store.cloud.publish(store.cloud.sign(key, machine_id="W1", cycle="enable"))
+    store.cloud.wait_for(key, state="released")
+    store.daemon.kill9()  # dies with the enable contact held closed
+
+    store.daemon.start()
+    store.daemon.wait_ready()
+    lines = [json.loads(line) for line in edges.read_text().splitlines()]
+    on = next(e for e in lines if e["channel"] == 1 and e["state"] == "on")
+    off = next(e for e in lines if e["channel"] == 1 and e["state"] == "off")
+    assert off["monotonic"] - on["monotonic"] < 3.0, "the new daemon opened the contact"
     assert len(store.actuations()) == 1
