@@ -299,6 +299,7 @@ def test_settings_reject_wildcards_in_gateway_id() -> None:
         MqttSettings(host="h", gateway_id="gw", reconnect_min_s=5, reconnect_max_s=1)
 
 
+@pytest.mark.broker_semantics
 def test_best_effort_publish_goes_out_when_connected_and_is_dropped_when_not(
     mqtt_broker: LocalBroker,
 ) -> None:
