@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -49,20 +50,25 @@ class ConfigError(Exception):
         self.lines = lines
 
 
+def _identifier(v: str) -> str:
+    if not _ID.match(v):
+        raise ValueError("must be 1-64 characters of letters, digits, '.', '_' or '-'")
+    return v
+
+
+# Gateway and machine ids travel in MQTT topics and in commands: keep them plain.
+Identifier = Annotated[str, AfterValidator(_identifier)]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class GatewaySection(_Section):
-    id: str = Field(description="this gateway's id: the MQTT client id and the commands' audience")
+    id: Identifier = Field(
+        description="this gateway's id: the MQTT client id and the commands' audience"
+    )
     store_id: str = Field(default="", description="condominio_id of the store (Loja)")
-
-    @field_validator("id")
-    @classmethod
-    def _id_shape(cls, v: str) -> str:
-        if not _ID.match(v):
-            raise ValueError("must be 1-64 characters of letters, digits, '.', '_' or '-'")
-        return v
 
 
 class JournalSection(_Section):
@@ -241,7 +247,7 @@ class BusyInput(_Section):
 
 
 class Machine(_Section):
-    id: str
+    id: Identifier
     label: str = ""
     kind: Literal["washer", "dryer"]
     channel: int = Field(ge=1, le=64)
@@ -253,13 +259,6 @@ class Machine(_Section):
     # A start seen this long after the window still corrects not_started -> started.
     late_start_grace_s: float = Field(default=600.0, ge=0, le=86400)
     cycles: dict[str, CycleProgram] = Field(min_length=1)
-
-    @field_validator("id")
-    @classmethod
-    def _id_shape(cls, v: str) -> str:
-        if not _ID.match(v):
-            raise ValueError("must be 1-64 characters of letters, digits, '.', '_' or '-'")
-        return v
 
 
 class GatewayConfig(BaseSettings):

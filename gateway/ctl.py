@@ -277,9 +277,9 @@ def _run(args: argparse.Namespace, sock: Path) -> tuple[Any, Any]:
     def act(extra: dict[str, Any]) -> dict[str, Any]:
         return {"reason": args.reason, "actor": args.by, **extra}
 
-
     def q(text: object) -> str:
         return quote(str(text), safe="")
+
     cmd, sub = args.command, getattr(args, "sub", None)
     if cmd == "status":
         return _request(sock, "GET", "/v1/status"), _print_status

@@ -30,8 +30,9 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from cloud_sync.commands import CommandRejected, CommandVerifier, ExecuteCommand
 from firmware_bridge.driver import BoardDriver, Program
@@ -399,8 +400,8 @@ class Executor:
 
     # -- towards the board ---------------------------------------------------------
 
-    def _spawn(self, coro: object, name: str) -> None:
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro, name=name)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
