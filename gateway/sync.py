@@ -86,6 +86,12 @@ class CloudSync:
         self.dispatcher.notify()
 
     async def run(self) -> None:
+        # Items left "sending" by a previous process were in flight when it died: no
+        # dispatcher is waiting for their PUBACK any more, so they are stale now rather
+        # than after sending_timeout_s (which would hold their stream back that long).
+        stale = self._journal.requeue_stale(0.0, self._clock())
+        if stale:
+            log.warning("outbox: %d item(s) in flight at the last stop requeued", stale)
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.dispatcher.run(), name="outbox-dispatcher")

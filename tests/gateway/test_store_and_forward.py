@@ -5,6 +5,7 @@ through metalavctl like a technician would."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -161,3 +162,23 @@ def test_reconcile_lists_what_awaits_compensation_and_cleanup_keeps_unacknowledg
     )["removed"]
     assert removed == {"executions": 0, "outbox_events": 0}
     assert store.daemon.execution(key) is not None
+
+
+def test_an_event_in_flight_when_the_daemon_died_is_sent_again_at_once(store: Store) -> None:
+    key = store.new_key()
+    store.cloud.publish(store.cloud.sign(key))
+    released = store.cloud.wait_for(key, state="released")[-1]
+    store.daemon.stop()
+    # As if the daemon had died between handing the event to the broker and its PUBACK.
+    db = sqlite3.connect(store.workdir / "journal.db")
+    with db:
+        db.execute(
+            "UPDATE outbox SET state = 'sending', sending_since = ? WHERE event_id = ?",
+            (time.time(), released["event_id"]),
+        )
+    db.close()
+    store.daemon.start()
+    store.daemon.wait_ready()
+    # Long before sending_timeout_s (300 s): nobody waits for that PUBACK any more.
+    again = store.cloud.wait_for(key, state="released", count=2, timeout=10)
+    assert [r["event_id"] for r in again if r["state"] == "released"] == [released["event_id"]] * 2
