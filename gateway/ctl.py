@@ -123,7 +123,17 @@ def _print_status(s: dict[str, Any]) -> None:
     print("  execuções por estado:" + ("" if counts else " nenhuma"))
     for state, n in sorted(counts.items()):
         print(f"    {STATE_PT.get(state, state):<22} {n}")
-    print(f"  fila de envio (outbox): {s['outbox_depth']} pendente(s)")
+    level = {"normal": "", "warning": " — ALERTA", "critical": " — CRÍTICO"}
+    outbox = s.get("outbox", {})
+    print(
+        f"  fila de envio (outbox): {s['outbox_depth']} pendente(s)"
+        f"{level.get(outbox.get('level', 'normal'), '')}"
+    )
+    if outbox.get("dlq"):
+        print(f"  fila de mortos (DLQ): {outbox['dlq']} evento(s) — veja metalavctl dlq list")
+    opened = [b["name"] for b in s.get("breakers", []) if b["state"] != "closed"]
+    if opened:
+        print(f"  disjuntores abertos: {', '.join(opened)} — veja metalavctl breakers")
     if s["rejected_unauthenticated"]:
         print(f"  comandos não autenticados rejeitados: {s['rejected_unauthenticated']}")
 

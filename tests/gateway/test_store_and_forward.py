@@ -68,6 +68,7 @@ def test_a_rejected_compensation_goes_to_the_dlq_then_retry_delivers_and_archive
     dead = _dead_items(store, 2)
     assert {d["topic"] for d in dead} == {"compensation"}
     assert all("422" in d["last_error"] for d in dead)
+    assert "fila de mortos (DLQ): 2 evento(s)" in ctl(store, "status").stdout
     requests_while_dead = cloud_api.count("/compensation/alert")
     time.sleep(0.5)
     assert cloud_api.count("/compensation/alert") == requests_while_dead  # no retry storm
