@@ -6,7 +6,7 @@ an :class:`ExecuteCommand` or raises :class:`CommandRejected` with a stable reas
 
     CommandRejected(Exception)
       reason: malformed | unsupported_algorithm | bad_signature | wrong_audience
-              | missing_claim | invalid_claim | not_yet_valid
+              | missing_claim | invalid_claim | not_yet_valid | stale_command
 
 Expiry is deliberately *not* a rejection: an authentic, expired command is returned and
 the caller journals it as ``expired`` (with a compensation event) via
@@ -50,6 +50,7 @@ REJECT_REASONS = frozenset(
         "missing_claim",
         "invalid_claim",
         "not_yet_valid",
+        "stale_command",
     }
 )
 
@@ -130,9 +131,20 @@ class _Claims:
                 raise self._reject("missing_claim", name, "is missing")
             return None
         # bool is an int in Python; a JSON true is not a number of seconds or cents.
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise self._reject("invalid_claim", name, "must be a non-negative integer")
+        # The upper bound keeps every value storable (SQLite integers are 64-bit) and
+        # exact in JSON consumers (2**53).
+        if (
+            not isinstance(value, int)
+            or isinstance(value, bool)
+            or not 0 <= value <= MAX_INTEGER_CLAIM
+        ):
+            raise self._reject(
+                "invalid_claim", name, f"must be an integer from 0 to {MAX_INTEGER_CLAIM}"
+            )
         return value
+
+
+MAX_INTEGER_CLAIM = 2**53 - 1
 
 
 def _b64url_decode(segment: bytes) -> bytes:
@@ -179,6 +191,7 @@ class CommandVerifier:
         algorithms: Sequence[str] = SUPPORTED_ALGORITHMS,
         leeway_s: int = 30,
         max_token_bytes: int = 4096,
+        max_age_s: float | None = None,
     ) -> None:
         if isinstance(public_keys, str):
             raise ValueError("public_keys must be a sequence of PEM strings, not one string")
@@ -203,6 +216,10 @@ class CommandVerifier:
         self._audience = audience
         self._leeway = leeway_s
         self._max_bytes = max_token_bytes
+        # A token that expired longer ago than this is older than the gateway's memory
+        # of executions (its journal retention): it may replay a cycle that ran, so it
+        # is refused rather than returned as merely expired (which asks for a refund).
+        self._max_age_s = max_age_s
         self._jws = jwt.PyJWS()
 
     def verify(self, payload: bytes, *, now: float | None = None) -> ExecuteCommand:
@@ -277,6 +294,13 @@ class CommandVerifier:
         if not_before is not None and not_before > now + self._leeway:
             raise CommandRejected(
                 "not_yet_valid", "'nbf' is in the future", execute_key=jti, authentic=True
+            )
+        if self._max_age_s is not None and now - expires_at > self._max_age_s:
+            raise CommandRejected(
+                "stale_command",
+                "expired longer ago than the gateway remembers",
+                execute_key=jti,
+                authentic=True,
             )
         return command
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import socket
 import struct
 import time
@@ -158,7 +159,11 @@ class LocalApi:
         ids = body.get("ids")
         if body.get("all") is True:
             ids = None
-        elif not (isinstance(ids, list) and ids and all(isinstance(i, int) for i in ids)):
+        elif not (
+            isinstance(ids, list)
+            and 0 < len(ids) <= 10_000
+            and all(isinstance(i, int) and 0 < i < 2**63 for i in ids)
+        ):
             return _error(400, "bad_request", "informe os ids ou --all")
         moved = self._journal.dlq_retry(
             ids, actor=actor, os_user=_peer_user(request), reason=reason, now=time.time()
@@ -202,8 +207,11 @@ class LocalApi:
         return web.json_response({"removed": removed})
 
 
+_ID_TEXT = re.compile(r"[0-9]{1,18}")  # ASCII digits only ("²".isdigit() is True)
+
+
 def _int_id(text: str) -> int | None:
-    return int(text) if text.isdigit() else None
+    return int(text) if _ID_TEXT.fullmatch(text) else None
 
 
 def _error(status: int, code: str, message: str) -> web.Response:

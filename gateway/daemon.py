@@ -50,6 +50,8 @@ class Daemon:
             config.gateway.id,
             algorithms=config.commands.algorithms,
             leeway_s=config.commands.leeway_s,
+            # Older tokens may replay a cycle whose execution retention already pruned.
+            max_age_s=config.outbox.retention_days * 86400,
         )
         board = build_driver(config, on_fault=lambda fault: self.executor.output_fault(fault))
         self.executor = Executor(

@@ -28,6 +28,7 @@ import hashlib
 import logging
 import os
 import signal
+import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Coroutine
@@ -36,7 +37,7 @@ from typing import Any
 
 from cloud_sync.commands import CommandRejected, CommandVerifier, ExecuteCommand
 from firmware_bridge.driver import BoardDriver, Program
-from firmware_bridge.exceptions import BoardError, BoardNack, BoardNoReply, BoardUnavailable
+from firmware_bridge.exceptions import BoardError, BoardNack, BoardUnavailable
 from firmware_bridge.host_timed import OutputFault
 
 from .config import DryerTimeProgram, GatewayConfig, Machine
@@ -54,6 +55,10 @@ RECOVERY_RETRY_S = 1.0
 # A relay may still be closing this long after its program's nominal end (board
 # latency) before a closed contact counts as stuck.
 RELAY_SETTLE_S = 0.5
+# A release still in doubt this long after its command expired (the board never came
+# back to answer, or asking it keeps failing) goes to needs_review: a person decides,
+# rather than "unknown forever" (promise 2).
+DOUBT_GRACE_S = 600.0
 
 # Fault injection for the crash tests: the daemon SIGKILLs itself at the named point.
 # Read once at start-up; unset in production.
@@ -121,6 +126,7 @@ class Executor:
         # Relay channel -> until when a program may legitimately keep it closed.
         self._driven_until: dict[int, float] = {}
         self._started_up = False  # outputs are forced off once, at the first connect
+        self._sampled_at = 0.0  # clock time of the last input snapshot read from the board
 
     # -- commands in (cloud_sync.mqtt_session.CommandSink) -------------------------
 
@@ -131,6 +137,20 @@ class Executor:
         the broker delivers it again)."""
         now = self._clock()
         try:
+            self._decide(payload, now)
+        except sqlite3.Error:
+            raise
+        except Exception as exc:
+            # A bug must not turn one message into a poison pill: unacked, a persistent
+            # session would redeliver it ahead of every later command, forever. It is
+            # refused, logged for the technician (promise 6), and acknowledged.
+            log.exception("command handling failed: refused")
+            self._journal.log_rejection(
+                execute_key=None, reason="internal_error", detail=type(exc).__name__, now=now
+            )
+
+    def _decide(self, payload: bytes, now: float) -> None:
+        try:
             cmd = self._verifier.verify(payload)
         except CommandRejected as rej:
             self._reject_unjournaled(rej, now)
@@ -140,7 +160,6 @@ class Executor:
         if known is not None:
             self._answer_duplicate(cmd, known)
             return
-
         machine = self._config.machine(cmd.machine_id)
         refusal: tuple[str, str | None] | None = None
         if machine is None:
@@ -291,16 +310,15 @@ class Executor:
             kind="technical_service",
             requested_by=f"{actor} ({os_user}): {reason}",
             awaits_start=machine.busy_input is not None,
-        )
-        self._journal.audit(
-            action="relay.test",
-            target=machine_id,
-            actor=actor,
-            os_user=os_user,
-            reason=reason,
-            outcome="dispatched",
-            now=now,
-            after={"execute_key": key, "cycle": cycle},
+            audit={
+                "action": "relay.test",
+                "target": machine_id,
+                "actor": actor,
+                "os_user": os_user,
+                "reason": reason,
+                "outcome": "dispatched",
+                "after": {"execute_key": key, "cycle": cycle},
+            },
         )
         self._spawn(self._dispatch(key), f"dispatch-{key}")
         self._outbox_changed()
@@ -309,11 +327,20 @@ class Executor:
     def set_out_of_service(
         self, machine_id: str, value: bool, *, actor: str, os_user: str, reason: str
     ) -> bool:
+        now = self._clock()
         if self._config.machine(machine_id) is None:
+            self._journal.audit(
+                action="machine.out_of_service" if value else "machine.in_service",
+                target=machine_id,
+                actor=actor,
+                os_user=os_user,
+                reason=reason,
+                outcome="refused:unknown_machine",
+                now=now,
+            )
             raise ExecutorRefusal(
                 "unknown_machine", f"máquina {machine_id!r} não existe nesta Loja"
             )
-        now = self._clock()
         changed = self._journal.set_out_of_service(
             machine_id, value, reason=reason, actor=actor, os_user=os_user, now=now
         )
@@ -412,22 +439,34 @@ class Executor:
         self._inflight.add(execute_key)
         try:
             await self._dispatch_inflight(execute_key)
+        except Exception:
+            # A bug must not kill run_board (recovery calls this) nor vanish in a task:
+            # the row stays dispatching, and run_timers ends it in needs_review.
+            log.exception("execution %s: dispatch failed unexpectedly", execute_key)
         finally:
             self._inflight.discard(execute_key)
 
     async def _dispatch_inflight(self, execute_key: str) -> None:
-        row = self._journal.get(execute_key)
-        if row is None or row.state != "dispatching":
-            return
-        machine = self._config.machine(row.machine_id)
-        assert machine is not None  # checked when accepted; config is frozen
-        program: Program = machine.cycles[row.cycle].train()
         _crash_point("after_dispatching_commit")
+        row: Execution | None = None
         try:
             async with self._board_lock:
+                # Read under the lock: while this task waited, recovery may have settled
+                # the execution (needs_review, expired, released); then nothing is sent.
+                row = self._journal.get(execute_key)
+                if row is None or row.state != "dispatching":
+                    return
+                if row.expires_at <= self._clock():
+                    # Nothing of it reached the board (that is how it got here): too late.
+                    self._finish(row, "expired", "command_expired")
+                    return
+                machine = self._config.machine(row.machine_id)
+                assert machine is not None  # checked when accepted; config is frozen
+                program: Program = machine.cycles[row.cycle].train()
                 self._drive(machine.channel, program.duration_ms)
                 ack = await self._board.release(row.command_id, machine.channel, program)
         except BoardNack as exc:
+            assert row is not None  # raised by release(), after the row was read
             self._finish(row, "failed", f"board_nack:{exc.reason.name.lower()}")
             return
         except BoardUnavailable as exc:
@@ -441,8 +480,9 @@ class Executor:
                 now=self._clock(),
                 report=False,
             )
+            self._recovery_wanted.set()  # wakes run_board to reconnect now
             return
-        except BoardNoReply as exc:
+        except BoardError as exc:  # BoardNoReply, or anything the driver could not classify
             # Sent, outcome unknown: only the board can tell (recovery asks it).
             log.error("execution %s: board did not answer the release (%s)", execute_key, exc)
             self._journal.note(
@@ -668,7 +708,7 @@ class Executor:
             if state.boot_id != self.board_link.boot_id:
                 self._link_up(state.boot_id)
                 self._recovery_wanted.set()
-            now = self._clock()
+            now = self._sampled_at = self._clock()
             driven = {ch for ch, until in self._driven_until.items() if until > now}
             for change in self.monitor.sample(state, now, driven):
                 if isinstance(change, BusyChange):
@@ -782,19 +822,44 @@ class Executor:
         self._outbox_changed()
 
     async def run_timers(self) -> None:
-        """Deadlines nobody else watches: accepted executions that wait for the board
-        expire on time, even if it never comes back (promise 2: never "unknown
-        forever"); released ones past their confirm window end as not_started."""
+        """Deadlines nobody else watches (promise 2: never "unknown forever"): accepted
+        executions that wait for the board expire on time, even if it never comes back;
+        releases in doubt long past their expiry go to needs_review; released ones past
+        their confirm window end as not_started."""
         while True:
             await asyncio.sleep(EXPIRY_SWEEP_S)
             now = self._clock()
             for row in self._journal.in_states(("accepted",)):
                 if row.expires_at <= now:
                     self._finish(row, "expired", "command_expired", from_states=("accepted",))
-            if not self.board_link.connected:
-                continue  # no readings: cannot tell a start from a silent input
+            for row in self._journal.in_states(("dispatching",)):
+                if row.execute_key not in self._inflight and row.expires_at + DOUBT_GRACE_S < now:
+                    self._finish(
+                        row,
+                        "needs_review",
+                        "outcome_unknown_board_unreachable",
+                        alert=Alert(
+                            "needs_review",
+                            "critical",
+                            row.machine_id,
+                            row.execute_key,
+                            "the board never confirmed or denied this release",
+                        ),
+                    )
             for row in self._journal.in_states(("released",)):
-                if row.awaits_start and row.confirm_deadline and row.confirm_deadline <= now:
+                machine = self._config.machine(row.machine_id)
+                if not (
+                    row.awaits_start and row.confirm_deadline and machine and machine.busy_input
+                ):
+                    continue
+                # Judge only with a reading taken after the window closed plus the
+                # debounce: after a link loss or a restart, silence is not evidence.
+                settle = machine.busy_input.debounce_ms / 1000
+                if (
+                    row.confirm_deadline + settle <= now
+                    and self._sampled_at >= row.confirm_deadline + settle
+                    and self.monitor.busy(machine.id) is not None
+                ):
                     self._finish(
                         row,
                         "not_started",

@@ -39,7 +39,8 @@ __all__ = [
     "result_payload",
 ]
 
-# States that still have work to do; a machine with one of these is busy.
+# States that still have work to do; a machine with one of these (or released and
+# waiting for its start confirmation) is busy.
 ACTIVE_STATES = ("accepted", "dispatching")
 # States reported to the cloud as final for this execution. ``released`` is final only
 # for machines without a busy input: the others go on to started / not_started.
@@ -478,6 +479,7 @@ class Journal:
         kind: str = "payment",
         requested_by: str | None = None,
         awaits_start: bool = False,
+        audit: dict[str, Any] | None = None,
     ) -> None:
         """Journal a verified command in its first state.
 
@@ -525,6 +527,8 @@ class Journal:
                 self._result(c, execute_key, state, reason, at)
                 if state in AUTO_COMPENSATION_STATES:
                     self._compensation(c, execute_key, reason, at)
+            if audit is not None:  # an operator's action and its execution: one commit
+                self._audit(c, at=at, before=None, **{"after": None, **audit})
 
     def transition(
         self,
@@ -985,15 +989,8 @@ class Journal:
     def cleanup(self, older_than_iso: str) -> dict[str, int]:
         """Delete what is old AND done: sent outbox items, and finished executions whose
         every event the cloud acknowledged. Anything not yet acknowledged is kept."""
-        finished = (
-            "completed",
-            "released",
-            "rejected",
-            "expired",
-            "failed",
-            "not_started",
-            "started",
-        )
+        # Final states a technician no longer needs; needs_review waits for a person.
+        finished = tuple(state for state in FINAL_STATES if state != "needs_review")
         marks = ",".join("?" * len(finished))
         with self._tx() as c:
             keys = [

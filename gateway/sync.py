@@ -154,6 +154,15 @@ class CloudSync:
     def reset_breaker(self, name: str, *, actor: str, os_user: str, reason: str) -> bool:
         breaker = self.breakers.get(name)
         if breaker is None:
+            self._journal.audit(
+                action="breaker.reset",
+                target=name,
+                actor=actor,
+                os_user=os_user,
+                reason=reason,
+                outcome="refused:unknown",
+                now=self._clock(),
+            )
             return False
         before = breaker.status()
         breaker.reset()

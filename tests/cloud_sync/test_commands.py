@@ -347,3 +347,33 @@ def test_unusable_keys_raise_value_error(es_keys: tuple[str, str]):
 def test_default_clock_is_wall_time(verifier: CommandVerifier, ed_keys: tuple[str, str]):
     command = verifier.verify(_sign(ed_keys[0], now=time.time()))
     assert not command.is_expired(time.time())
+
+
+def test_an_integer_claim_too_large_to_store_is_rejected_not_raised() -> None:
+    private, public = generate_demo_keypair()
+    verifier = CommandVerifier([public], "gw")
+    token = sign_command(
+        private,
+        execute_key="k-big",
+        audience="gw",
+        payment_id="p",
+        machine_id="W1",
+        cycle="normal",
+        amount_cents=2**63,
+    )
+    with pytest.raises(CommandRejected) as err:
+        verifier.verify(token)
+    assert (err.value.reason, err.value.execute_key) == ("invalid_claim", "k-big")
+
+
+def test_a_token_expired_beyond_the_gateways_memory_is_stale_not_expired() -> None:
+    private, public = generate_demo_keypair()
+    verifier = CommandVerifier([public], "gw", max_age_s=30 * 86400)
+    old = sign_command(private, execute_key="k-old", audience="gw", payment_id="p",
+                       machine_id="W1", cycle="normal", ttl_s=60, now=time.time() - 31 * 86400)
+    with pytest.raises(CommandRejected) as err:
+        verifier.verify(old)
+    assert (err.value.reason, err.value.execute_key) == ("stale_command", "k-old")
+    recent = sign_command(private, execute_key="k-new", audience="gw", payment_id="p",
+                          machine_id="W1", cycle="normal", ttl_s=60, now=time.time() - 86400)
+    assert verifier.verify(recent).is_expired(time.time())  # expired, still ours to answer

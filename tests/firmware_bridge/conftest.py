@@ -23,9 +23,18 @@ class SimulatorProcess:
         self.link = tmp_path / f"board-{os.urandom(4).hex()}"
         with open(self.stderr_file, "wb") as stderr:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "firmware_bridge.simulator",
-                 "--actuations", str(self.actuation_file), "--link", str(self.link),
-                 "--edges", str(self.edge_file), *args],
+                [
+                    sys.executable,
+                    "-m",
+                    "firmware_bridge.simulator",
+                    "--actuations",
+                    str(self.actuation_file),
+                    "--link",
+                    str(self.link),
+                    "--edges",
+                    str(self.edge_file),
+                    *args,
+                ],
                 stdout=subprocess.PIPE,
                 stderr=stderr,
                 text=True,
@@ -49,8 +58,11 @@ class SimulatorProcess:
         """The ``count``-th stderr line starting with ``prefix`` (waits for it)."""
         deadline = time.monotonic() + timeout
         while True:
-            lines = [line for line in self.stderr_file.read_text().splitlines()
-                     if line.startswith(prefix)]
+            lines = [
+                line
+                for line in self.stderr_file.read_text().splitlines()
+                if line.startswith(prefix)
+            ]
             if len(lines) >= count:
                 return lines[count - 1]
             assert time.monotonic() < deadline, f"no {prefix!r} line on stderr"

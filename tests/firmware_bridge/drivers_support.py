@@ -130,9 +130,7 @@ class GpioObserver:
     def edges(self, channel: int) -> list[tuple[float, bool]]:
         offset = self.outputs[channel]
         low = channel in self.active_low
-        return transitions(
-            [(t, high != low) for t, o, high in list(self.chip.sets) if o == offset]
-        )
+        return transitions([(t, high != low) for t, o, high in list(self.chip.sets) if o == offset])
 
     def set_input(self, n: int, level: bool) -> None:
         self.chip.set_input(self.inputs[n], level)
@@ -246,8 +244,12 @@ class ModbusPtyServer:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=5)
             self._loop.close()
-            for fd in (self.server_master, self._server_slave, self.client_master,
-                       self._client_slave):
+            for fd in (
+                self.server_master,
+                self._server_slave,
+                self.client_master,
+                self._client_slave,
+            ):
                 os.close(fd)
 
 

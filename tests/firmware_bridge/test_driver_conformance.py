@@ -79,10 +79,19 @@ def rig(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Rig]:
         start = request.getfixturevalue("start_simulator")
         edges_file = tmp_path / "edges.jsonl"
         control = tmp_path / "control.sock"
-        sim = start("--channels", str(CHANNELS), "--time-scale", "1",
-                    "--edges", str(edges_file), "--control", str(control))
-        yield Rig("serial", lambda: SerialBoard(sim.path),
-                  SimulatorEdges(edges_file, control), False)
+        sim = start(
+            "--channels",
+            str(CHANNELS),
+            "--time-scale",
+            "1",
+            "--edges",
+            str(edges_file),
+            "--control",
+            str(control),
+        )
+        yield Rig(
+            "serial", lambda: SerialBoard(sim.path), SimulatorEdges(edges_file, control), False
+        )
     elif request.param == "modbus":
         server = ModbusPtyServer().start()
         try:
@@ -267,13 +276,13 @@ def test_read_inputs_reflects_the_input_lines(rig: Rig) -> None:
 
 def test_concurrent_releases_on_three_channels_are_each_exact(rig: Rig) -> None:
     programs: dict[int, Program] = {
-        1: PulseTrain(3, 60, 80), 2: PulseTrain(2, 100, 50), 3: LevelHold(250)
+        1: PulseTrain(3, 60, 80),
+        2: PulseTrain(2, 100, 50),
+        3: LevelHold(250),
     }
 
     async def scenario(driver: Any) -> None:
-        acks = await asyncio.gather(
-            *(driver.release(100 + c, c, p) for c, p in programs.items())
-        )
+        acks = await asyncio.gather(*(driver.release(100 + c, c, p) for c, p in programs.items()))
         assert [a.duplicate for a in acks] == [False] * 3
         await settle(PulseTrain(3, 60, 80), extra=0.2)
 

@@ -37,8 +37,18 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "firmware-protocol.md"
 MESSAGES: dict[str, type[Message]] = {
     cls.__name__: cls
     for cls in (
-        Ping, Pong, Release, ReleaseAck, Query, QueryReply, Nack,
-        ReleaseLevel, AllOff, AllOffAck, ReadInputs, Inputs,
+        Ping,
+        Pong,
+        Release,
+        ReleaseAck,
+        Query,
+        QueryReply,
+        Nack,
+        ReleaseLevel,
+        AllOff,
+        AllOffAck,
+        ReadInputs,
+        Inputs,
     )
 }
 
@@ -74,9 +84,21 @@ def _message(meaning: str) -> Message:
 
 def test_doc_has_every_required_vector() -> None:
     required = {
-        "crc16", "ping", "pong", "release", "release_ack_new", "release_ack_duplicate",
-        "query", "query_reply_not_executed", "query_reply_executed", "nack_bad_channel",
-        "release_level", "all_off", "all_off_ack", "read_inputs", "inputs_sensed",
+        "crc16",
+        "ping",
+        "pong",
+        "release",
+        "release_ack_new",
+        "release_ack_duplicate",
+        "query",
+        "query_reply_not_executed",
+        "query_reply_executed",
+        "nack_bad_channel",
+        "release_level",
+        "all_off",
+        "all_off_ack",
+        "read_inputs",
+        "inputs_sensed",
         "inputs_not_sensed",
     }
     assert required <= VECTORS.keys()

@@ -127,8 +127,9 @@ def test_offsets_and_sensed_relays_are_read(server: ModbusPtyServer) -> None:
         return await board.read_inputs()
 
     state = run(
-        ModbusBoard(server.port, channels=4, inputs=4, coil_offset=16, input_offset=8,
-                    relay_sense_offset=32),
+        ModbusBoard(
+            server.port, channels=4, inputs=4, coil_offset=16, input_offset=8, relay_sense_offset=32
+        ),
         scenario,
     )
     assert (state.inputs, state.relays) == (0b10, 0b100)

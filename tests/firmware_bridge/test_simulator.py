@@ -126,13 +126,9 @@ def test_busy_channel_is_nacked_until_its_pulse_train_ends() -> None:
     busy = h.request(Release(2, 1, 1, 100, 100), now=10.4)
     assert busy == Nack(h.board.boot_id, 0x02, NackReason.CHANNEL_BUSY)
     # Its own retransmission is a duplicate, not busy; another channel is free.
-    assert h.request(Release(1, 1, 2, 100, 150), now=10.4) == ReleaseAck(
-        h.board.boot_id, 1, True
-    )
+    assert h.request(Release(1, 1, 2, 100, 150), now=10.4) == ReleaseAck(h.board.boot_id, 1, True)
     assert isinstance(h.request(Release(3, 2, 1, 100, 100), now=10.4), ReleaseAck)
-    assert h.request(Release(2, 1, 1, 100, 100), now=10.5) == ReleaseAck(
-        h.board.boot_id, 2, False
-    )
+    assert h.request(Release(2, 1, 1, 100, 100), now=10.5) == ReleaseAck(h.board.boot_id, 2, False)
     assert [a.command_id for a in h.actuations] == [1, 3, 2]
 
 
@@ -253,8 +249,11 @@ def test_machine_needs_its_coins_in_one_train() -> None:
 def test_level_machine_needs_a_long_enough_enable() -> None:
     h = Clocked(
         time_scale=1.0,
-        machines=[MachineSpec.from_dict({"channel": 1, "input": 1, "level": True,
-                                         "start_ms": 0, "run_ms": 1000})],
+        machines=[
+            MachineSpec.from_dict(
+                {"channel": 1, "input": 1, "level": True, "start_ms": 0, "run_ms": 1000}
+            )
+        ],
     )
     h.request(Release(1, 1, 1, 50, 50), now=0.0)  # a 50 ms coin is not an enable
     assert h.inputs(0.2).inputs == 0
@@ -266,8 +265,9 @@ def test_level_machine_needs_a_long_enough_enable() -> None:
 
 def test_dryer_top_up_extends_the_run_and_time_scale_compresses_it() -> None:
     h = Clocked(
-        machines=[MachineSpec.parse("channel=2,input=2,start_ms=0,run_ms=2400000,"
-                                    "minutes_per_pulse=10")],
+        machines=[
+            MachineSpec.parse("channel=2,input=2,start_ms=0,run_ms=2400000,minutes_per_pulse=10")
+        ],
         machine_time_scale=1200.0,  # 40 min -> 2 s; 10 min -> 0.5 s
     )
     h.request(Release(1, 2, 1, 100, 100), now=0.0)
@@ -300,8 +300,7 @@ def test_reboot_mid_train_acks_then_forgets_and_opens_the_contact() -> None:
 
 def test_faults_are_reproducible_with_a_seed() -> None:
     def replies(seed: int) -> list[bytes]:
-        board = SimulatedBoard(boot_id=1, faults=Faults(drop_rate=0.3, corrupt_rate=0.3,
-                                                        seed=seed))
+        board = SimulatedBoard(boot_id=1, faults=Faults(drop_rate=0.3, corrupt_rate=0.3, seed=seed))
         return [board.feed(encode(Ping(), seq), 0.0) for seq in range(50)]
 
     first = replies(3)

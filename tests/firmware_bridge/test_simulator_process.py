@@ -81,7 +81,10 @@ def test_pulse_train_produces_exactly_the_configured_edges(start_simulator: Star
         assert abs((next_on - off) * 1000 - train.off_ms) <= 25
     (line,) = sim.actuations()
     assert (line["kind"], line["pulse_count"], line["on_ms"], line["off_ms"]) == (
-        "pulses", 4, 60, 90,
+        "pulses",
+        4,
+        60,
+        90,
     )
 
 
@@ -126,8 +129,10 @@ def test_all_off_cancels_a_running_program(start_simulator: Start) -> None:
 def test_machine_goes_busy_after_the_train_and_idle_after_its_run(start_simulator: Start) -> None:
     # A 40-minute cycle (4-minute start) compressed 1200 times: 2 s (0.2 s).
     sim = start_simulator(
-        "--machine", "channel=1,input=2,start_ms=240000,run_ms=2400000",
-        "--machine-time-scale", "1200",
+        "--machine",
+        "channel=1,input=2,start_ms=240000,run_ms=2400000",
+        "--machine-time-scale",
+        "1200",
     )
 
     async def scenario(board: SerialBoard) -> None:
@@ -144,15 +149,19 @@ def test_machine_goes_busy_after_the_train_and_idle_after_its_run(start_simulato
 
 def test_never_starts_late_start_and_coins(tmp_path: Path, start_simulator: Start) -> None:
     scenario_file = tmp_path / "store.json"
-    scenario_file.write_text(json.dumps({
-        "machine_time_scale": 10,
-        "machines": [
-            "channel=1,input=1,start_ms=500,run_ms=3000",
-            {"channel": 2, "input": 2, "never_starts": True},
-            {"channel": 3, "input": 3, "late_ms": 6000, "run_ms": 3000},
-            "channel=4,input=4,coins=3,start_ms=500,run_ms=3000",
-        ],
-    }))
+    scenario_file.write_text(
+        json.dumps(
+            {
+                "machine_time_scale": 10,
+                "machines": [
+                    "channel=1,input=1,start_ms=500,run_ms=3000",
+                    {"channel": 2, "input": 2, "never_starts": True},
+                    {"channel": 3, "input": 3, "late_ms": 6000, "run_ms": 3000},
+                    "channel=4,input=4,coins=3,start_ms=500,run_ms=3000",
+                ],
+            }
+        )
+    )
     sim = start_simulator("--scenario", str(scenario_file))
 
     async def scenario(board: SerialBoard) -> None:
@@ -175,9 +184,12 @@ def test_level_machine_starts_on_enable_and_dryer_top_up_extends_run(
     start_simulator: Start,
 ) -> None:
     sim = start_simulator(
-        "--machine", "channel=1,input=1,level,start_ms=0,run_ms=2000",
-        "--machine", "channel=2,input=2,start_ms=0,run_ms=3000,minutes_per_pulse=0.05",
-        "--machine-time-scale", "10",
+        "--machine",
+        "channel=1,input=1,level,start_ms=0,run_ms=2000",
+        "--machine",
+        "channel=2,input=2,start_ms=0,run_ms=3000,minutes_per_pulse=0.05",
+        "--machine-time-scale",
+        "10",
     )
 
     async def scenario(board: SerialBoard) -> None:
@@ -205,7 +217,14 @@ def test_stuck_relay_is_sensed_closed(start_simulator: Start) -> None:
 
 def test_lossy_corrupt_delayed_link_never_double_actuates(start_simulator: Start) -> None:
     sim = start_simulator(
-        "--drop-rate", "0.1", "--corrupt-rate", "0.1", "--delay-ms", "20", "--seed", "7",
+        "--drop-rate",
+        "0.1",
+        "--corrupt-rate",
+        "0.1",
+        "--delay-ms",
+        "20",
+        "--seed",
+        "7",
     )
     releases = 50
 
@@ -293,8 +312,10 @@ def test_second_owner_of_a_port_is_refused(start_simulator: Start) -> None:
 
 def test_active_low_machine_over_the_pty(start_simulator: Start) -> None:
     sim = start_simulator(
-        "--machine", "channel=4,input=4,start_ms=0,run_ms=3000,active_low",
-        "--machine-time-scale", "10",
+        "--machine",
+        "channel=4,input=4,start_ms=0,run_ms=3000,active_low",
+        "--machine-time-scale",
+        "10",
     )
 
     async def scenario(board: SerialBoard) -> None:
@@ -323,8 +344,9 @@ def _control(path: Path, *lines: str) -> list[str]:
 
 def test_control_socket_forces_inputs(tmp_path: Path, start_simulator: Start) -> None:
     control = tmp_path / "ctl.sock"
-    sim = start_simulator("--control", str(control),
-                          "--machine", "channel=1,input=2,start_ms=0,run_ms=60000")
+    sim = start_simulator(
+        "--control", str(control), "--machine", "channel=1,input=2,start_ms=0,run_ms=60000"
+    )
 
     async def scenario(board: SerialBoard) -> None:
         assert (await board.read_inputs()).inputs == 0  # answered: the socket listens
@@ -332,9 +354,9 @@ def test_control_socket_forces_inputs(tmp_path: Path, start_simulator: Start) ->
         assert (await board.read_inputs()).inputs == 0b101
         await board.release(1, 1, TRAIN)
         await _wait_inputs(board, lambda s: s.inputs == 0b111)
-        assert _control(control, "input 2 low", "input 9 sideways", "input 65 high",
-                        "input 1 auto") == ["ok", "error expected: input N high|low|auto",
-                                            "error input must be 1..64", "ok"]
+        assert _control(
+            control, "input 2 low", "input 9 sideways", "input 65 high", "input 1 auto"
+        ) == ["ok", "error expected: input N high|low|auto", "error input must be 1..64", "ok"]
         assert (await board.read_inputs()).inputs == 0b100
         assert _control(control, "input 2 auto") == ["ok"]
         assert (await board.read_inputs()).inputs == 0b110
@@ -350,8 +372,12 @@ STORE_SCENARIO = Path(__file__).resolve().parents[2] / "scenarios" / "store-4x4.
 def test_store_4x4_scenario_matches_the_example_store_and_serves(start_simulator: Start) -> None:
     # The scenario wires the machines of config.example.toml the same way.
     config = tomllib.loads((STORE_SCENARIO.parents[1] / "config.example.toml").read_text())
-    specs = {m.channel: m for m in (MachineSpec.from_dict(item) for item in
-                                    load_scenario(str(STORE_SCENARIO))["machines"])}
+    specs = {
+        m.channel: m
+        for m in (
+            MachineSpec.from_dict(item) for item in load_scenario(str(STORE_SCENARIO))["machines"]
+        )
+    }
     for machine in config["machines"]:
         spec = specs[machine["channel"]]
         busy = machine["busy_input"]

@@ -63,12 +63,22 @@ def _assert_exactly_once(store: Store, keys: list[str]) -> Counter[str]:
 
 def test_lossy_line_and_concurrent_releases_never_double_or_lose(store_factory) -> None:  # type: ignore[no-untyped-def]
     n = 4
-    store = start(store_factory(
-        "--drop-rate", "0.08", "--corrupt-rate", "0.05", "--delay-ms", "3", "--seed", "11",
-        # A real cycle lasts minutes: long enough for a lossy poll to see it.
-        *_sim_machines(n, "start_ms=100,run_ms=1500"),
-        machines=_machines(n), board=FAST,
-    ))
+    store = start(
+        store_factory(
+            "--drop-rate",
+            "0.08",
+            "--corrupt-rate",
+            "0.05",
+            "--delay-ms",
+            "3",
+            "--seed",
+            "11",
+            # A real cycle lasts minutes: long enough for a lossy poll to see it.
+            *_sim_machines(n, "start_ms=100,run_ms=1500"),
+            machines=_machines(n),
+            board=FAST,
+        )
+    )
     keys = _run_rounds(store, n, rounds=3)
     outcomes = _assert_exactly_once(store, keys)
     assert outcomes["completed"] >= len(keys) - 2, outcomes  # the line is lossy, not broken
@@ -79,11 +89,17 @@ def test_board_reboot_mid_train_ends_in_not_started_with_compensation(store_fact
     machines = _machines(n)
     for m in machines:  # four coins, and the board reboots in the middle of a train
         m["cycles"] = {"normal": {"pulses": 4, "on_ms": 50, "off_ms": 50}}
-    store = start(store_factory(
-        "--time-scale", "1", "--reboot-mid-train", "2",
-        *_sim_machines(n, "start_ms=100,run_ms=300,coins=4"),
-        machines=machines, board=FAST,
-    ))
+    store = start(
+        store_factory(
+            "--time-scale",
+            "1",
+            "--reboot-mid-train",
+            "2",
+            *_sim_machines(n, "start_ms=100,run_ms=300,coins=4"),
+            machines=machines,
+            board=FAST,
+        )
+    )
     keys = _run_rounds(store, n, rounds=2)
     outcomes = _assert_exactly_once(store, keys)
     store.cloud.wait_event("alerts", code="board_rebooted")

@@ -14,22 +14,37 @@ from typing import Any
 from .conftest import Store
 
 
-def washer(mid: str, channel: int, *, window: float = 1.5, grace: float = 10.0,
-           debounce_ms: int = 30) -> dict[str, Any]:
+def washer(
+    mid: str, channel: int, *, window: float = 1.5, grace: float = 10.0, debounce_ms: int = 30
+) -> dict[str, Any]:
     return {
-        "id": mid, "kind": "washer", "channel": channel,
+        "id": mid,
+        "kind": "washer",
+        "channel": channel,
         "busy_input": {"input": channel, "debounce_ms": debounce_ms},
-        "confirm_window_s": window, "late_start_grace_s": grace,
+        "confirm_window_s": window,
+        "late_start_grace_s": grace,
         "cycles": {"normal": {"pulses": 2, "on_ms": 50, "off_ms": 50}},
     }
 
 
 def dryer(mid: str, channel: int) -> dict[str, Any]:
     return {
-        "id": mid, "kind": "dryer", "channel": channel,
-        "busy_input": {"input": channel, "debounce_ms": 30}, "confirm_window_s": 1.5,
-        "cycles": {"40min": {"type": "dryer_time", "minutes": 40, "minutes_per_pulse": 10,
-                             "on_ms": 50, "off_ms": 50, "top_up": True}},
+        "id": mid,
+        "kind": "dryer",
+        "channel": channel,
+        "busy_input": {"input": channel, "debounce_ms": 30},
+        "confirm_window_s": 1.5,
+        "cycles": {
+            "40min": {
+                "type": "dryer_time",
+                "minutes": 40,
+                "minutes_per_pulse": 10,
+                "on_ms": 50,
+                "off_ms": 50,
+                "top_up": True,
+            }
+        },
     }
 
 
@@ -39,7 +54,9 @@ FAST = {"poll_ms": 50}
 def ctl(store: Store, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "gateway.ctl", *args, "--socket", str(store.daemon.socket)],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
 
 
@@ -50,8 +67,14 @@ def start(store: Store) -> Store:
 
 
 def test_release_then_start_then_completion_with_duration(store_factory) -> None:  # type: ignore[no-untyped-def]
-    store = start(store_factory("--machine", "channel=1,input=1,start_ms=200,run_ms=700",
-                                machines=[washer("W1", 1)], board=FAST))
+    store = start(
+        store_factory(
+            "--machine",
+            "channel=1,input=1,start_ms=200,run_ms=700",
+            machines=[washer("W1", 1)],
+            board=FAST,
+        )
+    )
     key = store.new_key()
     store.cloud.publish(store.cloud.sign(key, machine_id="W1"))
     results = store.cloud.wait_for(key, state="completed", timeout=15)
@@ -67,26 +90,41 @@ def test_release_then_start_then_completion_with_duration(store_factory) -> None
 def test_machine_that_never_starts_ends_not_started_with_alert_and_compensation(
     store_factory,  # type: ignore[no-untyped-def]
 ) -> None:
-    store = start(store_factory("--machine", "channel=1,input=1,never_starts",
-                                machines=[washer("W1", 1)], board=FAST))
+    store = start(
+        store_factory(
+            "--machine", "channel=1,input=1,never_starts", machines=[washer("W1", 1)], board=FAST
+        )
+    )
     key = store.new_key()
-    store.cloud.publish(store.cloud.sign(key, machine_id="W1", payment_id="pay-42",
-                                         amount_cents=1500, provider_ref="stone-9"))
+    store.cloud.publish(
+        store.cloud.sign(
+            key, machine_id="W1", payment_id="pay-42", amount_cents=1500, provider_ref="stone-9"
+        )
+    )
     result = store.cloud.wait_for(key, state="not_started", timeout=10)[-1]
     assert result["final"] is True and result["compensation"] is True
     comp = store.cloud.wait_event("compensation", execute_key=key)
     result_fields = (result["amount_cents"], result["provider_ref"])
     assert result_fields == (1500, "stone-9")  # payment fields synced with results
     assert (comp["payment_id"], comp["amount_cents"], comp["provider_ref"]) == (
-        "pay-42", 1500, "stone-9")
+        "pay-42",
+        1500,
+        "stone-9",
+    )
     alert = store.cloud.wait_event("alerts", code="not_started", execute_key=key)
     assert alert["severity"] == "critical" and alert["machine_id"] == "W1"
     assert len(store.actuations()) == 1  # released once, never re-pulsed
 
 
 def test_late_start_corrects_not_started_and_raises_an_alert(store_factory) -> None:  # type: ignore[no-untyped-def]
-    store = start(store_factory("--machine", "channel=1,input=1,late_ms=2500,run_ms=500",
-                                machines=[washer("W1", 1, window=1.0)], board=FAST))
+    store = start(
+        store_factory(
+            "--machine",
+            "channel=1,input=1,late_ms=2500,run_ms=500",
+            machines=[washer("W1", 1, window=1.0)],
+            board=FAST,
+        )
+    )
     key = store.new_key()
     store.cloud.publish(store.cloud.sign(key, machine_id="W1"))
     store.cloud.wait_for(key, state="not_started", timeout=10)
@@ -99,8 +137,14 @@ def test_late_start_corrects_not_started_and_raises_an_alert(store_factory) -> N
 def test_busy_and_out_of_service_machines_refuse_releases_and_actions_are_audited(
     store_factory,  # type: ignore[no-untyped-def]
 ) -> None:
-    store = start(store_factory("--machine", "channel=1,input=1,start_ms=100,run_ms=4000",
-                                machines=[washer("W1", 1)], board=FAST))
+    store = start(
+        store_factory(
+            "--machine",
+            "channel=1,input=1,start_ms=100,run_ms=4000",
+            machines=[washer("W1", 1)],
+            board=FAST,
+        )
+    )
     first, second = store.new_key(), store.new_key()
     store.cloud.publish(store.cloud.sign(first, machine_id="W1"))
     store.cloud.wait_for(first, state="started")
@@ -134,8 +178,14 @@ def test_busy_and_out_of_service_machines_refuse_releases_and_actions_are_audite
 
 
 def test_relay_test_is_a_technical_service_turn(store_factory) -> None:  # type: ignore[no-untyped-def]
-    store = start(store_factory("--machine", "channel=1,input=1,start_ms=100,run_ms=300",
-                                machines=[washer("W1", 1)], board=FAST))
+    store = start(
+        store_factory(
+            "--machine",
+            "channel=1,input=1,start_ms=100,run_ms=300",
+            machines=[washer("W1", 1)],
+            board=FAST,
+        )
+    )
     result = ctl(store, "relay", "test", "W1", "--reason", "manutenção preventiva", "--json")
     assert result.returncode == 0, result.stderr
     key = json.loads(result.stdout)["execute_key"]
@@ -148,9 +198,14 @@ def test_relay_test_is_a_technical_service_turn(store_factory) -> None:  # type:
 
 
 def test_dryer_top_up_is_accepted_while_the_dryer_runs(store_factory) -> None:  # type: ignore[no-untyped-def]
-    store = start(store_factory(
-        "--machine", "channel=1,input=1,start_ms=100,run_ms=3000,minutes_per_pulse=10",
-        machines=[dryer("D1", 1)], board=FAST))
+    store = start(
+        store_factory(
+            "--machine",
+            "channel=1,input=1,start_ms=100,run_ms=3000,minutes_per_pulse=10",
+            machines=[dryer("D1", 1)],
+            board=FAST,
+        )
+    )
     first, top_up = store.new_key(), store.new_key()
     store.cloud.publish(store.cloud.sign(first, machine_id="D1", cycle="40min"))
     store.cloud.wait_for(first, state="started")
@@ -161,8 +216,9 @@ def test_dryer_top_up_is_accepted_while_the_dryer_runs(store_factory) -> None:  
 
 
 def test_stuck_relay_raises_an_alert(store_factory) -> None:  # type: ignore[no-untyped-def]
-    store = start(store_factory("--stuck-relay", "2",
-                                machines=[washer("W1", 1), washer("W2", 2)], board=FAST))
+    store = start(
+        store_factory("--stuck-relay", "2", machines=[washer("W1", 1), washer("W2", 2)], board=FAST)
+    )
     alert = store.cloud.wait_event("alerts", code="stuck_relay")
     assert alert["machine_id"] == "W2" and alert["severity"] == "critical"
     machines = json.loads(ctl(store, "machines", "--json").stdout)["machines"]
@@ -170,8 +226,14 @@ def test_stuck_relay_raises_an_alert(store_factory) -> None:  # type: ignore[no-
 
 
 def test_usb_unplugged_and_back_loses_and_duplicates_nothing(store_factory) -> None:  # type: ignore[no-untyped-def]
-    store = start(store_factory("--machine", "channel=1,input=1,start_ms=100,run_ms=300",
-                                machines=[washer("W1", 1)], board={**FAST, "reconnect_s": 0.2}))
+    store = start(
+        store_factory(
+            "--machine",
+            "channel=1,input=1,start_ms=100,run_ms=300",
+            machines=[washer("W1", 1)],
+            board={**FAST, "reconnect_s": 0.2},
+        )
+    )
     assert store.sim.proc is not None
     os.kill(store.sim.proc.pid, signal.SIGUSR1)  # unplugged
     store.cloud.wait_event("alerts", code="board_link_lost")
@@ -188,10 +250,15 @@ def test_usb_unplugged_and_back_loses_and_duplicates_nothing(store_factory) -> N
 
 def test_outputs_are_released_at_start_up_before_any_command(store_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
     edges = tmp_path / "edges.jsonl"
-    level = {"id": "W1", "kind": "washer", "channel": 1,
-             "cycles": {"enable": {"type": "level", "hold_ms": 4000}}}
-    store = start(store_factory("--time-scale", "1", "--edges", str(edges),
-                                machines=[level], board=FAST))
+    level = {
+        "id": "W1",
+        "kind": "washer",
+        "channel": 1,
+        "cycles": {"enable": {"type": "level", "hold_ms": 4000}},
+    }
+    store = start(
+        store_factory("--time-scale", "1", "--edges", str(edges), machines=[level], board=FAST)
+    )
     key = store.new_key()
     store.cloud.publish(store.cloud.sign(key, machine_id="W1", cycle="enable"))
     store.cloud.wait_for(key, state="released")

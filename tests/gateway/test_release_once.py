@@ -88,6 +88,8 @@ def test_bad_commands_never_release_and_daemon_keeps_running(store: Store) -> No
     cloud.publish(b'{"execute_key": "x", "machine_id": "W1"}')  # JSON, not a signed token
     cloud.publish(os.urandom(300))
     cloud.publish(b"")
+    stale = store.new_key()  # expired before the retention period: maybe a replay
+    cloud.publish(cloud.sign(stale, ttl_s=60, now=time.time() - 40 * 86400))
 
     expected = {
         expired: ("expired", "command_expired", True),
@@ -95,6 +97,7 @@ def test_bad_commands_never_release_and_daemon_keeps_running(store: Store) -> No
         wrong_aud: ("rejected", "wrong_audience", False),
         unknown_machine: ("rejected", "unknown_machine", True),
         unknown_cycle: ("rejected", "unknown_cycle", True),
+        stale: ("rejected", "stale_command", False),
     }
     for key, (state, reason, final) in expected.items():
         r = cloud.wait_for(key, state=state, final=final)[-1]
@@ -104,6 +107,7 @@ def test_bad_commands_never_release_and_daemon_keeps_running(store: Store) -> No
     # able to block the real command); the authentic refusals are.
     assert store.daemon.execution(forged) is None
     assert store.daemon.execution(wrong_aud) is None
+    assert store.daemon.execution(stale) is None  # never journaled, never compensated
     assert store.daemon.execution(unknown_machine)["state"] == "rejected"  # type: ignore[index]
     status = _wait(
         lambda: (s := store.daemon.status()) and s["rejected_unauthenticated"] >= 5 and s

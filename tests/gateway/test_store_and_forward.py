@@ -132,7 +132,11 @@ def test_breakers_are_visible_and_a_reset_is_audited(
     unknown = ctl(store, "breakers", "reset", "nope", "--reason", "teste")
     assert unknown.returncode == 1 and "não existe" in unknown.stderr
     audit = json.loads(ctl(store, "audit", "--json").stdout)["entries"]
-    assert audit[0]["action"] == "breaker.reset" and audit[0]["target"] == "https_events"
+    entries = [(e["action"], e["target"], e["outcome"]) for e in reversed(audit)]
+    assert entries[-2:] == [
+        ("breaker.reset", "https_events", "applied"),
+        ("breaker.reset", "nope", "refused:unknown"),  # refusals are recorded too
+    ]
 
 
 def test_reconcile_lists_what_awaits_compensation_and_cleanup_keeps_unacknowledged(
