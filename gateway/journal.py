@@ -986,9 +986,13 @@ class Journal:
             "awaiting_compensation": [dict(r) for r in waiting],
         }
 
-    def cleanup(self, older_than_iso: str) -> dict[str, int]:
+    def cleanup(self, older_than_iso: str, *, replay_horizon: float) -> dict[str, int]:
         """Delete what is old AND done: sent outbox items, and finished executions whose
-        every event the cloud acknowledged. Anything not yet acknowledged is kept."""
+        every event the cloud acknowledged. Anything not yet acknowledged is kept.
+
+        An execution row is also the memory that makes a replayed command a duplicate,
+        so it is kept until its command expired before ``replay_horizon`` (epoch): the
+        verifier refuses any token that expired before that same horizon as stale."""
         # Final states a technician no longer needs; needs_review waits for a person.
         finished = tuple(state for state in FINAL_STATES if state != "needs_review")
         marks = ",".join("?" * len(finished))
@@ -997,11 +1001,11 @@ class Journal:
                 r[0]
                 for r in c.execute(
                     f"SELECT execute_key FROM executions e"
-                    f" WHERE updated_at < ? AND state IN ({marks})"
+                    f" WHERE updated_at < ? AND expires_at < ? AND state IN ({marks})"
                     " AND (e.state != 'released' OR e.awaits_start = 0)"
                     " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.stream = e.execute_key"
                     "   AND o.state != 'sent')",
-                    (older_than_iso, *finished),
+                    (older_than_iso, replay_horizon, *finished),
                 )
             ]
             c.executemany(

@@ -143,8 +143,12 @@ class CloudSync:
             await asyncio.sleep(RETENTION_EVERY_S)
 
     def cleanup(self, days: int) -> dict[str, int]:
-        cutoff = datetime.fromtimestamp(self._clock(), UTC) - timedelta(days=days)
-        return self._journal.cleanup(iso_utc(cutoff.timestamp()))
+        now = self._clock()
+        cutoff = datetime.fromtimestamp(now, UTC) - timedelta(days=days)
+        # Executions stay as long as a replay of their command could still verify
+        # (the verifier's max_age_s is the retention period; see daemon.py).
+        horizon = now - self._config.outbox.retention_days * 86400
+        return self._journal.cleanup(iso_utc(cutoff.timestamp()), replay_horizon=horizon)
 
     # -- technicians' levers ----------------------------------------------------------
 

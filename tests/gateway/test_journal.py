@@ -97,9 +97,29 @@ def test_cleanup_never_deletes_what_the_cloud_has_not_acknowledged(tmp_path: Pat
     acked_ids = [i.id for i in journal.claim(100, now=long_ago) if i.stream in ("acked", "open")]
     journal.mark_sent(acked_ids, channel="mqtt", now=long_ago)
 
-    removed = journal.cleanup(iso_utc(time.time() - 30 * 86400))
+    horizon = time.time() - 30 * 86400
+    removed = journal.cleanup(iso_utc(horizon), replay_horizon=horizon)
     assert removed == {"executions": 1, "outbox_events": 3}  # acked: 2 events; open: 1
     assert journal.get("acked") is None
     assert journal.get("unacked") is not None  # its events never reached the cloud
     assert journal.get("open") is not None
     assert journal.depth()["sending"] == 2  # unacked's events, still to deliver
+
+
+def test_cleanup_keeps_an_execution_while_a_replay_of_its_command_could_verify(
+    tmp_path: Path,
+) -> None:
+    journal = Journal(tmp_path / "j.db", "gw")
+    long_ago = time.time() - 90 * 86400
+    _execution(journal, "long-lived", "dispatching", long_ago)
+    journal.transition(
+        "long-lived", from_states=("dispatching",), to_state="released", now=long_ago
+    )
+    with journal._tx() as c:  # noqa: SLF001 - a token valid for a year
+        c.execute("UPDATE executions SET expires_at = ?", (int(time.time()) + 86400,))
+    journal.mark_sent(
+        [i.id for i in journal.claim(100, now=long_ago)], channel="mqtt", now=long_ago
+    )
+    removed = journal.cleanup(iso_utc(time.time() - 86400), replay_horizon=time.time() - 86400)
+    assert removed["executions"] == 0  # pruning it would let a replay release again
+    assert journal.get("long-lived") is not None
