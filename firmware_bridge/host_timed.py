@@ -112,6 +112,16 @@ def _log_orphan_error(task: asyncio.Future[Any]) -> None:
         LOGGER.debug("bus transaction ended with %r", task.exception())
 
 
+def _log_task_outcome(task: asyncio.Task[None]) -> None:
+    """Retrieve a program task's exception (none is expected: ``_run_program``
+    reports its failures itself) so nothing ends silently or as "never retrieved"."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        LOGGER.error("program task %s ended with %r", task.get_name(), exc, exc_info=exc)
+
+
 def _new_boot_id() -> int:
     while True:
         boot_id = secrets.randbits(32)
@@ -229,12 +239,16 @@ class HostTimedBoard(abc.ABC):
     async def release(self, command_id: int, channel: int, program: Program) -> ReleaseAck:
         self._require_open()
         boot_id = self._boot_id
+        # The request type a NACK names: what an MCU board would have been sent.
+        request_type = (
+            FrameType.RELEASE_LEVEL if isinstance(program, LevelHold) else FrameType.RELEASE
+        )
         if not 1 <= channel <= self.channels:
-            raise BoardNack(NackReason.BAD_CHANNEL, FrameType.RELEASE, boot_id)
+            raise BoardNack(NackReason.BAD_CHANNEL, request_type, boot_id)
         problem = validate_program(program)
         if problem is not None:
             LOGGER.warning("refusing command %016x: %s", command_id, problem)
-            raise BoardNack(NackReason.BAD_PARAMS, FrameType.RELEASE, boot_id)
+            raise BoardNack(NackReason.BAD_PARAMS, request_type, boot_id)
         if command_id in self._executed:
             starting = self._starting.get(command_id)
             if starting is not None:
@@ -244,7 +258,7 @@ class HostTimedBoard(abc.ABC):
             return ReleaseAck(boot_id, command_id, duplicate=True)
         task = self._running.get(channel)
         if task is not None and not task.done():
-            raise BoardNack(NackReason.CHANNEL_BUSY, FrameType.RELEASE, boot_id)
+            raise BoardNack(NackReason.CHANNEL_BUSY, request_type, boot_id)
 
         edges, busy_s = program_edges(program)
         # Recorded before the first byte, like the board's ring (protocol "Board
@@ -255,11 +269,18 @@ class HostTimedBoard(abc.ABC):
             self._run_program(command_id, channel, edges, busy_s, started),
             name=f"release-{command_id:016x}-ch{channel}",
         )
+        task.add_done_callback(_log_task_outcome)
         self._running[channel] = task
         self._starting[command_id] = started
         try:
             await asyncio.shield(started)
-        except (BoardUnavailable, BoardNack):
+        except BoardNack as exc:
+            self._executed.discard(command_id)  # provably did not act
+            if exc.request_type != request_type:
+                # The primitive does not know the program: name the release frame.
+                raise BoardNack(exc.reason, request_type, exc.boot_id) from exc
+            raise
+        except BoardUnavailable:
             self._executed.discard(command_id)  # provably did not act
             raise
         finally:
@@ -301,7 +322,9 @@ class HostTimedBoard(abc.ABC):
             try:
                 await self._bus(functools.partial(self._set_output, channel, True))
             except BaseException as exc:
-                if isinstance(exc, BoardNoReply):
+                if isinstance(exc, BoardNoReply) or (
+                    isinstance(exc, Exception) and not isinstance(exc, BoardError)
+                ):
                     # The "on" may have reached the relay: do not leave it closed.
                     await self._force_off(channel, command_id)
                 if not started.done():
@@ -326,8 +349,9 @@ class HostTimedBoard(abc.ABC):
                 await asyncio.sleep(delay)
         except asyncio.CancelledError:
             raise  # all_off/close write every output off themselves
-        except BoardError as exc:
-            LOGGER.error(
+        except Exception as exc:  # BoardError, or a stray one (gpiod, pymodbus, a bug)
+            log = LOGGER.error if isinstance(exc, BoardError) else LOGGER.exception
+            log(
                 "command %016x channel %d failed at edge %d of %d after the ack: %s",
                 command_id, channel, index + 1, len(edges), exc,
             )
@@ -338,10 +362,11 @@ class HostTimedBoard(abc.ABC):
                 del self._running[channel]
 
     async def _force_off(self, channel: int, command_id: int | None) -> bool:
+        """Best effort: never raises except ``CancelledError``."""
         try:
             await self._bus(functools.partial(self._set_output, channel, False))
-        except BoardError as exc:
-            LOGGER.error("could not force channel %d off: %s", channel, exc)
+        except Exception as exc:
+            LOGGER.error("could not force channel %d off: %r", channel, exc)
             self._report(OutputFault(time.monotonic(), channel, command_id, exc))
             return False
         return True

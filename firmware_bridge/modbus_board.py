@@ -16,14 +16,19 @@ What a pymodbus outcome tells the gateway (exceptions.py: did the board act?):
   never ``BoardUnavailable``. This holds for the *first* coil write as well: the
   relay may be closed. The command id stays recorded (``query`` answers executed),
   the coil is forced off best effort, and recovery treats it as "maybe released".
-  pymodbus retransmits the identical request ``retries`` times; that is safe here
-  only because a coil write sets an absolute level (writing ON twice is ON), never a
-  toggle. A retransmission delays the edge by up to ``timeout_s``.
+  The driver retransmits the identical request ``retries`` times itself (pymodbus
+  runs with ``retries=0``, so the driver knows which attempt an answer belongs to);
+  that is safe here only because a coil write sets an absolute level (writing ON
+  twice is ON), never a toggle. A retransmission delays the edge by up to
+  ``timeout_s``.
 - **Exception response**: the device answered, so it parsed the request. Codes 01
   illegal function, 02 illegal address, 03 illegal value, 06 device busy and 0A
-  gateway path unavailable are refusals before acting -> ``BoardNack``. Code 04
-  (device failure) may come after a partial action, and 05/07/08/0B do not say
-  whether anything happened -> ``BoardNoReply`` (unknown), the conservative side.
+  gateway path unavailable are refusals before acting -> ``BoardNack``, but only
+  when they answer the *first* transmission. After a timed-out attempt the board
+  may already have executed that earlier copy (only its reply was lost), so a
+  refusal of the retransmission says nothing about the coil -> ``BoardNoReply``.
+  Code 04 (device failure) may come after a partial action, and 05/07/08/0B do not
+  say whether anything happened -> ``BoardNoReply`` (unknown), the conservative side.
 - A serial line lost mid-request is not reported by pymodbus (its serial transport
   does not fail the pending request): it surfaces as the timeout above.
 
@@ -38,7 +43,7 @@ supervisor's job, like aiomqtt's.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from pymodbus import FramerType, ModbusException
 from pymodbus.client import AsyncModbusSerialClient
@@ -108,7 +113,7 @@ class ModbusBoard(HostTimedBoard):
             framer=FramerType.RTU,
             baudrate=self._baudrate,
             timeout=self._timeout_s,
-            retries=self._retries,
+            retries=0,  # retransmissions are ours: see _execute
             reconnect_delay=0,  # no background reconnects: the supervisor decides
             name=f"modbus:{self.port}",
         )
@@ -134,21 +139,48 @@ class ModbusBoard(HostTimedBoard):
             raise BoardUnavailable(f"{self.port} is not connected; request not sent")
         return client
 
+    async def _execute(
+        self, request: Callable[[], Awaitable[ModbusPDU]], what: str
+    ) -> tuple[ModbusPDU, int]:
+        """Send ``request`` up to ``1 + retries`` times until an answer comes.
+
+        Returns the answer and the number of timed-out attempts before it (so
+        ``_check`` knows whether an earlier copy may have acted unseen)."""
+        attempt = 0
+        while True:
+            try:
+                # Never let pymodbus reconnect behind our back (see module doc).
+                self._connected_client()
+                return await request(), attempt
+            except (BoardUnavailable, ConnectionException) as exc:
+                if attempt == 0:  # nothing was sent
+                    if isinstance(exc, BoardUnavailable):
+                        raise
+                    raise BoardUnavailable(f"{self.port}: {exc}") from exc
+                raise BoardNoReply(  # an earlier, unanswered copy may have acted
+                    f"{self.port}: {what}: link lost after {attempt} unanswered attempt(s)"
+                    " (may have acted)"
+                ) from exc
+            except ModbusIOException as exc:
+                if attempt >= self._retries:
+                    raise BoardNoReply(
+                        f"{self.port}: no reply to {what} after {attempt + 1} attempt(s)"
+                        " (may have acted)"
+                    ) from exc
+                attempt += 1
+                LOGGER.info("%s: no reply to %s, retransmission %d", self.port, what, attempt)
+            except ModbusException as exc:  # anything else after the write: unknown
+                raise BoardNoReply(f"{self.port}: {what}: {exc}") from exc
+
     async def _set_output(self, channel: int, on: bool) -> None:
         client = self._connected_client()
         level = on != self._is_low_active(channel)
         address = self._coil_offset + channel - 1
-        try:
-            response = await client.write_coil(address, level, device_id=self.unit_id)
-        except ConnectionException as exc:  # raised before the frame is sent
-            raise BoardUnavailable(f"{self.port}: {exc}") from exc
-        except ModbusIOException as exc:
-            raise BoardNoReply(
-                f"{self.port}: no reply to coil {address} := {level} (may have acted)"
-            ) from exc
-        except ModbusException as exc:  # anything else after the write: unknown
-            raise BoardNoReply(f"{self.port}: coil {address} := {level}: {exc}") from exc
-        self._check(response, FrameType.RELEASE, f"coil {address} := {level}")
+        what = f"coil {address} := {level}"
+        response, retried = await self._execute(
+            lambda: client.write_coil(address, level, device_id=self.unit_id), what
+        )
+        self._check(response, FrameType.RELEASE, what, retried)
 
     async def _read_raw(self) -> tuple[int, int | None]:
         inputs = await self._read_bits(self._input_offset, self.inputs) if self.inputs else 0
@@ -159,21 +191,18 @@ class ModbusBoard(HostTimedBoard):
 
     async def _read_bits(self, address: int, count: int) -> int:
         client = self._connected_client()
-        try:
-            response = await client.read_discrete_inputs(
-                address, count=count, device_id=self.unit_id
-            )
-        except ConnectionException as exc:
-            raise BoardUnavailable(f"{self.port}: {exc}") from exc
-        except ModbusException as exc:
-            raise BoardNoReply(f"{self.port}: no reply reading inputs {address}+{count}") from exc
-        self._check(response, FrameType.PING, f"read inputs {address}+{count}")
+        what = f"read inputs {address}+{count}"
+        response, retried = await self._execute(
+            lambda: client.read_discrete_inputs(address, count=count, device_id=self.unit_id),
+            what,
+        )
+        self._check(response, FrameType.READ_INPUTS, what, retried)
         bits = response.bits[:count]
         if len(bits) < count:
             raise BoardNoReply(f"{self.port}: short reply reading inputs {address}+{count}")
         return sum(1 << n for n, bit in enumerate(bits) if bit)
 
-    def _check(self, response: ModbusPDU, request_type: int, what: str) -> None:
+    def _check(self, response: ModbusPDU, request_type: int, what: str, retried: int) -> None:
         if not response.isError():
             return
         code = response.exception_code if isinstance(response, ExceptionResponse) else -1
@@ -182,5 +211,12 @@ class ModbusBoard(HostTimedBoard):
         if reason is None:
             raise BoardNoReply(
                 f"{self.port}: {what}: exception 0x{code & 0xFF:02X}, outcome unknown"
+            )
+        if retried:
+            # The refusal answers a retransmission; an earlier, unanswered copy may
+            # have been executed (e.g. coil switched, then "busy" for the repeat).
+            raise BoardNoReply(
+                f"{self.port}: {what}: exception 0x{code & 0xFF:02X} after {retried}"
+                " unanswered attempt(s), earlier attempt may have acted"
             )
         raise BoardNack(reason, request_type, self.boot_id)

@@ -60,6 +60,9 @@ class FakeGpioChip:
         self.num_lines = num_lines
         self.levels: dict[int, bool] = dict.fromkeys(range(num_lines), False)
         self.sets: list[tuple[float, int, bool]] = []  # (monotonic, offset, high)
+        # Raised (first to last) by the next set_value calls instead of setting the
+        # line: e.g. a stray non-OSError such as gpiod's RequestReleasedError.
+        self.set_failures: list[Exception] = []
         self._owned: set[int] = set()
         self._lock = threading.Lock()
 
@@ -104,6 +107,8 @@ class FakeGpioLines:
         self._check([offset])
         if offset not in self._outputs:
             raise OSError(errno.EPERM, "line is an input")
+        if self._chip.set_failures:
+            raise self._chip.set_failures.pop(0)
         self._chip.levels[offset] = high
         self._chip.sets.append((time.monotonic(), offset, high))
 
@@ -159,6 +164,10 @@ class ModbusPtyServer:
         self.coil_writes: list[tuple[float, int, bool]] = []  # (monotonic, address, value)
         self.refuse_coils: set[int] = set()  # addresses answered with ILLEGAL ADDRESS
         self.cut = False  # True: the bridge drops every byte (a cut RS-485 cable)
+        # Per coil write, consumed first to last: "lost" = apply the write but lose
+        # its reply on the way back; an ExcCodes = answer that, without applying.
+        self.coil_script: list[Any] = []
+        self._drop_replies_until = 0.0
         self.server_master, self._server_slave, self.server_port = _raw_pty()
         self.client_master, self._client_slave, self.port = _raw_pty()
         self._loop = asyncio.new_event_loop()
@@ -179,7 +188,12 @@ class ModbusPtyServer:
 
             if address in self.refuse_coils:
                 return ExcCodes.ILLEGAL_ADDRESS
+            step = self.coil_script.pop(0) if self.coil_script else None
+            if isinstance(step, ExcCodes):
+                return step
             now = time.monotonic()
+            if step == "lost":
+                self._drop_replies_until = now + 0.05
             for i, value in enumerate(set_values):
                 self.coil_writes.append((now, address + i, bool(value)))
         return None
@@ -190,6 +204,8 @@ class ModbusPtyServer:
         except (BlockingIOError, OSError):
             return
         if self.cut:
+            return
+        if src == self.server_master and time.monotonic() < self._drop_replies_until:
             return
         view = memoryview(data)
         while view:

@@ -6,9 +6,10 @@ import asyncio
 
 import pytest
 
-from firmware_bridge.driver import LevelHold
-from firmware_bridge.exceptions import BoardUnavailable
+from firmware_bridge.driver import LevelHold, PulseTrain
+from firmware_bridge.exceptions import BoardNoReply, BoardUnavailable
 from firmware_bridge.gpio_board import GpioBoard, GpiodChip
+from firmware_bridge.host_timed import OutputFault
 
 from .drivers_support import FakeGpioChip, GpioObserver
 
@@ -86,3 +87,51 @@ def test_a_repeat_racing_the_first_edge_is_duplicate_only_if_the_original_acted(
 
     asyncio.run(scenario())
     assert len(GpioObserver(chip, OUTPUTS, INPUTS).edges(1)) == 2
+
+
+class _RequestReleasedError(Exception):
+    """Stands in for gpiod's RequestReleasedError: not an OSError, not a BoardError."""
+
+
+def test_a_stray_error_after_the_ack_forces_the_output_off_and_is_a_fault(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    chip = FakeGpioChip()
+    seen: list[OutputFault] = []
+
+    async def scenario() -> None:
+        board = GpioBoard(outputs=OUTPUTS, inputs=INPUTS, chip=chip, on_fault=seen.append)
+        await board.open()
+        await board.release(3, 1, PulseTrain(3, 50, 50))
+        assert chip.levels[5] is True
+        chip.set_failures.append(_RequestReleasedError("request released"))
+        await asyncio.sleep(0.15)  # the "off" edge raises; the forced off succeeds
+        assert chip.levels[5] is False
+        assert [type(f.error) for f in board.faults] == [_RequestReleasedError]
+        assert board.faults[0].command_id == 3 and board.faults[0].channel == 1
+        assert not board._running  # the task ended, the channel is free again
+        assert not (await board.release(4, 1, LevelHold(100))).duplicate
+        await asyncio.sleep(0.15)
+        await board.close()
+
+    asyncio.run(scenario())
+    assert seen and isinstance(seen[0].error, _RequestReleasedError)
+    edges = GpioObserver(chip, OUTPUTS, INPUTS).edges(1)
+    assert [on for _, on in edges] == [True, False, True, False]  # no 2nd/3rd pulse
+    assert "never retrieved" not in caplog.text
+
+
+def test_a_stray_error_on_the_first_edge_is_no_reply_and_forces_off() -> None:
+    chip = FakeGpioChip()
+
+    async def scenario() -> None:
+        board = GpioBoard(outputs=OUTPUTS, inputs=INPUTS, chip=chip)
+        await board.open()
+        chip.set_failures.append(_RequestReleasedError("request released"))
+        with pytest.raises(BoardNoReply):
+            await board.release(7, 1, LevelHold(100))
+        assert (await board.query(7)).executed  # outcome unknown: never run again
+        assert chip.levels[5] is False
+        await board.close()
+
+    asyncio.run(scenario())

@@ -11,7 +11,7 @@ import pytest
 
 from firmware_bridge.driver import LevelHold, PulseTrain
 from firmware_bridge.exceptions import BoardNack, BoardNoReply, BoardUnavailable
-from firmware_bridge.frames import NackReason
+from firmware_bridge.frames import FrameType, NackReason
 from firmware_bridge.host_timed import OutputFault
 from firmware_bridge.modbus_board import ModbusBoard
 
@@ -142,3 +142,73 @@ def test_close_forces_a_running_hold_off(server: ModbusPtyServer) -> None:
 
     run(ModbusBoard(server.port), scenario)
     assert [on for _, on in ModbusObserver(server).edges(1)] == [True, False]
+
+
+def test_refusal_of_a_retransmission_is_no_reply_not_a_nack(server: ModbusPtyServer) -> None:
+    from pymodbus.constants import ExcCodes
+
+    # Attempt 1 switches the coil but its reply is lost; the retransmission is
+    # answered "device busy": the relay may well be closed, so never a NACK.
+    server.coil_script = ["lost", ExcCodes.DEVICE_BUSY]
+
+    async def scenario(board: ModbusBoard) -> None:
+        with pytest.raises(BoardNoReply):
+            await board.release(1, 1, LevelHold(500))
+        assert (await board.query(1)).executed  # the id stays recorded
+        assert (await board.release(1, 1, LevelHold(500))).duplicate
+
+    run(ModbusBoard(server.port, timeout_s=0.2, retries=1), scenario)
+    # The lost-reply write closed the relay; it was forced off right away.
+    assert [on for _, on in ModbusObserver(server).edges(1)] == [True, False]
+
+
+def test_refusal_of_the_first_transmission_is_still_a_nack(server: ModbusPtyServer) -> None:
+    from pymodbus.constants import ExcCodes
+
+    server.coil_script = [ExcCodes.DEVICE_BUSY]
+
+    async def scenario(board: ModbusBoard) -> None:
+        with pytest.raises(BoardNack) as exc_info:
+            await board.release(1, 1, LevelHold(100))
+        assert exc_info.value.reason == NackReason.CHANNEL_BUSY
+        assert exc_info.value.request_type == FrameType.RELEASE_LEVEL
+        assert not (await board.query(1)).executed
+
+    run(ModbusBoard(server.port, timeout_s=0.2, retries=1), scenario)
+    assert ModbusObserver(server).edges(1) == []
+
+
+def test_a_lost_reply_is_retransmitted(server: ModbusPtyServer) -> None:
+    server.coil_script = ["lost"]
+
+    async def scenario(board: ModbusBoard) -> None:
+        assert not (await board.release(1, 1, PulseTrain(1, 60, 60))).duplicate
+        await asyncio.sleep(0.2)
+        assert not board.faults
+
+    run(ModbusBoard(server.port, timeout_s=0.2, retries=1), scenario)
+    assert [on for _, on in ModbusObserver(server).edges(1)] == [True, False]
+
+
+def test_nacks_name_the_request_type(server: ModbusPtyServer) -> None:
+    async def scenario(board: ModbusBoard) -> None:
+        with pytest.raises(BoardNack) as hold:
+            await board.release(1, 99, LevelHold(100))
+        assert hold.value.request_type == FrameType.RELEASE_LEVEL
+        with pytest.raises(BoardNack) as train:
+            await board.release(2, 99, PulseTrain(1, 60, 60))
+        assert train.value.request_type == FrameType.RELEASE
+
+    run(ModbusBoard(server.port), scenario)
+
+
+def test_refused_input_read_names_read_inputs() -> None:
+    board = ModbusBoard("/dev/null")
+    from pymodbus.pdu import ExceptionResponse
+
+    response = ExceptionResponse(2, 0x02)
+    with pytest.raises(BoardNack) as exc_info:
+        board._check(response, FrameType.READ_INPUTS, "read inputs 0+8", retried=0)
+    assert exc_info.value.request_type == FrameType.READ_INPUTS
+    with pytest.raises(BoardNoReply):
+        board._check(response, FrameType.READ_INPUTS, "read inputs 0+8", retried=1)
