@@ -1,7 +1,8 @@
 """Host side of protocol v1 over a serial port (pyserial-asyncio-fast).
 
 The codec is frames.py; this module only adds what needs I/O and time: one
-request in flight, retransmission of the identical frame on ACK_TIMEOUT, and
+request in flight, retransmission of the identical frame on ACK_TIMEOUT (never
+for a release: QUERY first, see SerialBoard.release), and
 the translation of link failures into the three outcomes the gateway acts on
 (exceptions.py): not sent, refused, unknown. See docs/firmware-protocol.md
 "Host behaviour".
@@ -55,6 +56,7 @@ ACK_TIMEOUT = 0.25
 MAX_RETRIES = 3
 
 _Reply = TypeVar("_Reply", Pong, ReleaseAck, QueryReply, AllOffAck, Inputs)
+_BoardReply = Pong | ReleaseAck | QueryReply | AllOffAck | Inputs | Nack  # all carry boot_id
 
 
 @dataclass
@@ -126,6 +128,8 @@ class SerialBoard:
         self._link: _Link | None = None
         self._pending: dict[int, _Pending] = {}
         self._lock = asyncio.Lock()  # "Sequencing": one request in flight
+        # The board's boot id from its last reply (any type); None until one came.
+        self._boot_id: int | None = None
         # A random start makes a late reply to a previous process unlikely to match.
         self._seq = random.randrange(256)
 
@@ -164,15 +168,63 @@ class SerialBoard:
     async def release(self, command_id: int, channel: int, program: Program) -> ReleaseAck:
         """PulseTrain -> RELEASE, LevelHold -> RELEASE_LEVEL. Limits are the
         board's to check (NACK bad_params); a value that does not even fit its
-        field raises ``ProtocolError`` before anything is sent."""
-        request: Message
+        field raises ``ProtocolError`` before anything is sent.
+
+        A release is never retransmitted blindly: the board de-duplicates only
+        within one boot, so a copy reaching a board that acted and then reset
+        before its ACK would pulse again. On ACK timeout the host asks QUERY
+        (docs/firmware-protocol.md "Host behaviour") and re-sends only when the
+        same boot says "not executed"."""
+        request: Release | ReleaseLevel
         if isinstance(program, PulseTrain):
             request = Release(command_id, channel, program.count, program.on_ms, program.off_ms)
         elif isinstance(program, LevelHold):
             request = ReleaseLevel(command_id, channel, program.hold_ms)
         else:
             raise TypeError(f"not a Program: {program!r}")
-        return await self._request(request, ReleaseAck)
+        encode(request, 0)  # ProtocolError before anything is sent
+        async with self._lock:
+            known_boot = self._boot_id  # None: conservative, see below
+            for attempt in range(1 + self._max_retries):
+                ack = await self._exchange(request, ReleaseAck, 1, written_before=attempt > 0)
+                if ack is not None:
+                    return ack
+                LOGGER.warning(
+                    "no ack to %s command_id=%016x on %s (attempt %d of %d); querying",
+                    type(request).__name__, command_id, self.port, attempt + 1,
+                    1 + self._max_retries,
+                )
+                try:
+                    reply = await self._exchange(
+                        Query(command_id), QueryReply, 1 + self._max_retries, written_before=True
+                    )
+                except BoardNack as exc:  # the QUERY was refused; the release is still unknown
+                    raise BoardNoReply(
+                        f"QUERY after an unacknowledged release refused: {exc}"
+                    ) from exc
+                if reply is None:
+                    raise BoardNoReply(
+                        f"no reply to {type(request).__name__} command_id={command_id:016x} "
+                        "nor to its QUERY"
+                    )
+                if known_boot is not None and reply.boot_id != known_boot:
+                    raise BoardNoReply(
+                        "board reset while a release was unacknowledged; outcome unknown"
+                    )
+                if reply.executed:  # it acted once (in this boot); never send again
+                    return ReleaseAck(reply.boot_id, command_id, True)
+                if known_boot is None:
+                    # Sent without a known boot id: "not executed" may mean lost on
+                    # the wire or acted-then-reset; only a human can tell.
+                    raise BoardNoReply(
+                        "release unacknowledged and the board's boot id before it is "
+                        "unknown; outcome unknown"
+                    )
+                # Same boot, not executed: the frame was lost; send it again.
+            raise BoardNoReply(
+                f"no ack to {type(request).__name__} command_id={command_id:016x} after "
+                f"{1 + self._max_retries} attempts"
+            )
 
     async def query(self, command_id: int) -> QueryReply:
         return await self._request(Query(command_id), QueryReply)
@@ -189,48 +241,66 @@ class SerialBoard:
         await self._request(AllOff(), AllOffAck)
 
     async def _request(self, request: Message, reply_type: type[_Reply]) -> _Reply:
+        """An idempotent request: retransmitted as the identical frame on timeout."""
         async with self._lock:
-            transport, link = self._transport, self._link
-            if transport is None or link is None or transport.is_closing():
-                raise BoardUnavailable(f"{self.port} is not open")
-            seq = self._seq
-            self._seq = (self._seq + 1) % 256
-            data = encode(request, seq)  # ProtocolError before anything is sent
-            try:
-                for attempt in range(1 + self._max_retries):
-                    if transport.is_closing():
-                        raise BoardNoReply(f"{self.port} closed after the request was written")
-                    # Register before the write, keyed by SEQ (STYLE.md, bellows).
-                    future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-                    self._pending[seq] = _Pending(request, reply_type, future)
-                    # One synchronous write hands the whole frame to the transport,
-                    # so cancellation cannot split it; no sleeps (latency to first byte).
-                    transport.write(data)
-                    if transport.is_closing():
-                        # Only a failed os.write of this very frame closes the
-                        # transport inside write(): none of its bytes left the host.
-                        if attempt == 0:
-                            raise BoardUnavailable(f"{self.port} failed; request not sent")
-                        raise BoardNoReply(f"{self.port} failed after the request was written")
-                    await asyncio.shield(link.drain())
-                    done, _ = await asyncio.wait((future,), timeout=self._ack_timeout)
-                    if done:
-                        reply = future.result()  # BoardNoReply if the port died
-                        if isinstance(reply, Nack):
-                            raise BoardNack(reply.reason, reply.request_type, reply.boot_id)
-                        assert isinstance(reply, reply_type)
-                        return reply
-                    LOGGER.warning(
-                        "no reply to %s seq=%d on %s (attempt %d of %d)",
-                        type(request).__name__, seq, self.port, attempt + 1,
-                        1 + self._max_retries,
-                    )
+            reply = await self._exchange(
+                request, reply_type, 1 + self._max_retries, written_before=False
+            )
+            if reply is None:
                 raise BoardNoReply(
-                    f"no reply to {type(request).__name__} seq={seq} after "
+                    f"no reply to {type(request).__name__} after "
                     f"{1 + self._max_retries} attempts"
                 )
-            finally:
-                self._pending.pop(seq, None)
+            return reply
+
+    async def _exchange(
+        self, request: Message, reply_type: type[_Reply], attempts: int, *, written_before: bool
+    ) -> _Reply | None:
+        """Send ``request`` under a new SEQ, writing the identical frame up to
+        ``attempts`` times; None when no reply came. The caller holds the lock.
+        ``written_before``: an earlier request of the same operation already
+        reached the port, so a failing write is BoardNoReply, not BoardUnavailable."""
+        transport, link = self._transport, self._link
+        if transport is None or link is None or transport.is_closing():
+            if written_before:
+                raise BoardNoReply(f"{self.port} lost after the request was written")
+            raise BoardUnavailable(f"{self.port} is not open")
+        seq = self._seq
+        self._seq = (self._seq + 1) % 256
+        data = encode(request, seq)  # ProtocolError before anything is sent
+        try:
+            for attempt in range(attempts):
+                if transport.is_closing():
+                    raise BoardNoReply(f"{self.port} closed after the request was written")
+                # Register before the write, keyed by SEQ (STYLE.md, bellows).
+                future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+                self._pending[seq] = _Pending(request, reply_type, future)
+                # One synchronous write hands the whole frame to the transport,
+                # so cancellation cannot split it; no sleeps (latency to first byte).
+                transport.write(data)
+                if transport.is_closing():
+                    # Only a failed os.write of this very frame closes the
+                    # transport inside write(): none of its bytes left the host.
+                    if attempt == 0 and not written_before:
+                        raise BoardUnavailable(f"{self.port} failed; request not sent")
+                    raise BoardNoReply(f"{self.port} failed after the request was written")
+                await asyncio.shield(link.drain())
+                done, _ = await asyncio.wait((future,), timeout=self._ack_timeout)
+                if done:
+                    reply = future.result()  # BoardNoReply if the port died
+                    if isinstance(reply, _BoardReply):
+                        self._boot_id = reply.boot_id  # every reply type carries it
+                    if isinstance(reply, Nack):
+                        raise BoardNack(reply.reason, reply.request_type, reply.boot_id)
+                    assert isinstance(reply, reply_type)
+                    return reply
+                LOGGER.warning(
+                    "no reply to %s seq=%d on %s (attempt %d of %d)",
+                    type(request).__name__, seq, self.port, attempt + 1, attempts,
+                )
+            return None
+        finally:
+            self._pending.pop(seq, None)
 
     def _frame_received(self, frame: Frame) -> None:
         pending = self._pending.get(frame.seq)

@@ -197,3 +197,66 @@ def test_late_reply_from_earlier_request_is_ignored(start_simulator: Start) -> N
 
     run(scenario, sim.path, ack_timeout=0.0003, max_retries=50)
     assert [int(a["command_id"], 16) for a in sim.actuations()] == [1, 2, 3, 4, 5]
+
+
+
+async def _reboot_after_actuation(sim: SimulatorProcess) -> None:
+    for _ in range(1000):  # the actuation line lands before the (dropped) ack
+        if sim.actuations():
+            break
+        await asyncio.sleep(0.005)
+    assert sim.actuations()
+    sim.send_signal(signal.SIGHUP)
+    for _ in range(1000):  # well before the host's 1 s ack timeout
+        if "REBOOT " in sim.stderr_file.read_text():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("simulator did not reboot")
+
+
+def test_lost_release_ack_is_resolved_by_query_not_by_resending(
+    start_simulator: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    sim = start_simulator("--drop-release-acks", "1")
+
+    async def scenario(board: SerialBoard) -> None:
+        pong = await board.ping()
+        ack = await board.release(COMMAND, 1, TRAIN)
+        assert ack.duplicate and ack.command_id == COMMAND and ack.boot_id == pong.boot_id
+
+    with caplog.at_level("WARNING", logger="firmware_bridge.serial_board"):
+        run(scenario, sim.path, ack_timeout=0.1)
+    assert len(sim.actuations()) == 1
+    assert any("querying" in r.getMessage() for r in caplog.records)
+
+
+def test_board_reset_before_release_ack_never_pulses_twice(start_simulator: Start) -> None:
+    # THE double-pulse bug: the board executes the RELEASE, then browns out before
+    # its ACK. A blind retransmission would reach an empty de-dup ring and pulse
+    # again; the host must QUERY, see the new boot id and give up (BoardNoReply).
+    sim = start_simulator("--drop-release-acks", "1")
+
+    async def scenario(board: SerialBoard) -> None:
+        await board.ping()  # the host knows the boot id before the release
+        rebooter = asyncio.create_task(_reboot_after_actuation(sim))
+        with pytest.raises(BoardNoReply, match="board reset"):
+            await board.release(COMMAND, 1, TRAIN)
+        await rebooter
+
+    run(scenario, sim.path, ack_timeout=1.0)
+    assert len(sim.actuations()) == 1
+
+
+def test_reset_before_ack_without_known_boot_id_is_unknown(start_simulator: Start) -> None:
+    # No reply seen before the release: "not executed" after the timeout cannot
+    # tell a lost frame from act-then-reset, so the host must not re-send.
+    sim = start_simulator("--drop-release-acks", "1")
+
+    async def scenario(board: SerialBoard) -> None:
+        rebooter = asyncio.create_task(_reboot_after_actuation(sim))
+        with pytest.raises(BoardNoReply):
+            await board.release(COMMAND, 1, TRAIN)
+        await rebooter
+
+    run(scenario, sim.path, ack_timeout=1.0)
+    assert len(sim.actuations()) == 1
