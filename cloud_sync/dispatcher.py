@@ -23,10 +23,20 @@ One round (:meth:`OutboxDispatcher.run_once`):
    configured): the payments team acts on that endpoint, so a failed alert re-sends
    the event too (the cloud de-duplicates by ``event_id``).
 4. Outcomes: :class:`~cloud_sync.https_client.CloudUnreachable` or an MQTT link loss
-   -> ``release`` (no attempt); other retryable errors -> ``mark_failed`` with
-   ``next_attempt_at = now + full-jitter backoff(attempts)``; a
-   :class:`~cloud_sync.https_client.CloudRejected` -> ``dead`` (DLQ) with its reason.
-   Each remote endpoint's breaker records the call's outcome.
+   -> ``release`` (no attempt); a publish refused while the link is up, a compensation
+   breaker that is open, or a :class:`~cloud_sync.https_client.CloudRejected` that
+   blames the endpoint or the configuration (401/403/404/405/413, ``endpoint_fault``)
+   -> ``release`` (no attempt) due after a backoff, and the endpoint's breaker records
+   a failure; other retryable errors, and any unexpected exception of a send (a bug,
+   an untranslated library error) -> ``mark_failed`` with ``next_attempt_at = now +
+   full-jitter backoff(attempts)``; any other ``CloudRejected`` (400, 409, 422...) ->
+   ``dead`` (DLQ) with its reason. Each remote endpoint's breaker records the call's
+   outcome, so no half-open probe slot is ever left taken.
+
+:meth:`~OutboxDispatcher.run_once` returns how many items made progress (``sent``,
+``failed`` or ``dead``), not how many were claimed: a round that only released its
+items (no channel after all, a breaker open) returns 0 and :meth:`~OutboxDispatcher.run`
+waits instead of spinning.
 """
 
 from __future__ import annotations
@@ -40,7 +50,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from cloud_sync.breaker import CircuitBreaker
+from cloud_sync.breaker import OPEN, CircuitBreaker
 from cloud_sync.https_client import (
     CloudError,
     CloudHttpClient,
@@ -125,6 +135,7 @@ class OutboxDispatcher:
         self.https_bulk_threshold = https_bulk_threshold
         self.idle_poll_s = idle_poll_s
         self._wakeup = asyncio.Event()
+        self._progress = 0
 
     def notify(self) -> None:
         """Something was added to the outbox (call from the event loop's thread)."""
@@ -141,13 +152,15 @@ class OutboxDispatcher:
                 # A store error (disk full, locked database) must not end the dispatcher.
                 log.exception("outbox dispatch round failed")
                 handled = 0
-            if handled:
+            if handled:  # something was sent, failed or dead: there may be more to do
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), self.idle_poll_s)
 
     async def run_once(self) -> int:
-        """One round; returns how many items were claimed (0: nothing to do or no channel)."""
+        """One round; returns how many items made progress: ``sent``, ``failed`` or
+        ``dead`` (0: nothing to do, no channel, or every claimed item was released)."""
+        self._progress = 0
         now = self._clock()
         requeued = self._store.requeue_stale(self.sending_timeout_s, now)
         if requeued:
@@ -166,7 +179,7 @@ class OutboxDispatcher:
             delivered = await self._send_https(items)
         if delivered:
             await self._finish(delivered, channel)
-        return len(items)
+        return self._progress
 
     # -- channels -------------------------------------------------------------------
 
@@ -186,15 +199,25 @@ class OutboxDispatcher:
     async def _send_mqtt(self, items: Sequence[OutboxItem]) -> list[OutboxItem]:
         assert self._mqtt is not None
         breaker = self._breaker(BREAKER_MQTT)
-        results = await self._mqtt.publish_many([(item.topic, item.payload) for item in items])
+        try:
+            results = await self._mqtt.publish_many([(item.topic, item.payload) for item in items])
+        except Exception as exc:
+            self._unexpected(items, exc, "mqtt", breaker)
+            return []
         delivered: list[OutboxItem] = []
         link_down: list[int] = []
+        refused: list[OutboxItem] = []
         any_failed = False
+        connected = self._mqtt.connected
         for item, error in zip(items, results, strict=True):
             if error is None:
                 delivered.append(item)
-            elif isinstance(error, MqttLinkDown) or not self._mqtt.connected:
+            elif not connected:
                 link_down.append(item.id)
+            elif isinstance(error, MqttLinkDown):
+                # The link is up but paho refused the PUBLISH (or the link bounced):
+                # due again only after a backoff, or the next round would spin on it.
+                refused.append(item)
             else:
                 any_failed = True
                 self._fail(item, error, "mqtt")
@@ -203,9 +226,12 @@ class OutboxDispatcher:
             self._store.release(
                 link_down, error="mqtt_link_down", channel="mqtt", now=now, next_attempt_at=now
             )
+        if refused:
+            first = next(e for e in results if isinstance(e, MqttLinkDown))
+            self._release_later(refused, _error_text(first), "mqtt", breaker)
         if delivered:
             breaker.record_success()
-        elif any_failed:
+        elif any_failed or refused:
             breaker.record_failure()
         else:
             breaker.cancel()  # the link went down: the session's reconnect loop's business
@@ -226,11 +252,10 @@ class OutboxDispatcher:
         try:
             await self._https.post_events(sendable)
         except CloudError as exc:
-            self._fail_all(sendable, exc, "https")
-            if isinstance(exc, CloudRejected):
-                breaker.record_success()  # the endpoint works; the request was bad
-            else:
-                breaker.record_failure()
+            self._cloud_error(sendable, exc, "https", breaker)
+            return []
+        except Exception as exc:
+            self._unexpected(sendable, exc, "https", breaker)
             return []
         breaker.record_success()
         return sendable
@@ -244,34 +269,96 @@ class OutboxDispatcher:
                 continue
             # Keep order: everything acked before this item is marked first.
             if done:
-                self._store.mark_sent(done, channel=channel, now=self._clock())
+                self._mark_sent(done, channel)
                 done = []
             breaker = self._breaker(BREAKER_COMPENSATION)
             if not breaker.allow():
+                # Due again when the breaker may let a probe through, not right away:
+                # released at ``now``, the next round would claim and re-send it at once.
                 now = self._clock()
                 self._store.release(
                     [item.id],
                     error="breaker_open:" + BREAKER_COMPENSATION,
                     channel="https",
                     now=now,
-                    next_attempt_at=now,
+                    next_attempt_at=now + self._release_delay(breaker),
                 )
                 continue
             try:
                 await self._https.post_compensation(item)
             except CloudError as exc:
-                self._fail(item, exc, "https")
-                if isinstance(exc, CloudRejected):
-                    breaker.record_success()
-                else:
-                    breaker.record_failure()
+                self._cloud_error([item], exc, "https", breaker)
+                continue
+            except Exception as exc:
+                self._unexpected([item], exc, "https", breaker)
                 continue
             breaker.record_success()
             done.append(item.id)
         if done:
-            self._store.mark_sent(done, channel=channel, now=self._clock())
+            self._mark_sent(done, channel)
+
+    def _mark_sent(self, ids: list[int], channel: str) -> None:
+        self._store.mark_sent(ids, channel=channel, now=self._clock())
+        self._progress += len(ids)
 
     # -- outcomes -------------------------------------------------------------------
+
+    def _cloud_error(
+        self,
+        items: Sequence[OutboxItem],
+        exc: CloudError,
+        channel: str,
+        breaker: CircuitBreaker,
+    ) -> None:
+        """A call to the cloud API failed with ``exc``: the items' outcome and the
+        endpoint breaker's."""
+        if isinstance(exc, CloudRejected) and exc.endpoint_fault:
+            # 401/403/404/405/413: the token, URL or batch size is wrong, not the events.
+            breaker.record_failure()
+            self._release_later(
+                items, f"rejected:{exc.status}:{exc.reason}"[:MAX_ERROR_CHARS], channel, breaker
+            )
+            return
+        self._fail_all(items, exc, channel)
+        if isinstance(exc, CloudRejected):
+            breaker.record_success()  # the endpoint works; the request was bad
+        else:
+            breaker.record_failure()
+
+    def _unexpected(
+        self,
+        items: Sequence[OutboxItem],
+        exc: Exception,
+        channel: str,
+        breaker: CircuitBreaker,
+    ) -> None:
+        """A send raised something other than a CloudError (a bug, an untranslated
+        library error): never leave a probe slot taken nor the items in ``sending``."""
+        log.exception("outbox: unexpected error sending %d item(s) over %s", len(items), channel)
+        breaker.record_failure()
+        for item in items:
+            self._fail(item, exc, channel)
+
+    def _release_later(
+        self, items: Sequence[OutboxItem], error: str, channel: str, breaker: CircuitBreaker
+    ) -> None:
+        """Release (no attempt spent), due again after a backoff."""
+        now = self._clock()
+        self._store.release(
+            [i.id for i in items],
+            error=error,
+            channel=channel,
+            now=now,
+            next_attempt_at=now + self._release_delay(breaker),
+        )
+
+    def _release_delay(self, breaker: CircuitBreaker) -> float:
+        """How long released items wait: until the breaker may probe again when it is
+        open (its own clock may differ from ours: its timeout is the upper bound), at
+        least ``backoff_base_s``."""
+        if breaker.state == OPEN:
+            return max(self.backoff_base_s, breaker.reset_timeout_s)
+        return self.backoff_base_s
 
     def _fail_all(self, items: Sequence[OutboxItem], exc: BaseException, channel: str) -> None:
         if isinstance(exc, CloudUnreachable):
@@ -307,6 +394,7 @@ class OutboxDispatcher:
             + full_jitter_backoff(attempts, self.backoff_base_s, self.backoff_max_s),
             max_attempts=self.max_attempts,
         )
+        self._progress += 1
         if state == "dead":
             log.error("outbox item %d (%s) is dead: %s", item.id, item.topic, error or exc)
 

@@ -8,9 +8,16 @@ Exceptions (httpx errors are translated at the boundary, ``raise ... from exc``)
     │   │                         act on it: connect errors, 429, 502, 503, 504. Not a
     │   │                         delivery attempt (OutboxStore.release).
     │   └── CloudServerError      sent, outcome unknown or failed: read/write timeouts,
-    │                             protocol errors, 408, other 5xx. Counts as an attempt.
+    │                             protocol errors, 408, other 5xx, any other httpx error
+    │                             (decoding, too many redirects, invalid URL). Counts as an
+    │                             attempt.
     └── CloudRejected             4xx other than 408/429: this request will never be
-                                  accepted; never retried (-> DLQ). ``.status``, ``.reason``
+                                  accepted as is; never retried within the call.
+                                  ``.status``, ``.reason``. ``.endpoint_fault`` for
+                                  401/403/404/405/413: the endpoint or the gateway's
+                                  configuration (token, URL, batch size) is at fault, not
+                                  the events (the dispatcher releases them, no DLQ);
+                                  other 4xx (400, 409, 422...) -> DLQ.
 
 Within one call, tenacity retries only :class:`CloudRetryable` errors, a few times with
 full-jitter exponential backoff; the outbox's backoff and the circuit breakers take over
@@ -42,10 +49,14 @@ __all__ = [
     "CloudRetryable",
     "CloudServerError",
     "CloudUnreachable",
+    "ENDPOINT_FAULT_STATUSES",
 ]
 
 #: Statuses that say "not now" without the request having been processed.
 UNAVAILABLE_STATUSES = frozenset({429, 502, 503, 504})
+#: 4xx statuses that blame the endpoint or the configuration, not the request's events:
+#: bad/expired token, wrong URL or method, a batch too large for the server.
+ENDPOINT_FAULT_STATUSES = frozenset({401, 403, 404, 405, 413})
 #: Attempts of one call (the first included) before the error goes to the dispatcher.
 DEFAULT_RETRY_ATTEMPTS = 3
 #: A rejection reason is stored in the DLQ and shown to technicians: keep it short.
@@ -76,6 +87,12 @@ class CloudRejected(CloudError):
         self.status = status
         self.reason = reason
 
+    @property
+    def endpoint_fault(self) -> bool:
+        """The endpoint or the configuration is wrong (401/403/404/405/413), not the
+        events: retry later rather than dead-letter them."""
+        return self.status in ENDPOINT_FAULT_STATUSES
+
 
 @contextmanager
 def _translate_httpx_errors() -> Iterator[None]:
@@ -86,6 +103,10 @@ def _translate_httpx_errors() -> Iterator[None]:
     except httpx.TimeoutException as exc:  # read/write: the request may have arrived
         raise CloudServerError(f"{type(exc).__name__}: {exc}") from exc
     except httpx.TransportError as exc:  # protocol errors, a reset mid-response
+        raise CloudServerError(f"{type(exc).__name__}: {exc}") from exc
+    except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
+        # Everything else httpx raises (DecodingError, TooManyRedirects, InvalidURL...):
+        # retryable, and never an untranslated httpx error past this boundary.
         raise CloudServerError(f"{type(exc).__name__}: {exc}") from exc
 
 

@@ -206,17 +206,18 @@ class MqttSession:
         # The PUBACK cannot arrive before the registration: paho reads the socket only
         # when this loop runs its reader callback, after this synchronous block.
         pending = client._pending_publishes  # noqa: SLF001
-        mids: list[int | None] = []
-        for index, (topic, payload) in enumerate(items):
-            info = paho_client.publish(f"{base}/{topic}", payload, qos=1)
-            if info.rc != paho.MQTT_ERR_SUCCESS:
-                acks.fail(index, MqttLinkDown(f"publish refused: {paho.error_string(info.rc)}"))
-                mids.append(None)
-                continue
-            pending[info.mid] = acks.slot(index)  # type: ignore[assignment]
-            mids.append(info.mid)
+        mids: list[int] = []
         down: asyncio.Future[Any] = asyncio.ensure_future(self._link_down.wait())
         try:
+            # Registration inside the try: should paho raise mid-batch (a ValueError
+            # for a bad topic or payload...), the ids registered so far do not leak.
+            for index, (topic, payload) in enumerate(items):
+                info = paho_client.publish(f"{base}/{topic}", payload, qos=1)
+                if info.rc != paho.MQTT_ERR_SUCCESS:
+                    acks.fail(index, MqttLinkDown(f"publish refused: {paho.error_string(info.rc)}"))
+                    continue
+                pending[info.mid] = acks.slot(index)  # type: ignore[assignment]
+                mids.append(info.mid)
             await asyncio.wait(
                 {acks.all_done, down},
                 timeout=self._publish_timeout_s,
@@ -225,8 +226,7 @@ class MqttSession:
         finally:
             down.cancel()
             for mid in mids:
-                if mid is not None:
-                    pending.pop(mid, None)  # unacked: nobody waits for them any more
+                pending.pop(mid, None)  # unacked: nobody waits for them any more
         link_lost = down.done() and not down.cancelled()
         return [
             acks.result(

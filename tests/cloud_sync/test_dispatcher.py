@@ -7,14 +7,19 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import aiomqtt
 import pytest
 
 from cloud_sync.breaker import CircuitBreaker
-from cloud_sync.dispatcher import BREAKER_EVENTS, BREAKER_MQTT, OutboxDispatcher
+from cloud_sync.dispatcher import (
+    BREAKER_COMPENSATION,
+    BREAKER_EVENTS,
+    BREAKER_MQTT,
+    OutboxDispatcher,
+)
 from cloud_sync.https_client import CloudHttpClient
 from cloud_sync.mqtt_session import MqttLinkDown, MqttSession, MqttSettings
 from cloud_sync.outbox import MemoryOutboxStore
@@ -456,3 +461,282 @@ def seventy_two_hours_offline_then_drained(store: Any) -> None:
         print(f"\n72 h offline: {added} events drained in {rounds} rounds")
 
     run(scenario(), 60)
+
+
+# -- review findings: endpoint 4xx, no hot loop, unexpected exceptions -------------------
+
+
+@pytest.mark.parametrize("status", [401, 403, 404, 405, 413])
+def test_an_endpoint_4xx_releases_the_batch_with_a_backoff_instead_of_killing_it(
+    status: int,
+) -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        store = MemoryOutboxStore()
+        add_events(store, 5, streams=2)
+        breaker = CircuitBreaker(
+            BREAKER_EVENTS, failure_threshold=2, reset_timeout_s=30, clock=clock
+        )
+        with CloudServer() as server:
+            server.mode = status
+            server.error_body = {"error": "unauthorized"}
+            async with https_client(server.base_url, retry_attempts=3) as http:
+                d = OutboxDispatcher(
+                    store,
+                    mqtt=None,
+                    https=http,
+                    breakers={BREAKER_EVENTS: breaker},
+                    clock=clock,
+                    backoff_base_s=2,
+                )
+                assert await d.run_once() == 0  # released: no progress
+                assert server.count() == 1
+                assert store.depth()["dead"] == 0
+                assert all(store.attempts(i) == 0 for i in range(1, 6))
+                assert all(store.next_attempt_at(i) >= clock.now + 2 for i in range(1, 6))
+                assert store.last_error(1) == f"rejected:{status}:unauthorized"
+                assert await d.run_once() == 0  # not due yet: nothing re-sent
+                assert server.count() == 1
+                clock.now += 2
+                await d.run_once()  # second endpoint failure: the breaker opens
+                assert server.count() == 2
+                assert breaker.state == "open"
+                server.mode = "ok"  # the token was fixed
+                clock.now += 31
+                for _ in range(3):
+                    await d.run_once()
+                    clock.now += 31
+        assert store.depth()["sent"] == 5
+        assert_in_order_once(server.events(), 5)
+
+    run(scenario())
+
+
+def test_an_endpoint_4xx_on_the_compensation_alert_releases_the_item() -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        store = MemoryOutboxStore()
+        add_events(store, 1, streams=1, topic="compensation")
+        breaker = CircuitBreaker(BREAKER_COMPENSATION, failure_threshold=5, clock=clock)
+        with CloudServer() as server:
+            async with https_client(server.base_url) as http:
+                real_post = http.post_compensation
+
+                async def forbidden(item: Any) -> None:
+                    server.mode = 403
+                    try:
+                        await real_post(item)
+                    finally:
+                        server.mode = "ok"
+
+                http.post_compensation = forbidden  # type: ignore[method-assign]
+                d = OutboxDispatcher(
+                    store,
+                    mqtt=None,
+                    https=http,
+                    breakers={BREAKER_COMPENSATION: breaker},
+                    clock=clock,
+                    backoff_base_s=5,
+                )
+                assert await d.run_once() == 0
+                assert store.state(1) == "failed"  # released, not dead
+                assert store.attempts(1) == 0
+                assert store.next_attempt_at(1) >= clock.now + 5
+                assert breaker.status()["failures"] == 1
+                http.post_compensation = real_post  # type: ignore[method-assign]
+                clock.now += 5
+                assert await d.run_once() == 1
+        assert store.state(1) == "sent"
+
+    run(scenario())
+
+
+def test_an_open_compensation_breaker_does_not_make_run_spin() -> None:
+    async def scenario() -> None:
+        store = MemoryOutboxStore()
+        add_events(store, 1, streams=1, topic="compensation")
+        breaker = CircuitBreaker(BREAKER_COMPENSATION, failure_threshold=1, reset_timeout_s=3600)
+        breaker.record_failure()
+        assert breaker.state == "open"
+        with CloudServer() as server:
+            async with https_client(server.base_url) as http:
+                d = OutboxDispatcher(
+                    store,
+                    mqtt=None,
+                    https=http,
+                    breakers={BREAKER_COMPENSATION: breaker},
+                    idle_poll_s=0.05,
+                )
+                task = asyncio.create_task(d.run())
+                await asyncio.sleep(0.5)
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            assert server.count("/events") == 1  # not re-sent in a loop
+        assert store.state(1) == "failed"
+        assert store.attempts(1) == 0
+        assert store.next_attempt_at(1) >= time.time() + 3000
+        assert len(store.dispatch_log()) == 1
+
+    run(scenario())
+
+
+class FakeMqtt:
+    """An MqttPublisher whose publish_many answers as told."""
+
+    def __init__(self, answer: Callable[[int], list[BaseException | None]]) -> None:
+        self.connected = True
+        self.calls = 0
+        self._answer = answer
+
+    async def publish_many(self, items: Sequence[tuple[str, bytes]]) -> list[BaseException | None]:
+        self.calls += 1
+        await asyncio.sleep(0)
+        return self._answer(len(items))
+
+
+def test_publishes_refused_while_connected_do_not_make_run_spin() -> None:
+    async def scenario() -> None:
+        store = MemoryOutboxStore()
+        add_events(store, 3, streams=1)
+        mqtt = FakeMqtt(lambda n: [MqttLinkDown("publish refused: queue full")] * n)
+        breaker = CircuitBreaker(BREAKER_MQTT, failure_threshold=1000)
+        d = OutboxDispatcher(
+            store,
+            mqtt=mqtt,
+            https=None,
+            breakers={BREAKER_MQTT: breaker},
+            idle_poll_s=0.05,
+            backoff_base_s=60,
+        )
+        task = asyncio.create_task(d.run())
+        await asyncio.sleep(0.5)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert mqtt.calls == 1
+        assert breaker.status()["failures"] == 1
+        assert [store.attempts(i) for i in (1, 2, 3)] == [0, 0, 0]
+        assert all(store.next_attempt_at(i) >= time.time() + 50 for i in (1, 2, 3))
+
+    run(scenario())
+
+
+def test_run_once_counts_progress_not_claims() -> None:
+    async def scenario() -> None:
+        store = MemoryOutboxStore()
+        add_events(store, 4, streams=1)
+        mqtt = FakeMqtt(lambda n: [None, None, TimeoutError("no PUBACK"), None][:n])
+        d = OutboxDispatcher(store, mqtt=mqtt, https=None, breakers={})
+        assert await d.run_once() == 4  # 3 sent + 1 failed
+        store = MemoryOutboxStore()
+        add_events(store, 2, streams=1)
+        d = OutboxDispatcher(store, mqtt=mqtt, https=None, breakers={})
+
+        def link_lost(n: int) -> list[BaseException | None]:
+            mqtt.connected = False
+            return [MqttLinkDown("link lost before PUBACK")] * n
+
+        mqtt._answer = link_lost  # noqa: SLF001
+        assert await d.run_once() == 0  # claimed 2, but only released them
+        assert store.attempts(1) == 0
+        assert await d.run_once() == 0  # no channel
+
+    run(scenario())
+
+
+def test_an_unexpected_exception_in_publish_frees_the_probe_slot_and_the_items() -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        store = MemoryOutboxStore()
+        add_events(store, 3, streams=1)
+
+        def boom(n: int) -> list[BaseException | None]:
+            raise ValueError("paho says no")
+
+        mqtt = FakeMqtt(boom)
+        breaker = CircuitBreaker(BREAKER_MQTT, failure_threshold=1, reset_timeout_s=10, clock=clock)
+        breaker.record_failure()
+        clock.now += 10
+        assert breaker.state == "half_open"
+        d = OutboxDispatcher(
+            store,
+            mqtt=mqtt,
+            https=None,
+            breakers={BREAKER_MQTT: breaker},
+            clock=clock,
+            backoff_base_s=1,
+            backoff_max_s=1,
+        )
+        await d.run_once()  # the probe; must not raise nor keep the slot
+        assert breaker.status()["state"] == "open"  # the probe failed: open again
+        assert store.depth()["sending"] == 0
+        assert [store.state(i) for i in (1, 2, 3)] == ["failed"] * 3
+        assert store.last_error(1) == "ValueError: paho says no"
+        clock.now += 10
+        mqtt._answer = lambda n: [None] * n  # noqa: SLF001
+        assert breaker.allow()  # the probe slot is free again
+        breaker.cancel()
+        await d.run_once()
+        assert store.depth()["sent"] == 3
+
+    run(scenario())
+
+
+def test_an_unexpected_exception_in_post_events_or_compensation_frees_everything() -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        store = MemoryOutboxStore()
+        add_events(store, 2, streams=1)
+        add_events(store, 1, streams=1, topic="compensation", start=2)
+        events = CircuitBreaker(BREAKER_EVENTS, failure_threshold=5, clock=clock)
+        comp = CircuitBreaker(BREAKER_COMPENSATION, failure_threshold=5, clock=clock)
+        with CloudServer() as server:
+            async with https_client(server.base_url) as http:
+                real_events = http.post_events
+
+                async def broken(items: Any) -> None:
+                    raise RuntimeError("bug")
+
+                http.post_events = broken  # type: ignore[method-assign]
+                d = OutboxDispatcher(
+                    store,
+                    mqtt=None,
+                    https=http,
+                    breakers={BREAKER_EVENTS: events, BREAKER_COMPENSATION: comp},
+                    clock=clock,
+                    backoff_base_s=1,
+                    backoff_max_s=1,
+                )
+                assert await d.run_once() == 3
+                assert store.depth()["sending"] == 0
+                assert events.status()["failures"] == 1
+                http.post_events = real_events  # type: ignore[method-assign]
+                http.post_compensation = broken  # type: ignore[method-assign]
+                clock.now += 2
+                assert await d.run_once() == 3  # 2 sent, the compensation failed
+                assert store.state(3) == "failed"
+                assert store.depth()["sending"] == 0
+                assert comp.status()["failures"] == 1
+
+    run(scenario())
+
+
+def test_publish_many_does_not_leak_registered_ids_when_paho_raises(
+    mqtt_broker: LocalBroker,
+) -> None:
+    async def scenario() -> None:
+        session = MqttSession(settings_for(mqtt_broker), NullSink())
+        task = asyncio.create_task(session.run())
+        try:
+            await wait_until(lambda: session.connected)
+            client = session._client  # noqa: SLF001
+            assert client is not None
+            with pytest.raises(ValueError, match="wildcard"):
+                # The second topic is refused by paho with a ValueError, after the
+                # first PUBLISH was registered.
+                await session.publish_many([("results", b"{}"), ("bad/#", b"{}")])
+            assert client._pending_publishes == {}  # noqa: SLF001
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    run(scenario())

@@ -8,6 +8,7 @@ import json
 import uuid
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
 from cloud_sync.https_client import (
@@ -118,3 +119,53 @@ def test_connection_refused_is_unreachable() -> None:
                 await c.post_events([item(1)])
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    "raised",
+    [
+        httpx.DecodingError("bad gzip"),
+        httpx.TooManyRedirects("loop"),
+        httpx.InvalidURL("no host"),
+        httpx.UnsupportedProtocol("ftp"),
+    ],
+)
+def test_any_other_httpx_error_is_translated_to_a_retryable_server_error(
+    raised: Exception,
+) -> None:
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        raise raised
+
+    async def scenario() -> None:
+        transport = httpx.MockTransport(handler)
+        async with client("http://cloud.test", transport=transport, retry_attempts=2) as c:
+            with pytest.raises(CloudServerError) as info:
+                await c.post_events([item(1)])
+            assert info.value.__cause__ is raised
+
+    asyncio.run(scenario())
+    assert calls == 2  # retryable: retried within the call
+
+
+@pytest.mark.parametrize(
+    ("status", "endpoint_fault"),
+    [(401, True), (403, True), (404, True), (405, True), (413, True), (400, False), (422, False)],
+)
+def test_a_4xx_says_whether_the_endpoint_or_the_events_are_at_fault(
+    server: CloudServer, status: int, endpoint_fault: bool
+) -> None:
+    server.mode = status
+
+    async def scenario() -> None:
+        async with client(server.base_url, retry_attempts=3) as c:
+            with pytest.raises(CloudRejected) as info:
+                await c.post_events([item(1)])
+        assert info.value.status == status
+        assert info.value.endpoint_fault is endpoint_fault
+
+    asyncio.run(scenario())
+    assert server.count() == 1  # never retried within the call
