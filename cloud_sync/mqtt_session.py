@@ -159,14 +159,10 @@ class MqttSession:
         self,
         settings: MqttSettings,
         sink: CommandSink,
-        outbox: object | None = None,
         *,
         on_link_change: Callable[[bool], None] | None = None,
         publish_timeout_s: float = PUBLISH_TIMEOUT_S,
     ) -> None:
-        # ``outbox`` is ignored (kept so existing callers still construct a session):
-        # the outbox dispatcher publishes through publish_many().
-        del outbox
         self._settings = settings
         self._sink = sink
         self._on_link_change = on_link_change
@@ -182,9 +178,6 @@ class MqttSession:
     @property
     def connected(self) -> bool:
         return self._connected
-
-    def outbox_changed(self) -> None:
-        """Deprecated no-op: wake the dispatcher with OutboxDispatcher.notify()."""
 
     async def publish_many(self, items: Sequence[tuple[str, bytes]]) -> list[BaseException | None]:
         """QoS 1 publish of each ``(topic suffix, payload)`` under ``P/``, pipelined.
