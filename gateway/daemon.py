@@ -4,7 +4,9 @@
     metalav-gateway check-config --config PATH
     metalav-gateway demo                     a self-contained demo on embedded defaults
 
-Exit status: 0 clean stop, 2 invalid configuration or usage, 1 anything else.
+Exit status: 0 clean stop, 2 invalid configuration or usage, 3 another daemon already
+runs on this journal (see ``instance_lock``), 1 anything else. The systemd unit does not
+restart on 2 or 3: neither goes away by retrying.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 from cloud_sync.commands import CommandVerifier
 from cloud_sync.mqtt_session import MqttSession, MqttSettings
 
+from . import instance_lock
 from .api import LocalApi
 from .boards import build_driver
 from .config import ConfigError, GatewayConfig, load_config
@@ -34,6 +37,8 @@ from .sync import CloudSync
 __all__ = ["Daemon", "main"]
 
 log = logging.getLogger("gateway")
+
+EXIT_ALREADY_RUNNING = 3
 
 
 class Daemon:
@@ -217,9 +222,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config OK: gateway {config.gateway.id}, {len(config.machines)} machines")
         return 0
 
-    _setup_logging()
     try:
-        asyncio.run(_serve(config))
+        # First, before the journal, the socket, the broker or the board are touched.
+        with instance_lock.hold(config.journal.path):
+            _setup_logging()
+            asyncio.run(_serve(config))
+    except instance_lock.AlreadyRunning as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ALREADY_RUNNING
+    except instance_lock.InstanceLockError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except JournalError as exc:
         log.error("%s", exc)
         return 1
