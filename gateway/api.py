@@ -8,6 +8,7 @@ audited with that account, plus the technician's name when they give one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import re
@@ -47,6 +48,7 @@ class LocalApi:
         self._executor = executor
         self._sync = sync
         self._runner: web.AppRunner | None = None
+        self._socket_id: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket
 
     async def start(self) -> None:
         app = web.Application()
@@ -72,13 +74,23 @@ class LocalApi:
             self._path.unlink()  # left by a killed daemon; we own this path
         site = web.UnixSite(self._runner, str(self._path))
         await site.start()
+        created = self._path.lstat()
+        self._socket_id = (created.st_dev, created.st_ino)
         os.chmod(self._path, 0o660)
 
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        self._path.unlink(missing_ok=True)
+        # Remove the path only while it still is the socket we bound: another daemon
+        # may have bound a new one there since, and deleting it would cut its
+        # technicians off while it keeps running.
+        if self._socket_id is not None:
+            with contextlib.suppress(FileNotFoundError):
+                current = self._path.lstat()
+                if (current.st_dev, current.st_ino) == self._socket_id:
+                    self._path.unlink()
+            self._socket_id = None
 
     async def _get_status(self, request: web.Request) -> web.Response:
         return web.json_response({"at": time.time(), **self._status()})
