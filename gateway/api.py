@@ -30,6 +30,9 @@ __all__ = ["LocalApi"]
 
 API_VERSION = "v1"
 MAX_REASON = 200
+UNKNOWN_USER = "unknown"
+# struct ucred, socket(7): pid_t pid, uid_t uid, gid_t gid.
+_UCRED = struct.Struct("=iII")
 
 
 class LocalApi:
@@ -256,12 +259,21 @@ async def _operator_request(request: web.Request) -> tuple[dict[str, Any], str, 
 
 
 def _peer_user(request: web.Request) -> str:
-    """The OS account on the other end of the unix socket (SO_PEERCRED)."""
-    sock = request.transport.get_extra_info("socket") if request.transport else None
-    if not isinstance(sock, socket.socket) or sock.family != socket.AF_UNIX:
-        return "unknown"
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
+    """The OS account on the other end of the unix socket, as the kernel reports it
+    (SO_PEERCRED): its name, ``uid:N`` for a uid without one, and "unknown" only when
+    the credentials cannot be read at all."""
+    transport = request.transport
+    # asyncio hands out a TransportSocket wrapper here, not the socket.socket itself
+    # (an isinstance check on socket.socket never matched, so every entry was
+    # "unknown"); the wrapper has the family and getsockopt this needs.
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or getattr(sock, "family", None) != socket.AF_UNIX:
+        return UNKNOWN_USER
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        _pid, uid, _gid = _UCRED.unpack(creds)
+    except (OSError, struct.error):
+        return UNKNOWN_USER
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
