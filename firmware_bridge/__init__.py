@@ -4,7 +4,14 @@ Never imports gateway or cloud_sync (DESIGN.md "Layout"). The wire protocol is
 specified in docs/firmware-protocol.md.
 """
 
-from firmware_bridge.driver import BoardDriver, InputState, LevelHold, Program, PulseTrain
+from firmware_bridge.driver import (
+    BoardDriver,
+    InputState,
+    LevelHold,
+    Program,
+    PulseTrain,
+    ring_vouches,
+)
 from firmware_bridge.exceptions import (
     BoardError,
     BoardNack,
@@ -35,4 +42,5 @@ __all__ = [
     "QueryReply",
     "ReleaseAck",
     "SerialBoard",
+    "ring_vouches",
 ]

@@ -20,7 +20,7 @@ from typing import Protocol, runtime_checkable
 
 from firmware_bridge.frames import Pong, QueryReply, ReleaseAck
 
-__all__ = ["BoardDriver", "InputState", "LevelHold", "Program", "PulseTrain"]
+__all__ = ["BoardDriver", "InputState", "LevelHold", "Program", "PulseTrain", "ring_vouches"]
 
 # Limits every driver enforces (the MCU board NACKs with bad_params outside them).
 MAX_PULSES = 50
@@ -56,6 +56,36 @@ class LevelHold:
 
 
 Program = PulseTrain | LevelHold
+
+
+def ring_vouches(
+    *, reply_exec_count: int | None, dispatch_exec_count: int | None, ring_size: int | None
+) -> bool:
+    """True when a "not executed" QUERY answer from the same boot proves the command never ran.
+
+    ``dispatch_exec_count`` (c0) is any execution count the board reported in this
+    boot before the release was first sent; ``reply_exec_count`` (c) the count in
+    the QUERY_REPLY; ``ring_size`` (R) the ring size from a PONG of this boot. The
+    caller has already checked that the reply's boot id is the dispatch's.
+
+    The board numbers the commands it records 1, 2, 3, ... per boot, and its ring
+    holds the ids numbered c-R+1 .. c (docs/firmware-protocol.md "Execution
+    count"). Had the command run, it was recorded after the host learned c0, so
+    with a number n >= c0+1. Every such n up to c is still in the ring exactly
+    when c0+1 >= c-R+1, i.e. ``c - c0 <= R``: then "not in the ring" proves
+    "never executed". Beyond that the ring may have forgotten it (c0=0, R=32,
+    c=33: an execution numbered 1 is gone), and the answer proves nothing.
+
+    Anything unknown (None: firmware <= 1.1, or no count seen in this boot before
+    the release) -> False, as is a count that went backwards or a ring size below
+    1 (not a board to believe). False means the outcome is unknown: the caller
+    ends in needs_review and never re-sends.
+    """
+    if reply_exec_count is None or dispatch_exec_count is None or ring_size is None:
+        return False
+    if ring_size < 1 or reply_exec_count < dispatch_exec_count:
+        return False
+    return reply_exec_count - dispatch_exec_count <= ring_size
 
 
 @dataclass(frozen=True)

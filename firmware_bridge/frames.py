@@ -216,6 +216,16 @@ def _unpack(fmt: str, payload: bytes, name: str) -> tuple[int, ...]:
         ) from exc
 
 
+def _unpack_forms(payload: bytes, name: str, *formats: str) -> tuple[int, ...]:
+    """Unpack with whichever of ``formats`` has the payload's length (firmware 1.2
+    appended fields to some replies; an older board sends the shorter form)."""
+    for fmt in formats:
+        if len(payload) == struct.calcsize(fmt):
+            return _unpack(fmt, payload, name)
+    sizes = " or ".join(str(struct.calcsize(fmt)) for fmt in formats)
+    raise ProtocolError(f"{name} payload must be {sizes} bytes, got {len(payload)}")
+
+
 def _pack(fmt: str, name: str, *values: int) -> bytes:
     try:
         return struct.pack(fmt, *values)
@@ -332,64 +342,91 @@ class ReadInputs:
 
 @dataclass(frozen=True, slots=True)
 class Pong:
+    """``exec_count`` and ``ring_size`` come from firmware >= 1.2 ("Execution
+    count") and are None from an older board (the 7-byte form)."""
+
     TYPE: ClassVar[FrameType] = FrameType.PONG
-    FORMAT: ClassVar[str] = ">IBBB"
+    FORMAT: ClassVar[str] = ">IBBBIH"  # firmware >= 1.2
+    FORMAT_V11: ClassVar[str] = ">IBBB"  # firmware <= 1.1
 
     boot_id: int
     fw_major: int
     fw_minor: int
     channels: int
+    exec_count: int | None = None
+    ring_size: int | None = None
 
     def to_payload(self) -> bytes:
-        return _pack(
-            self.FORMAT, "PONG", self.boot_id, self.fw_major, self.fw_minor, self.channels
-        )
+        head = (self.boot_id, self.fw_major, self.fw_minor, self.channels)
+        if self.exec_count is None and self.ring_size is None:
+            return _pack(self.FORMAT_V11, "PONG", *head)
+        if self.exec_count is None or self.ring_size is None:
+            raise ProtocolError("PONG carries exec_count and ring_size together or neither")
+        return _pack(self.FORMAT, "PONG", *head, self.exec_count, self.ring_size)
 
     @classmethod
     def from_payload(cls, payload: bytes) -> Self:
-        return cls(*_unpack(cls.FORMAT, payload, "PONG"))
+        return cls(*_unpack_forms(payload, "PONG", cls.FORMAT_V11, cls.FORMAT))
 
 
 @dataclass(frozen=True, slots=True)
 class ReleaseAck:
     """``duplicate`` False: recorded and pulse train started now (status 0x00);
-    True: already executed in this boot, not pulsed again (status 0x01)."""
+    True: already executed in this boot, not pulsed again (status 0x01).
+    ``exec_count`` (firmware >= 1.2, else None): the board's count once this
+    command was recorded; for a duplicate, its current count."""
 
     TYPE: ClassVar[FrameType] = FrameType.RELEASE_ACK
-    FORMAT: ClassVar[str] = ">IQB"
+    FORMAT: ClassVar[str] = ">IQBI"  # firmware >= 1.2
+    FORMAT_V11: ClassVar[str] = ">IQB"  # firmware <= 1.1
 
     boot_id: int
     command_id: int
     duplicate: bool
+    exec_count: int | None = None
 
     def to_payload(self) -> bytes:
-        return _pack(self.FORMAT, "RELEASE_ACK", self.boot_id, self.command_id, self.duplicate)
+        head = (self.boot_id, self.command_id, self.duplicate)
+        if self.exec_count is None:
+            return _pack(self.FORMAT_V11, "RELEASE_ACK", *head)
+        return _pack(self.FORMAT, "RELEASE_ACK", *head, self.exec_count)
 
     @classmethod
     def from_payload(cls, payload: bytes) -> Self:
-        boot_id, command_id, status = _unpack(cls.FORMAT, payload, "RELEASE_ACK")
-        return cls(boot_id, command_id, _status(status, "RELEASE_ACK"))
+        boot_id, command_id, status, *count = _unpack_forms(
+            payload, "RELEASE_ACK", cls.FORMAT_V11, cls.FORMAT
+        )
+        return cls(boot_id, command_id, _status(status, "RELEASE_ACK"), *count)
 
 
 @dataclass(frozen=True, slots=True)
 class QueryReply:
     """``executed`` False: unknown in this boot (status 0x00); True: executed or
-    executing (status 0x01)."""
+    executing (status 0x01). ``exec_count`` (firmware >= 1.2, else None): the
+    board's current count; "not executed" proves "never executed" only as far as
+    ``driver.ring_vouches`` says."""
 
     TYPE: ClassVar[FrameType] = FrameType.QUERY_REPLY
-    FORMAT: ClassVar[str] = ">IQB"
+    FORMAT: ClassVar[str] = ">IQBI"  # firmware >= 1.2
+    FORMAT_V11: ClassVar[str] = ">IQB"  # firmware <= 1.1
 
     boot_id: int
     command_id: int
     executed: bool
+    exec_count: int | None = None
 
     def to_payload(self) -> bytes:
-        return _pack(self.FORMAT, "QUERY_REPLY", self.boot_id, self.command_id, self.executed)
+        head = (self.boot_id, self.command_id, self.executed)
+        if self.exec_count is None:
+            return _pack(self.FORMAT_V11, "QUERY_REPLY", *head)
+        return _pack(self.FORMAT, "QUERY_REPLY", *head, self.exec_count)
 
     @classmethod
     def from_payload(cls, payload: bytes) -> Self:
-        boot_id, command_id, status = _unpack(cls.FORMAT, payload, "QUERY_REPLY")
-        return cls(boot_id, command_id, _status(status, "QUERY_REPLY"))
+        boot_id, command_id, status, *count = _unpack_forms(
+            payload, "QUERY_REPLY", cls.FORMAT_V11, cls.FORMAT
+        )
+        return cls(boot_id, command_id, _status(status, "QUERY_REPLY"), *count)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING, TypeVar
 import serial  # type: ignore[import-untyped]  # no stubs; types-pyserial not a dependency
 import serial_asyncio_fast
 
-from firmware_bridge.driver import BoardDriver, InputState, LevelHold, Program, PulseTrain
+from firmware_bridge.driver import (
+    BoardDriver,
+    InputState,
+    LevelHold,
+    Program,
+    PulseTrain,
+    ring_vouches,
+)
 from firmware_bridge.exceptions import (
     BoardNack,
     BoardNoReply,
@@ -130,6 +137,10 @@ class SerialBoard:
         self._lock = asyncio.Lock()  # "Sequencing": one request in flight
         # The board's boot id from its last reply (any type); None until one came.
         self._boot_id: int | None = None
+        # Of that boot (firmware 1.2): the latest execution count and the ring size
+        # from PONG; None while unknown ("Host behaviour", "Boot id tracking").
+        self._exec_count: int | None = None
+        self._ring_size: int | None = None
         # A random start makes a late reply to a previous process unlikely to match.
         self._seq = random.randrange(256)
 
@@ -139,6 +150,18 @@ class SerialBoard:
     @property
     def is_open(self) -> bool:
         return self._transport is not None and not self._transport.is_closing()
+
+    @property
+    def exec_count(self) -> int | None:
+        """The latest execution count the board reported in its current boot; None
+        until one came (firmware <= 1.1 never sends one) or since the boot id changed."""
+        return self._exec_count
+
+    @property
+    def ring_size(self) -> int | None:
+        """How many command ids the board's ring holds, from a PONG of its current
+        boot; None until then, or from firmware <= 1.1."""
+        return self._ring_size
 
     async def open(self) -> None:
         if self.is_open:
@@ -174,7 +197,8 @@ class SerialBoard:
         within one boot, so a copy reaching a board that acted and then reset
         before its ACK would pulse again. On ACK timeout the host asks QUERY
         (docs/firmware-protocol.md "Host behaviour") and re-sends only when the
-        same boot says "not executed"."""
+        same boot says "not executed" and, when the board reports counts, the
+        count known before the first send lets ``ring_vouches`` confirm it."""
         request: Release | ReleaseLevel
         if isinstance(program, PulseTrain):
             request = Release(command_id, channel, program.count, program.on_ms, program.off_ms)
@@ -185,6 +209,7 @@ class SerialBoard:
         encode(request, 0)  # ProtocolError before anything is sent
         async with self._lock:
             known_boot = self._boot_id  # None: conservative, see below
+            known_count = self._exec_count  # of known_boot, before the first send
             for attempt in range(1 + self._max_retries):
                 ack = await self._exchange(request, ReleaseAck, 1, written_before=attempt > 0)
                 if ack is not None:
@@ -212,13 +237,30 @@ class SerialBoard:
                         "board reset while a release was unacknowledged; outcome unknown"
                     )
                 if reply.executed:  # it acted once (in this boot); never send again
-                    return ReleaseAck(reply.boot_id, command_id, True)
+                    return ReleaseAck(reply.boot_id, command_id, True, reply.exec_count)
                 if known_boot is None:
                     # Sent without a known boot id: "not executed" may mean lost on
                     # the wire or acted-then-reset; only a human can tell.
                     raise BoardNoReply(
                         "release unacknowledged and the board's boot id before it is "
                         "unknown; outcome unknown"
+                    )
+                # We held the link since the first send, so no other release could
+                # push the id out of the ring; still, where counts exist, the one
+                # rule every caller uses must agree (belt and braces).
+                if (
+                    known_count is not None
+                    and reply.exec_count is not None
+                    and not ring_vouches(
+                        reply_exec_count=reply.exec_count,
+                        dispatch_exec_count=known_count,
+                        ring_size=self._ring_size,
+                    )
+                ):
+                    raise BoardNoReply(
+                        f"release unacknowledged and the board's ring cannot vouch that it "
+                        f"never ran (count {known_count} -> {reply.exec_count}, ring "
+                        f"{self._ring_size}); outcome unknown"
                     )
                 # Same boot, not executed: the frame was lost; send it again.
             raise BoardNoReply(
@@ -289,7 +331,7 @@ class SerialBoard:
                 if done:
                     reply = future.result()  # BoardNoReply if the port died
                     if isinstance(reply, _BoardReply):
-                        self._boot_id = reply.boot_id  # every reply type carries it
+                        self._track(reply)
                     if isinstance(reply, Nack):
                         raise BoardNack(reply.reason, reply.request_type, reply.boot_id)
                     assert isinstance(reply, reply_type)
@@ -301,6 +343,17 @@ class SerialBoard:
             return None
         finally:
             self._pending.pop(seq, None)
+
+    def _track(self, reply: _BoardReply) -> None:
+        """Boot id from every reply; within that boot the latest execution count
+        and the ring size of its PONG, both forgotten when the boot id changes."""
+        if reply.boot_id != self._boot_id:
+            self._boot_id = reply.boot_id
+            self._exec_count = self._ring_size = None
+        if isinstance(reply, Pong):
+            self._ring_size = reply.ring_size
+        if isinstance(reply, Pong | ReleaseAck | QueryReply) and reply.exec_count is not None:
+            self._exec_count = reply.exec_count
 
     def _frame_received(self, frame: Frame) -> None:
         pending = self._pending.get(frame.seq)

@@ -3,11 +3,13 @@
 ``SimulatedBoard`` is sans-I/O: bytes and a clock in, reply bytes out, plus
 ``advance(now)`` / ``next_deadline()`` for what happens with time (relay edges of
 running programs, the machines wired to the relays, a scripted reboot). It
-implements the board rules of docs/firmware-protocol.md: boot id, the ring of
-recent command ids, de-duplication by command id, NACK reasons, busy channels,
-ALL_OFF, READ_INPUTS. Around it, simulated washers and dryers raise their busy
-input when a release starts them, and faults are injected (lost, corrupted and
-delayed frames, a stuck relay, a reboot in the middle of a pulse train).
+implements the board rules of docs/firmware-protocol.md, firmware 1.2: boot id,
+the ring of recent command ids and the execution count, de-duplication by
+command id, NACK reasons, busy channels, ALL_OFF, READ_INPUTS (``firmware="1.1"``
+answers like an older board: no count, the short reply forms). Around it,
+simulated washers and dryers raise their busy input when a release starts them,
+and faults are injected (lost, corrupted and delayed frames, a stuck relay, a
+reboot in the middle of a pulse train).
 
 Running this module serves it on a pty so the real host driver, the gateway
 and benchmarks talk to it exactly as to the MCU::
@@ -17,7 +19,7 @@ and benchmarks talk to it exactly as to the MCU::
         [--edges FILE] [--machine SPEC]... [--machine-time-scale K]
         [--stuck-relay CH]... [--no-relay-sense] [--drop-rate P] [--corrupt-rate P]
         [--delay-ms N] [--seed S] [--reboot-mid-train N] [--drop-release-acks N]
-        [--control SOCKET]
+        [--ring-size N] [--firmware 1.1|1.2] [--control SOCKET]
 
 stdout carries exactly one line, ``PTY <slave path>``. The actuations FILE gets
 one JSON line per executed release, fsync'ed before the RELEASE_ACK leaves, so a
@@ -99,11 +101,14 @@ __all__ = [
 LOGGER = logging.getLogger(__name__)
 
 # "Board behaviour": limits a v1 board enforces (shared with every driver).
-RING_SIZE = 32  # recent command ids remembered per boot (minimum allowed)
+# Recent command ids remembered per boot ("De-duplication"): 32 is the minimum
+# real firmware may keep; --ring-size goes lower only to make forgetting testable.
+RING_SIZE = 32
 MAX_PULSE_COUNT = MAX_PULSES
 MIN_PULSE_MS = MIN_EDGE_MS
 MAX_PULSE_MS = MAX_EDGE_MS
-FW_MAJOR, FW_MINOR = 1, 1  # 1.1: RELEASE_LEVEL, ALL_OFF, READ_INPUTS
+FW_MAJOR, FW_MINOR = 1, 2  # 1.1: RELEASE_LEVEL, ALL_OFF, READ_INPUTS; 1.2: exec_count
+FIRMWARES = ("1.1", "1.2")  # what --firmware can answer as
 _HOST_TYPES = (
     FrameType.PING, FrameType.RELEASE, FrameType.QUERY,
     FrameType.RELEASE_LEVEL, FrameType.ALL_OFF, FrameType.READ_INPUTS,
@@ -317,9 +322,13 @@ class SimulatedBoard:
         machine_time_scale: float = 1.0,
         faults: Faults | None = None,
         sense_relays: bool = True,
+        ring_size: int = RING_SIZE,
+        firmware: str = FIRMWARES[-1],
     ) -> None:
         if not 1 <= channels <= 255:
             raise ValueError("channels must be 1..255")
+        if not 1 <= ring_size <= 0xFFFF or firmware not in FIRMWARES:
+            raise ValueError(f"ring_size must be 1..65535 and firmware one of {FIRMWARES}")
         if time_scale < 0 or machine_time_scale <= 0:
             raise ValueError("time_scale must be >= 0 and machine_time_scale > 0")
         self.channels = channels
@@ -329,6 +338,9 @@ class SimulatedBoard:
         self.faults = faults or Faults()
         self.sense_relays = sense_relays
         self.actuation_count = 0
+        self.ring_size = ring_size
+        self.fw_minor = int(firmware.split(".")[1])
+        self.exec_count = 0  # ids recorded in the ring this boot ("Execution count")
         self.pulse_trains = 0  # accepted pulse trains, for reboot_mid_train
         self._rng = random.Random(self.faults.seed)
         self._on_actuation = on_actuation
@@ -337,7 +349,7 @@ class SimulatedBoard:
         self._decoder = FrameDecoder()
         self._reads: deque[tuple[int, float]] = deque()  # (stream offset, read time)
         self._received = 0
-        self._ring: deque[int] = deque(maxlen=RING_SIZE)
+        self._ring: deque[int] = deque(maxlen=ring_size)
         self._running: dict[int, _Running] = {}
         self._relays = 0  # actual contacts, bit n-1 = channel n closed
         self._machines = [_Machine(spec, machine_time_scale) for spec in machines]
@@ -384,6 +396,7 @@ class SimulatedBoard:
         self._cancel_all(now)
         self.boot_id = _new_boot_id(self.boot_id)
         self._ring.clear()
+        self.exec_count = 0
         self._decoder = FrameDecoder()
         self._reads.clear()
         self._received = 0
@@ -500,9 +513,13 @@ class SimulatedBoard:
             return self._nack(frame, NackReason.BAD_LENGTH)
         reply: Message
         if isinstance(message, Ping):
-            reply = Pong(self.boot_id, FW_MAJOR, FW_MINOR, self.channels)
+            ring_size = self.ring_size if self._count() is not None else None
+            reply = Pong(
+                self.boot_id, FW_MAJOR, self.fw_minor, self.channels, self._count(), ring_size
+            )
         elif isinstance(message, Query):
-            reply = QueryReply(self.boot_id, message.command_id, message.command_id in self._ring)
+            executed = message.command_id in self._ring
+            reply = QueryReply(self.boot_id, message.command_id, executed, self._count())
         elif isinstance(message, Release | ReleaseLevel):
             return self._release(frame, message, rx_time, now)
         elif isinstance(message, AllOff):
@@ -524,7 +541,8 @@ class SimulatedBoard:
         # "De-duplication": by command id, before anything else, so a
         # retransmission during its own program is a duplicate, not busy.
         if release.command_id in self._ring:
-            return encode(ReleaseAck(self.boot_id, release.command_id, True), frame.seq)
+            ack = ReleaseAck(self.boot_id, release.command_id, True, self._count())
+            return encode(ack, frame.seq)
         if not 1 <= release.channel <= self.channels:
             return self._nack(frame, NackReason.BAD_CHANNEL)
         if isinstance(release, Release):
@@ -541,6 +559,7 @@ class SimulatedBoard:
             return self._nack(frame, NackReason.CHANNEL_BUSY)
         # Record the id, then start the program (first edge now), then ACK.
         self._ring.append(release.command_id)
+        self.exec_count += 1
         running = self._schedule(release, now)
         self._running[release.channel] = running
         self.actuation_count += 1
@@ -561,7 +580,7 @@ class SimulatedBoard:
         if self.drop_release_acks > 0:  # simulate the ACK lost on the wire
             self.drop_release_acks -= 1
             return b""
-        return encode(ReleaseAck(self.boot_id, release.command_id, False), frame.seq)
+        return encode(ReleaseAck(self.boot_id, release.command_id, False, self._count()), frame.seq)
 
     def _schedule(self, release: Release | ReleaseLevel, now: float) -> _Running:
         scale = self.time_scale / 1000  # program ms -> seconds
@@ -587,6 +606,10 @@ class SimulatedBoard:
         return _Running(release.command_id, now, now + total_ms * scale, edges,
                         reboot_at=reboot_at)
 
+    def _count(self) -> int | None:
+        """exec_count as the replies carry it: None (short forms) for firmware 1.1."""
+        return self.exec_count if self.fw_minor >= 2 else None
+
     def _nack(self, frame: Frame, reason: NackReason) -> bytes:
         return encode(Nack(self.boot_id, frame.type, reason), frame.seq)
 
@@ -596,7 +619,7 @@ class SimulatedBoard:
 _SCENARIO_KEYS = {
     "channels", "boot_id", "time_scale", "edges", "machine", "machines",
     "machine_time_scale", "stuck_relay", "no_relay_sense", "drop_rate", "corrupt_rate",
-    "delay_ms", "seed", "reboot_mid_train", "drop_release_acks",
+    "delay_ms", "seed", "reboot_mid_train", "drop_release_acks", "ring_size", "firmware",
 }
 
 
@@ -714,6 +737,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, metavar="S", help="seed of the fault generator")
     parser.add_argument("--reboot-mid-train", type=int, metavar="N",
                         help="reboot in the middle of the Nth pulse train (after its ACK)")
+    parser.add_argument("--ring-size", type=int, metavar="N",
+                        help=f"command ids remembered per boot ({RING_SIZE}); real firmware "
+                        "keeps >= 32, fewer only to test forgetting")
+    parser.add_argument("--firmware", choices=FIRMWARES,
+                        help="answer as this firmware (1.2); 1.1: no exec_count/ring_size, "
+                        "the short PONG, RELEASE_ACK and QUERY_REPLY")
     parser.add_argument("--control", metavar="SOCKET",
                         help="Unix socket taking 'input N high|low|auto' lines (force an "
                         "input's raw level / give it back to its machines); answers 'ok'")
@@ -724,7 +753,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             "channels": 8, "drop_release_acks": 0, "boot_id": None, "time_scale": 0.0,
             "edges": None, "machine_time_scale": 1.0, "no_relay_sense": False,
             "drop_rate": 0.0, "corrupt_rate": 0.0, "delay_ms": 0, "seed": None,
-            "reboot_mid_train": 0,
+            "reboot_mid_train": 0, "ring_size": RING_SIZE, "firmware": FIRMWARES[-1],
         }
         for key, default in defaults.items():
             if getattr(args, key) is None:
@@ -742,6 +771,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(str(exc))
     if not 1 <= args.channels <= 255:
         parser.error("--channels must be 1..255")
+    if not 1 <= args.ring_size <= 0xFFFF or str(args.firmware) not in FIRMWARES:
+        parser.error(f"--ring-size must be 1..65535 and --firmware one of {FIRMWARES}")
+    args.firmware = str(args.firmware)
     if args.boot_id is not None and not 0 < args.boot_id <= 0xFFFFFFFF:
         parser.error("--boot-id must be a non-zero u32")
     if args.time_scale < 0 or args.machine_time_scale <= 0 or args.delay_ms < 0:
@@ -943,6 +975,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             reboot_mid_train=args.reboot_mid_train,
         ),
         sense_relays=not args.no_relay_sense,
+        ring_size=args.ring_size,
+        firmware=args.firmware,
     )
     print(f"BOOT {board.boot_id:08x}", file=sys.stderr, flush=True)
     try:

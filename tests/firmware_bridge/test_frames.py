@@ -100,6 +100,11 @@ def test_doc_has_every_required_vector() -> None:
         "read_inputs",
         "inputs_sensed",
         "inputs_not_sensed",
+        "pong_v12",
+        "release_ack_new_v12",
+        "release_ack_duplicate_v12",
+        "query_reply_not_executed_v12",
+        "query_reply_executed_v12",
     }
     assert required <= VECTORS.keys()
 
@@ -147,6 +152,51 @@ def test_bad_payloads_raise_protocol_error() -> None:
         decode(Frame(0xFF, 0, b"\x00" * 5 + b"\x09"))  # unknown NACK reason
     with pytest.raises(ProtocolError):
         encode(Release(2**64, 1, 1, 10, 10), 0)  # command_id wider than u64
+
+
+# Firmware 1.2 appended exec_count (and ring_size in PONG); both forms stay valid.
+BOTH_FORMS: list[tuple[Message, Message, int, int]] = [
+    (Pong(1, 1, 1, 8), Pong(1, 1, 2, 8, exec_count=7, ring_size=32), 7, 13),
+    (ReleaseAck(1, 2, False), ReleaseAck(1, 2, False, exec_count=7), 13, 17),
+    (ReleaseAck(1, 2, True), ReleaseAck(1, 2, True, exec_count=7), 13, 17),
+    (QueryReply(1, 2, False), QueryReply(1, 2, False, exec_count=7), 13, 17),
+    (QueryReply(1, 2, True), QueryReply(1, 2, True, exec_count=7), 13, 17),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "old_len", "new_len"), BOTH_FORMS)
+def test_old_and_new_firmware_replies_both_round_trip(
+    old: Message, new: Message, old_len: int, new_len: int
+) -> None:
+    for message, length in ((old, old_len), (new, new_len)):
+        frame, _ = Frame.deserialize(encode(message, 3))
+        assert len(frame.payload) == length
+        assert decode(frame) == message
+
+
+@pytest.mark.parametrize(("old", "new", "old_len", "new_len"), BOTH_FORMS)
+def test_replies_of_any_other_length_are_refused(
+    old: Message, new: Message, old_len: int, new_len: int
+) -> None:
+    payload = new.to_payload()
+    for length in (old_len - 1, old_len + 1, new_len - 1, new_len + 1):
+        with pytest.raises(ProtocolError, match=f"{old_len} or {new_len} bytes"):
+            decode(Frame(new.TYPE, 0, (payload + b"\x00")[:length]))
+
+
+def test_old_firmware_replies_have_no_count() -> None:
+    pong = decode(Frame.deserialize(FRAME_VECTORS["pong"][0])[0])
+    assert isinstance(pong, Pong) and pong.exec_count is None and pong.ring_size is None
+    reply = decode(Frame.deserialize(FRAME_VECTORS["query_reply_not_executed"][0])[0])
+    assert isinstance(reply, QueryReply) and reply.exec_count is None
+
+
+def test_pong_never_encodes_half_of_the_new_fields() -> None:
+    for pong in (Pong(1, 1, 2, 8, exec_count=1), Pong(1, 1, 2, 8, ring_size=32)):
+        with pytest.raises(ProtocolError):
+            encode(pong, 0)
+    with pytest.raises(ProtocolError):
+        encode(Pong(1, 1, 2, 8, exec_count=2**32, ring_size=32), 0)  # wider than u32
 
 
 def test_payload_with_sof_bytes_is_not_lost_after_a_false_start() -> None:

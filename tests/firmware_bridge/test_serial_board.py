@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import time
+import tty
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -13,8 +14,9 @@ import pytest
 
 from firmware_bridge.driver import BoardDriver, PulseTrain
 from firmware_bridge.exceptions import BoardNack, BoardNoReply, BoardUnavailable
-from firmware_bridge.frames import NackReason
+from firmware_bridge.frames import FrameDecoder, NackReason, Release, decode, encode
 from firmware_bridge.serial_board import SerialBoard
+from firmware_bridge.simulator import SimulatedBoard
 
 from .conftest import SimulatorProcess
 
@@ -260,3 +262,116 @@ def test_reset_before_ack_without_known_boot_id_is_unknown(start_simulator: Star
 
     run(scenario, sim.path, ack_timeout=1.0)
     assert len(sim.actuations()) == 1
+
+
+# --- firmware 1.2: execution count and ring size ------------------------------------
+
+
+def test_driver_tracks_the_count_and_ring_of_the_current_boot(start_simulator: Start) -> None:
+    sim = start_simulator("--ring-size", "40")
+
+    async def scenario(board: SerialBoard) -> None:
+        assert (board.exec_count, board.ring_size) == (None, None)  # nothing heard yet
+        pong = await board.ping()
+        assert (board.exec_count, board.ring_size) == (pong.exec_count, pong.ring_size) == (0, 40)
+        ack = await board.release(COMMAND, 1, TRAIN)
+        assert ack.exec_count == board.exec_count == 1
+        assert (await board.release(COMMAND, 1, TRAIN)).exec_count == 1  # duplicate
+        sim.send_signal(signal.SIGHUP)
+        for _ in range(100):  # the signal is handled asynchronously
+            reply = await board.query(COMMAND)
+            if reply.boot_id != ack.boot_id:
+                break
+            await asyncio.sleep(0.02)
+        # A new boot: its count is the reply's, its ring size unknown until a PONG.
+        assert (reply.exec_count, board.exec_count, board.ring_size) == (0, 0, None)
+        await board.ping()
+        assert board.ring_size == 40
+
+    run(scenario, sim.path)
+
+
+def test_old_firmware_leaves_the_count_unknown_and_keeps_query_first(
+    start_simulator: Start,
+) -> None:
+    sim = start_simulator("--firmware", "1.1", "--drop-release-acks", "1")
+
+    async def scenario(board: SerialBoard) -> None:
+        pong = await board.ping()
+        assert (pong.fw_minor, pong.exec_count, pong.ring_size) == (1, None, None)
+        ack = await board.release(COMMAND, 1, TRAIN)  # ACK lost: resolved by QUERY
+        assert ack.duplicate and ack.exec_count is None
+        assert (board.exec_count, board.ring_size) == (None, None)
+
+    run(scenario, sim.path, ack_timeout=0.1)
+    assert len(sim.actuations()) == 1
+
+
+class LossyWire:
+    """A simulated board in this process on a real pty, behind a wire that loses
+    the first copy of every RELEASE for ``lose`` (the board never sees it)."""
+
+    def __init__(self, board: SimulatedBoard, lose: int) -> None:
+        self.board = board
+        self._lose: int | None = lose
+        self._decoder = FrameDecoder()
+        self._master, self._slave = os.openpty()
+        tty.setraw(self._slave)
+        os.set_blocking(self._master, False)
+        self.path = os.ttyname(self._slave)
+
+    def __enter__(self) -> LossyWire:
+        asyncio.get_running_loop().add_reader(self._master, self._readable)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.get_running_loop().remove_reader(self._master)
+        os.close(self._master)
+        os.close(self._slave)
+
+    def _readable(self) -> None:
+        for frame in self._decoder.feed(os.read(self._master, 4096)):
+            message = decode(frame)
+            if isinstance(message, Release) and message.command_id == self._lose:
+                self._lose = None
+                continue
+            os.write(self._master, self.board.feed(frame.serialize(), time.monotonic()))
+
+
+def _release_over_lossy_wire(others_unseen: int) -> tuple[SimulatedBoard, BaseException | None]:
+    """ping, then ``others_unseen`` releases the driver never hears of, then a
+    release of COMMAND whose first frame is lost."""
+    board = SimulatedBoard(ring_size=4)
+
+    async def main() -> BaseException | None:
+        with LossyWire(board, lose=COMMAND) as wire:
+            driver = SerialBoard(wire.path, ack_timeout=0.1)
+            await driver.open()
+            try:
+                assert (await driver.ping()).exec_count == 0
+                for command_id in range(1, 1 + others_unseen):
+                    board.feed(encode(Release(command_id, 2, 1, 10, 10), 0), time.monotonic())
+                    board.advance(time.monotonic() + 1)
+                await driver.release(COMMAND, 1, TRAIN)
+            except BoardNoReply as exc:
+                return exc
+            finally:
+                await driver.close()
+            return None
+
+    return board, asyncio.run(main())
+
+
+def test_lost_release_frame_is_resent_when_the_ring_vouches() -> None:
+    board, error = _release_over_lossy_wire(others_unseen=0)
+    assert error is None
+    assert board.actuation_count == 1 and board.exec_count == 1
+
+
+def test_release_is_never_resent_when_the_ring_cannot_vouch() -> None:
+    # The driver's count is older than the ring: more releases ran than the ring
+    # holds since it last heard one, so "not executed" no longer proves the lost
+    # frame never arrived. Unknown, not a second send.
+    board, error = _release_over_lossy_wire(others_unseen=5)
+    assert isinstance(error, BoardNoReply) and "cannot vouch" in str(error)
+    assert board.actuation_count == 5

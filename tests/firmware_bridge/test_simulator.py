@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from firmware_bridge.driver import MAX_HOLD_MS, MIN_HOLD_MS
+from firmware_bridge.driver import MAX_HOLD_MS, MIN_HOLD_MS, ring_vouches
 from firmware_bridge.frames import (
     AllOff,
     AllOffAck,
@@ -53,15 +53,15 @@ class Harness:
 
 def test_ping_answers_boot_id_and_channels() -> None:
     h = Harness(channels=4, boot_id=0xCAFE)
-    assert h.request(Ping()) == Pong(0xCAFE, FW_MAJOR, FW_MINOR, 4)
+    assert h.request(Ping()) == Pong(0xCAFE, FW_MAJOR, FW_MINOR, 4, 0, RING_SIZE)
 
 
 def test_duplicate_release_never_pulses_twice() -> None:
     h = Harness(boot_id=7)
     release = Release(42, 1, 2, 100, 100)
-    assert h.request(release, seq=1) == ReleaseAck(7, 42, duplicate=False)
-    assert h.request(release, seq=1) == ReleaseAck(7, 42, duplicate=True)
-    assert h.request(release, seq=2) == ReleaseAck(7, 42, duplicate=True)
+    assert h.request(release, seq=1) == ReleaseAck(7, 42, duplicate=False, exec_count=1)
+    assert h.request(release, seq=1) == ReleaseAck(7, 42, duplicate=True, exec_count=1)
+    assert h.request(release, seq=2) == ReleaseAck(7, 42, duplicate=True, exec_count=1)
     assert len(h.actuations) == 1
 
 
@@ -69,7 +69,7 @@ def test_dropped_ack_still_acts_once_and_retransmission_is_duplicate() -> None:
     h = Harness(drop_release_acks=1)
     release = Release(42, 1, 1, 100, 100)
     assert h.send(encode(release, 9)) == []
-    assert h.request(release, seq=9) == ReleaseAck(h.board.boot_id, 42, duplicate=True)
+    assert h.request(release, seq=9) == ReleaseAck(h.board.boot_id, 42, True, exec_count=1)
     assert len(h.actuations) == 1
 
 
@@ -77,10 +77,10 @@ def test_reboot_forgets_executed_commands_and_changes_boot_id() -> None:
     h = Harness()
     h.request(Release(42, 1, 1, 100, 100))
     old = h.board.boot_id
-    assert h.request(Query(42)) == QueryReply(old, 42, executed=True)
+    assert h.request(Query(42)) == QueryReply(old, 42, executed=True, exec_count=1)
     new = h.board.reboot()
     assert new not in (0, old)
-    assert h.request(Query(42)) == QueryReply(new, 42, executed=False)
+    assert h.request(Query(42)) == QueryReply(new, 42, executed=False, exec_count=0)
 
 
 def test_ring_remembers_at_least_32_commands() -> None:
@@ -88,7 +88,56 @@ def test_ring_remembers_at_least_32_commands() -> None:
     for command_id in range(RING_SIZE):
         h.request(Release(command_id, 1, 1, 10, 10))
     assert RING_SIZE >= 32
-    assert h.request(Query(0)) == QueryReply(h.board.boot_id, 0, executed=True)
+    assert h.request(Query(0)) == QueryReply(h.board.boot_id, 0, True, exec_count=RING_SIZE)
+
+
+def test_query_cannot_vouch_for_an_id_the_ring_forgot() -> None:
+    # Issue 7: the host knew count 0, then 5 releases ran through a ring of 4.
+    h = Harness(ring_size=4)
+    pong = h.request(Ping())
+    assert isinstance(pong, Pong) and (pong.exec_count, pong.ring_size) == (0, 4)
+    acks = [h.request(Release(command_id, 1, 1, 10, 10)) for command_id in range(1, 6)]
+    assert [a.exec_count for a in acks if isinstance(a, ReleaseAck)] == [1, 2, 3, 4, 5]
+    forgotten = h.request(Query(1))
+    assert forgotten == QueryReply(h.board.boot_id, 1, executed=False, exec_count=5)
+    assert not ring_vouches(
+        reply_exec_count=forgotten.exec_count, dispatch_exec_count=0, ring_size=pong.ring_size
+    )
+    assert h.request(Query(2)) == QueryReply(h.board.boot_id, 2, executed=True, exec_count=5)
+    # A count learned after the first release still covers "never sent" ids.
+    assert ring_vouches(reply_exec_count=5, dispatch_exec_count=1, ring_size=4)
+
+
+def test_exec_count_counts_recorded_releases_only_and_restarts_at_reset() -> None:
+    h = Harness(time_scale=1.0)
+    assert h.request(Release(1, 1, 1, 100, 100)) == ReleaseAck(h.board.boot_id, 1, False, 1)
+    assert h.request(Release(1, 1, 1, 100, 100)) == ReleaseAck(h.board.boot_id, 1, True, 1)
+    assert isinstance(h.request(Release(2, 1, 1, 100, 100)), Nack)  # channel busy
+    assert isinstance(h.request(Release(3, 99, 1, 100, 100)), Nack)  # bad channel
+    assert h.request(AllOff()) == AllOffAck(h.board.boot_id)
+    assert h.request(Query(2)) == QueryReply(h.board.boot_id, 2, False, exec_count=1)
+    h.board.reboot(0.0)
+    assert h.request(Ping()) == Pong(h.board.boot_id, FW_MAJOR, FW_MINOR, 8, 0, RING_SIZE)
+
+
+def test_firmware_1_1_answers_the_short_forms_without_counts() -> None:
+    h = Harness(firmware="1.1", boot_id=9)
+    decoder = FrameDecoder()
+    lengths = {}
+    for message in (Ping(), Release(1, 1, 1, 10, 10), Release(1, 1, 1, 10, 10), Query(1)):
+        (frame,) = decoder.feed(h.board.feed(encode(message, 1), 0.0))
+        lengths[frame.type] = len(frame.payload)
+        reply = decode(frame)
+        assert getattr(reply, "exec_count", None) is None
+    assert lengths == {0x81: 7, 0x82: 13, 0x83: 13}
+    assert h.request(Ping()) == Pong(9, FW_MAJOR, 1, 8)
+
+
+def test_simulator_refuses_an_empty_ring_and_unknown_firmware() -> None:
+    with pytest.raises(ValueError):
+        SimulatedBoard(ring_size=0)
+    with pytest.raises(ValueError):
+        SimulatedBoard(firmware="1.0")
 
 
 @pytest.mark.parametrize(
@@ -106,7 +155,7 @@ def test_invalid_release_is_nacked_and_never_pulses(message: Release, reason: Na
     h = Harness()
     assert h.request(message) == Nack(h.board.boot_id, 0x02, reason)
     assert h.actuations == []
-    assert h.request(Query(1)) == QueryReply(h.board.boot_id, 1, executed=False)
+    assert h.request(Query(1)) == QueryReply(h.board.boot_id, 1, executed=False, exec_count=0)
 
 
 def test_bad_length_and_unknown_type_are_nacked() -> None:
@@ -121,14 +170,15 @@ def test_bad_length_and_unknown_type_are_nacked() -> None:
 def test_busy_channel_is_nacked_until_its_pulse_train_ends() -> None:
     h = Harness(time_scale=1.0)
     assert h.request(Release(1, 1, 2, 100, 150), now=10.0) == ReleaseAck(
-        h.board.boot_id, 1, False
+        h.board.boot_id, 1, False, 1
     )  # train lasts 2 * 250 ms
     busy = h.request(Release(2, 1, 1, 100, 100), now=10.4)
     assert busy == Nack(h.board.boot_id, 0x02, NackReason.CHANNEL_BUSY)
     # Its own retransmission is a duplicate, not busy; another channel is free.
-    assert h.request(Release(1, 1, 2, 100, 150), now=10.4) == ReleaseAck(h.board.boot_id, 1, True)
+    boot = h.board.boot_id
+    assert h.request(Release(1, 1, 2, 100, 150), now=10.4) == ReleaseAck(boot, 1, True, 1)
     assert isinstance(h.request(Release(3, 2, 1, 100, 100), now=10.4), ReleaseAck)
-    assert h.request(Release(2, 1, 1, 100, 100), now=10.5) == ReleaseAck(h.board.boot_id, 2, False)
+    assert h.request(Release(2, 1, 1, 100, 100), now=10.5) == ReleaseAck(boot, 2, False, 3)
     assert [a.command_id for a in h.actuations] == [1, 3, 2]
 
 
@@ -141,7 +191,7 @@ def test_corrupt_frames_are_dropped_without_reply_or_crash() -> None:
             corrupt[i] ^= 1 << bit
             assert h.send(bytes(corrupt) + b"\x00" * 80) == []
     assert h.actuations == []
-    assert h.request(Ping()) == Pong(h.board.boot_id, FW_MAJOR, FW_MINOR, 8)
+    assert h.request(Ping()) == Pong(h.board.boot_id, FW_MAJOR, FW_MINOR, 8, 0, RING_SIZE)
 
 
 def test_actuation_reports_time_of_read_with_first_byte() -> None:
@@ -183,8 +233,8 @@ def test_level_hold_out_of_range_is_nacked(hold_ms: int) -> None:
 
 def test_level_release_shares_the_ring_with_pulse_releases() -> None:
     h = Clocked(time_scale=1.0)
-    assert h.request(ReleaseLevel(1, 2, 500), now=1.0) == ReleaseAck(h.board.boot_id, 1, False)
-    assert h.request(Release(1, 2, 1, 100, 100), now=1.1) == ReleaseAck(h.board.boot_id, 1, True)
+    assert h.request(ReleaseLevel(1, 2, 500), now=1.0) == ReleaseAck(h.board.boot_id, 1, False, 1)
+    assert h.request(Release(1, 2, 1, 100, 100), now=1.1) == ReleaseAck(h.board.boot_id, 1, True, 1)
     assert h.request(ReleaseLevel(2, 2, 500), now=1.2) == Nack(
         h.board.boot_id, 0x04, NackReason.CHANNEL_BUSY
     )
@@ -202,7 +252,7 @@ def test_all_off_opens_every_contact_and_frees_channels() -> None:
     h.request(ReleaseLevel(2, 3, 10_000), now=0.0)
     assert h.request(AllOff(), now=0.05) == AllOffAck(h.board.boot_id)
     assert h.board.relays == 0 and h.board.next_deadline() is None
-    assert h.request(Query(1), now=0.06) == QueryReply(h.board.boot_id, 1, executed=True)
+    assert h.request(Query(1), now=0.06) == QueryReply(h.board.boot_id, 1, True, exec_count=2)
     assert isinstance(h.request(Release(3, 1, 1, 100, 100), now=0.07), ReleaseAck)
 
 
@@ -290,10 +340,10 @@ def test_reboot_mid_train_acks_then_forgets_and_opens_the_contact() -> None:
     h = Clocked(faults=Faults(reboot_mid_train=2))
     h.request(Release(1, 1, 1, 100, 100))
     old = h.board.boot_id
-    assert h.request(Release(2, 1, 3, 100, 100)) == ReleaseAck(old, 2, False)
+    assert h.request(Release(2, 1, 3, 100, 100)) == ReleaseAck(old, 2, False, exec_count=2)
     h.board.advance(0.0)
     assert h.board.boot_id != old
-    assert h.request(Query(2)) == QueryReply(h.board.boot_id, 2, executed=False)
+    assert h.request(Query(2)) == QueryReply(h.board.boot_id, 2, False, exec_count=0)
     assert [e.on for e in h.edges if e.command_id == 2] == [True, False, True, False]
     assert h.board.relays == 0
 
@@ -305,7 +355,7 @@ def test_faults_are_reproducible_with_a_seed() -> None:
 
     first = replies(3)
     assert first == replies(3)
-    good = [encode(Pong(1, FW_MAJOR, FW_MINOR, 8), seq) for seq in range(50)]
+    good = [encode(Pong(1, FW_MAJOR, FW_MINOR, 8, 0, RING_SIZE), seq) for seq in range(50)]
     assert sum(r == b"" for r in first) > 5  # dropped
     assert sum(r not in (b"", g) for r, g in zip(first, good, strict=True)) > 5  # corrupted
 

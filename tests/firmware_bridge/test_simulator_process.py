@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from firmware_bridge.driver import InputState, LevelHold, PulseTrain
+from firmware_bridge.driver import InputState, LevelHold, PulseTrain, ring_vouches
 from firmware_bridge.exceptions import BoardNoReply, BoardUnavailable
 from firmware_bridge.serial_board import SerialBoard
 from firmware_bridge.simulator import MachineSpec, load_scenario
@@ -286,6 +286,57 @@ def test_usb_unplug_and_replug(start_simulator: Start) -> None:
 
     asyncio.run(scenario())
     assert len(sim.actuations()) == 1
+
+
+# --- ring and execution count (firmware 1.2) ----------------------------------------
+
+
+def test_ring_size_option_forgets_ids_beyond_the_ring(start_simulator: Start) -> None:
+    sim = start_simulator("--ring-size", "4")
+
+    async def scenario(board: SerialBoard) -> None:
+        pong = await board.ping()
+        assert (pong.fw_minor, pong.exec_count, pong.ring_size) == (2, 0, 4)
+        for command_id in range(1, 6):
+            assert (await board.release(command_id, 1, TRAIN)).exec_count == command_id
+        first = await board.query(1)
+        assert (first.executed, first.exec_count) == (False, 5)
+        assert not ring_vouches(
+            reply_exec_count=first.exec_count,
+            dispatch_exec_count=pong.exec_count,
+            ring_size=pong.ring_size,
+        )
+
+    run(scenario, sim.path)
+    assert len(sim.actuations()) == 5
+
+
+def test_firmware_option_answers_like_an_older_board(start_simulator: Start) -> None:
+    sim = start_simulator("--firmware", "1.1")
+
+    async def scenario(board: SerialBoard) -> None:
+        pong = await board.ping()
+        assert (pong.fw_minor, pong.exec_count, pong.ring_size) == (1, None, None)
+        assert (await board.release(1, 1, TRAIN)).exec_count is None
+        assert (await board.query(1)).exec_count is None
+
+    run(scenario, sim.path)
+
+
+def test_scenario_sets_ring_size_and_firmware_and_the_command_line_wins(
+    tmp_path: Path, start_simulator: Start
+) -> None:
+    path = tmp_path / "scenario.json"
+    path.write_text(json.dumps({"ring_size": 4, "firmware": "1.1"}))
+    old = start_simulator("--scenario", str(path))
+    new = start_simulator("--scenario", str(path), "--firmware", "1.2")
+
+    async def pong_fields(board: SerialBoard) -> tuple[int, int | None, int | None]:
+        pong = await board.ping()
+        return pong.fw_minor, pong.exec_count, pong.ring_size
+
+    assert run(pong_fields, old.path) == (1, None, None)
+    assert run(pong_fields, new.path) == (2, 0, 4)
 
 
 # --- one owner per bus ----------------------------------------------------------------
