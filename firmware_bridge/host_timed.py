@@ -71,9 +71,9 @@ __all__ = ["RING_SIZE", "HostTimedBoard", "OutputFault", "program_edges", "valid
 LOGGER = logging.getLogger(__name__)
 
 # Command ids remembered per session, the host-side twin of the MCU board's ring
-# (docs/firmware-protocol.md "De-duplication", at least 32): bounded, so a box up
-# for months does not grow, and large enough that recovery's ring_vouches almost
-# always can vouch (1024 releases is weeks of a busy store).
+# (docs/firmware-protocol.md "De-duplication", at least 32): bounded, so a session
+# up for months does not grow, and far larger than the releases a store makes
+# while one of them is in doubt (1024 is days of a busy store's cycles).
 RING_SIZE = 1024
 
 T = TypeVar("T")
