@@ -115,6 +115,17 @@ class BoardDriver(Protocol):
     @property
     def is_open(self) -> bool: ...
 
+    @property
+    def exec_count(self) -> int | None:
+        """The latest execution count of the board's current boot (firmware 1.2, or
+        the host-timed session's); None while unknown (firmware <= 1.1, or nothing
+        heard since the boot id changed). Read before a release, it is the
+        ``dispatch_exec_count`` of ``ring_vouches``."""
+
+    @property
+    def ring_size(self) -> int | None:
+        """How many command ids the board remembers per boot; None while unknown."""
+
     async def ping(self) -> Pong:
         """``boot_id`` changes whenever the board (or, for host-timed drivers, the
         driver session) lost its memory of executed command ids."""

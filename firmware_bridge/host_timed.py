@@ -20,6 +20,12 @@ Rules (the same contract as the MCU board, driver.BoardDriver):
   the first write; it is forgotten again only when that write provably did not act
   (``BoardUnavailable`` / ``BoardNack``). After ``BoardNoReply`` it stays recorded,
   so ``query`` answers "executed" and nothing can pulse it a second time.
+- **A ring and a count, like firmware 1.2.** The ids live in a ring of the last
+  ``RING_SIZE`` recorded (a box runs for months: memory stays bounded), and
+  ``exec_count`` counts every id recorded this session. Replies carry both, so
+  ``driver.ring_vouches`` judges a "not executed" here exactly as for the MCU
+  board. An id forgotten again because its first write provably did not act
+  stays counted: the count may run ahead, which only makes the rule more cautious.
 - **Ack after the first edge.** ``release`` validates (``BoardNack`` bad_channel /
   bad_params / channel_busy, nothing written), writes the first "on" edge and returns
   once that write succeeded; the rest of the program runs as a background task. A
@@ -41,6 +47,7 @@ import functools
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -59,9 +66,15 @@ from firmware_bridge.driver import (
 from firmware_bridge.exceptions import BoardError, BoardNack, BoardNoReply, BoardUnavailable
 from firmware_bridge.frames import FrameType, NackReason, Pong, QueryReply, ReleaseAck
 
-__all__ = ["HostTimedBoard", "OutputFault", "program_edges", "validate_program"]
+__all__ = ["RING_SIZE", "HostTimedBoard", "OutputFault", "program_edges", "validate_program"]
 
 LOGGER = logging.getLogger(__name__)
+
+# Command ids remembered per session, the host-side twin of the MCU board's ring
+# (docs/firmware-protocol.md "De-duplication", at least 32): bounded, so a session
+# up for months does not grow, and far larger than the releases a store makes
+# while one of them is in doubt (1024 is days of a busy store's cycles).
+RING_SIZE = 1024
 
 T = TypeVar("T")
 
@@ -154,7 +167,8 @@ class HostTimedBoard(abc.ABC):
         self._bus_lock = asyncio.Lock()  # one transaction on the bus at a time
         self._open = False
         self._boot_id = 0
-        self._executed: set[int] = set()
+        self._executed: deque[int] = deque(maxlen=RING_SIZE)
+        self._exec_count = 0  # ids recorded this session ("Execution count")
         self._running: dict[int, asyncio.Task[None]] = {}  # channel -> program task
         self._starting: dict[int, asyncio.Future[None]] = {}  # command id -> first edge
 
@@ -192,12 +206,22 @@ class HostTimedBoard(abc.ABC):
     def boot_id(self) -> int:
         return self._boot_id
 
+    @property
+    def exec_count(self) -> int:
+        """Command ids recorded in this session (0 at every ``open``)."""
+        return self._exec_count
+
+    @property
+    def ring_size(self) -> int:
+        return RING_SIZE
+
     async def open(self) -> None:
         if self._open:
             return
         await self._connect()
         self._boot_id = _new_boot_id()
-        self._executed = set()
+        self._executed = deque(maxlen=RING_SIZE)
+        self._exec_count = 0
         self.faults = []
         self._open = True
         LOGGER.info("%r opened, boot id %08x", self, self._boot_id)
@@ -217,11 +241,15 @@ class HostTimedBoard(abc.ABC):
     async def ping(self) -> Pong:
         self._require_open()
         await self._bus(self._read_raw)  # proves the bus answers
-        return Pong(self._boot_id, self.FW_MAJOR, self.FW_MINOR, self.channels)
+        return Pong(
+            self._boot_id, self.FW_MAJOR, self.FW_MINOR, self.channels,
+            self._exec_count, RING_SIZE,
+        )
 
     async def query(self, command_id: int) -> QueryReply:
         self._require_open()
-        return QueryReply(self._boot_id, command_id, command_id in self._executed)
+        executed = command_id in self._executed
+        return QueryReply(self._boot_id, command_id, executed, self._exec_count)
 
     async def read_inputs(self) -> InputState:
         self._require_open()
@@ -255,7 +283,9 @@ class HostTimedBoard(abc.ABC):
                 # A repeat racing the first edge answers what the original learns:
                 # never "duplicate" for a release that turns out not to have acted.
                 await asyncio.shield(starting)
-            return ReleaseAck(boot_id, command_id, duplicate=True)
+            # The session's current count (None if it was reopened meanwhile).
+            count = self._exec_count if self._boot_id == boot_id else None
+            return ReleaseAck(boot_id, command_id, duplicate=True, exec_count=count)
         task = self._running.get(channel)
         if task is not None and not task.done():
             raise BoardNack(NackReason.CHANNEL_BUSY, request_type, boot_id)
@@ -263,7 +293,9 @@ class HostTimedBoard(abc.ABC):
         edges, busy_s = program_edges(program)
         # Recorded before the first byte, like the board's ring (protocol "Board
         # behaviour"): a concurrent repeat of this id is a duplicate from here on.
-        self._executed.add(command_id)
+        self._executed.append(command_id)
+        self._exec_count += 1
+        exec_count = self._exec_count
         started = asyncio.get_running_loop().create_future()
         task = asyncio.create_task(
             self._run_program(command_id, channel, edges, busy_s, started),
@@ -275,19 +307,23 @@ class HostTimedBoard(abc.ABC):
         try:
             await asyncio.shield(started)
         except BoardNack as exc:
-            self._executed.discard(command_id)  # provably did not act
+            self._forget(command_id)  # provably did not act
             if exc.request_type != request_type:
                 # The primitive does not know the program: name the release frame.
                 raise BoardNack(exc.reason, request_type, exc.boot_id) from exc
             raise
         except BoardUnavailable:
-            self._executed.discard(command_id)  # provably did not act
+            self._forget(command_id)  # provably did not act
             raise
         finally:
             self._starting.pop(command_id, None)
-        return ReleaseAck(boot_id, command_id, duplicate=False)
+        return ReleaseAck(boot_id, command_id, duplicate=False, exec_count=exec_count)
 
     # --- internals --------------------------------------------------------------------
+
+    def _forget(self, command_id: int) -> None:
+        with contextlib.suppress(ValueError):  # already pushed out of the ring
+            self._executed.remove(command_id)
 
     def _require_open(self) -> None:
         if not self._open:

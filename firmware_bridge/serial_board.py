@@ -197,8 +197,8 @@ class SerialBoard:
         within one boot, so a copy reaching a board that acted and then reset
         before its ACK would pulse again. On ACK timeout the host asks QUERY
         (docs/firmware-protocol.md "Host behaviour") and re-sends only when the
-        same boot says "not executed" and, when the board reports counts, the
-        count known before the first send lets ``ring_vouches`` confirm it."""
+        same boot says "not executed" and, when the board has reported its ring
+        size and a count before the first send, ``ring_vouches`` confirms it."""
         request: Release | ReleaseLevel
         if isinstance(program, PulseTrain):
             request = Release(command_id, channel, program.count, program.on_ms, program.off_ms)
@@ -246,11 +246,14 @@ class SerialBoard:
                         "unknown; outcome unknown"
                     )
                 # We held the link since the first send, so no other release could
-                # push the id out of the ring; still, where counts exist, the one
-                # rule every caller uses must agree (belt and braces).
+                # push the id out of the ring; still, where the board gave us all
+                # the rule needs, the one rule every caller uses must agree (belt
+                # and braces). Without them (firmware <= 1.1, no count before the
+                # send, no PONG in this boot) the held link alone decides, as before.
                 if (
                     known_count is not None
                     and reply.exec_count is not None
+                    and self._ring_size is not None
                     and not ring_vouches(
                         reply_exec_count=reply.exec_count,
                         dispatch_exec_count=known_count,

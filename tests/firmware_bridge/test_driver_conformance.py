@@ -26,6 +26,7 @@ from firmware_bridge.driver import (
     LevelHold,
     Program,
     PulseTrain,
+    ring_vouches,
 )
 from firmware_bridge.exceptions import BoardNack, BoardUnavailable
 from firmware_bridge.frames import NackReason
@@ -214,6 +215,32 @@ def test_query_tells_whether_this_boot_executed_the_command(rig: Rig) -> None:
         after = await driver.query(99)
         assert after.executed and after.boot_id == before.boot_id
         assert not (await driver.query(100)).executed
+
+    rig.run(scenario)
+
+
+def test_every_driver_counts_executions_and_reports_its_ring(rig: Rig) -> None:
+    program = PulseTrain(1, 30, 30)
+
+    async def scenario(driver: Any) -> None:
+        pong = await driver.ping()
+        assert pong.exec_count == 0 and pong.ring_size >= 32  # a fresh boot / session
+        assert (driver.exec_count, driver.ring_size) == (pong.exec_count, pong.ring_size)
+        first = await driver.release(11, 1, program)
+        again = await driver.release(11, 1, program)  # duplicate: the current count
+        other = await driver.release(12, 2, program)
+        with pytest.raises(BoardNack):
+            await driver.release(13, 0, program)  # refused: not recorded, not counted
+        assert (first.exec_count, again.exec_count, other.exec_count) == (1, 1, 2)
+        never = await driver.query(13)
+        assert (never.executed, never.exec_count, driver.exec_count) == (False, 2, 2)
+        # Two releases since the host's count: well inside the ring, so it vouches.
+        assert ring_vouches(
+            reply_exec_count=never.exec_count,
+            dispatch_exec_count=pong.exec_count,
+            ring_size=driver.ring_size,
+        )
+        await settle(program)
 
     rig.run(scenario)
 

@@ -338,9 +338,12 @@ class LossyWire:
             os.write(self._master, self.board.feed(frame.serialize(), time.monotonic()))
 
 
-def _release_over_lossy_wire(others_unseen: int) -> tuple[SimulatedBoard, BaseException | None]:
-    """ping, then ``others_unseen`` releases the driver never hears of, then a
-    release of COMMAND whose first frame is lost."""
+def _release_over_lossy_wire(
+    others_unseen: int, *, ping: bool = True
+) -> tuple[SimulatedBoard, BaseException | None]:
+    """ping (or only a QUERY: a count but no ring size), then ``others_unseen``
+    releases the driver never hears of, then a release of COMMAND whose first
+    frame is lost."""
     board = SimulatedBoard(ring_size=4)
 
     async def main() -> BaseException | None:
@@ -348,7 +351,8 @@ def _release_over_lossy_wire(others_unseen: int) -> tuple[SimulatedBoard, BaseEx
             driver = SerialBoard(wire.path, ack_timeout=0.1)
             await driver.open()
             try:
-                assert (await driver.ping()).exec_count == 0
+                first = await (driver.ping() if ping else driver.query(COMMAND))
+                assert first.exec_count == 0
                 for command_id in range(1, 1 + others_unseen):
                     board.feed(encode(Release(command_id, 2, 1, 10, 10), 0), time.monotonic())
                     board.advance(time.monotonic() + 1)
@@ -375,3 +379,11 @@ def test_release_is_never_resent_when_the_ring_cannot_vouch() -> None:
     board, error = _release_over_lossy_wire(others_unseen=5)
     assert isinstance(error, BoardNoReply) and "cannot vouch" in str(error)
     assert board.actuation_count == 5
+
+
+def test_without_the_ring_size_the_held_link_alone_decides() -> None:
+    # No PONG in this boot: the rule cannot be applied, and the driver falls back
+    # to what made re-sending safe before counts existed - it held the link.
+    board, error = _release_over_lossy_wire(others_unseen=5, ping=False)
+    assert error is None
+    assert board.actuation_count == 6
