@@ -7,6 +7,7 @@ board on a pty, real broker, a real HTTP server standing in for the cloud API.""
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -190,3 +191,38 @@ def test_technician_test_turn_is_never_compensated(store_factory) -> None:  # ty
     report = json.loads(ctl(store, "reconcile", "--since", "2020-01-01", "--json").stdout)
     assert report["awaiting_compensation"] == []
 
+
+def test_unreadable_token_is_answered_without_a_key_and_never_compensated(store: Store) -> None:
+    unreadable = [
+        b"",
+        os.urandom(300),
+        b'{"execute_key": "x", "machine_id": "W1"}',  # JSON, not a signed token
+        b"eyJhbGciOiJFZERTQSJ9.bm90IGpzb24.c2ln",  # a JWS whose claims are not JSON
+    ]
+    for payload in unreadable:
+        store.cloud.publish(payload)
+
+    answers = store.cloud.wait_for(None, state="rejected", final=False, count=len(unreadable))  # type: ignore[arg-type]
+    assert len(answers) == len(unreadable)
+    for answer in answers:
+        assert answer["type"] == "execution.result"
+        assert answer["execute_key"] is None and answer["payment_id"] is None
+        assert (answer["authentic"], answer["final"], answer["compensation"]) == (
+            False,
+            False,
+            False,
+        )
+        assert (answer["reason"], answer["seq"]) == ("malformed", 0)
+    assert len({a["event_id"] for a in answers}) == len(unreadable)
+
+    # Logged for the technician, never journaled as an execution nor sent from the outbox.
+    status = _wait(
+        lambda: (s := store.daemon.status()) and s["rejected_unauthenticated"] >= 4 and s
+    )
+    assert status["rejected_unauthenticated"] == len(unreadable)
+    assert _journal_rows(store, "SELECT count(*) FROM executions") == [(0,)]
+    assert _journal_rows(
+        store, "SELECT count(*) FROM outbox WHERE topic IN ('results', 'compensation')"
+    ) == [(0,)]
+    assert not store.cloud.events_of("compensation")
+    assert not store.actuations()
