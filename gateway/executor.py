@@ -404,26 +404,28 @@ class Executor:
         """A command we cannot tie to a journal row: forged, malformed or not ours.
 
         It is logged for the technician and answered, but never journaled under its
-        execute_key: an unauthenticated message must not be able to block a real one."""
+        execute_key: an unauthenticated message must not be able to block a real one.
+        Without a readable jti the answer has ``execute_key: null``: the cloud still
+        learns that something reached the gateway that it could not read."""
         log.warning("command rejected: %s (%s) key=%s", rej.reason, rej.detail, rej.execute_key)
         self._journal.log_rejection(
             execute_key=rej.execute_key, reason=rej.reason, detail=rej.detail, now=now
         )
-        if rej.execute_key is not None:
-            # Not final: an unauthenticated rejection says nothing about the real
-            # command with this key, which the cloud keeps re-sending.
-            payload = result_payload(
-                gateway_id=self._config.gateway.id,
-                execute_key=rej.execute_key,
-                payment_id=None,
-                machine_id=None,
-                state="rejected",
-                reason=rej.reason,
-                at=iso_utc(now),
-                seq=0,
-                authentic=False,
-            )
-            self._publish("results", payload.encode())
+        # Not final and not compensated: an unauthenticated rejection says nothing about
+        # the real command with this key (which the cloud keeps re-sending), nor proves
+        # a payment.
+        payload = result_payload(
+            gateway_id=self._config.gateway.id,
+            execute_key=rej.execute_key,
+            payment_id=None,
+            machine_id=None,
+            state="rejected",
+            reason=rej.reason,
+            at=iso_utc(now),
+            seq=0,
+            authentic=False,
+        )
+        self._publish("results", payload.encode())
 
     # -- towards the board ---------------------------------------------------------
 

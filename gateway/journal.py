@@ -54,11 +54,15 @@ FINAL_STATES = (
     "expired",
     "needs_review",
 )
-# States that call for a refund / compensation on the cloud side.
-COMPENSATION_STATES = ("failed", "expired", "needs_review", "not_started")
+# States that call for a refund / compensation on the cloud side: every authentic
+# command is a confirmed payment, so every outcome in which the machine did not (or
+# may not have) run (DESIGN.md promise 2). ``rejected`` here is the gateway's refusal
+# of an authentic command (unknown machine or cycle, busy, out of service); the
+# verifier's rejections are never journaled and never compensated.
+COMPENSATION_STATES = ("failed", "expired", "needs_review", "not_started", "rejected")
 # Of those, the ones where the gateway knows nothing ran and emits a compensation
 # event itself; needs_review is a technician's call (an alert instead).
-AUTO_COMPENSATION_STATES = ("failed", "expired", "not_started")
+AUTO_COMPENSATION_STATES = ("failed", "expired", "not_started", "rejected")
 ALERTS_TOPIC = "alerts"
 COMPENSATION_TOPIC = "compensation"
 CYCLES_TOPIC = "cycles"
@@ -79,7 +83,7 @@ def iso_utc(ts: float) -> str:
 def result_payload(
     *,
     gateway_id: str,
-    execute_key: str,
+    execute_key: str | None,
     payment_id: str | None,
     machine_id: str | None,
     state: str,
@@ -88,10 +92,14 @@ def result_payload(
     seq: int,
     event_id: str | None = None,
     authentic: bool = True,
+    paid: bool = True,
     awaits_start: bool = False,
     payment: dict[str, Any] | None = None,
 ) -> str:
-    """The ``execution.result`` event of docs/mqtt-contract.md, as compact JSON."""
+    """The ``execution.result`` event of docs/mqtt-contract.md, as compact JSON.
+
+    ``execute_key`` is None only for an unauthenticated rejection whose ``jti`` could
+    not be read; ``paid`` is False for a technician's test turn."""
     return json.dumps(
         {
             "event_id": event_id or str(uuid.uuid4()),
@@ -109,7 +117,9 @@ def result_payload(
             "final": authentic
             and state in FINAL_STATES
             and not (state == "released" and awaits_start),
-            "compensation": state in COMPENSATION_STATES,
+            # Neither an unauthenticated message (no proof of payment) nor a
+            # technician's test turn (never paid) is ever compensated.
+            "compensation": authentic and paid and state in COMPENSATION_STATES,
             "authentic": authentic,
             "at": at,
             "seq": seq,
@@ -977,9 +987,9 @@ class Journal:
             " (SELECT o.state FROM outbox o WHERE o.stream = e.execute_key"
             "   AND o.topic = 'compensation' ORDER BY o.id DESC LIMIT 1) AS compensation_event"
             " FROM executions e WHERE e.received_at >= ?"
-            " AND e.state IN ('needs_review', 'not_started', 'failed', 'expired')"
+            f" AND e.state IN ({','.join('?' * len(COMPENSATION_STATES))})"
             " AND e.kind = 'payment' ORDER BY e.received_at",
-            (since_iso,),
+            (since_iso, *COMPENSATION_STATES),
         ).fetchall()
         return {
             "not_acknowledged": [dict(r) for r in unacked],
@@ -1046,7 +1056,7 @@ class Journal:
         row = c.execute(
             "UPDATE executions SET result_seq = result_seq + 1 WHERE execute_key = ?"
             " RETURNING result_seq, payment_id, machine_id, awaits_start, provider_ref,"
-            " idempotency_key, amount_cents",
+            " idempotency_key, amount_cents, kind",
             (key,),
         ).fetchone()
         event_id = str(uuid.uuid4())
@@ -1060,6 +1070,7 @@ class Journal:
             at=at,
             seq=row["result_seq"],
             event_id=event_id,
+            paid=row["kind"] == "payment",  # as _compensation decides
             awaits_start=bool(row["awaits_start"]),
             payment={k: row[k] for k in PAYMENT_FIELDS},
         )
