@@ -52,14 +52,18 @@ PUBLISH_TIMEOUT_S = 10.0
 PENDING_CALLS_WARNING = 10_000
 #: How long a clean stop waits for the broker to take the "offline" presence.
 OFFLINE_PUBLISH_TIMEOUT_S = 2.0
+#: Back-off between offers of a command the sink could not make durable.
+NOT_DURABLE_RETRY_MIN_S = 0.5
+NOT_DURABLE_RETRY_MAX_S = 30.0
 
 
 class CommandSink(Protocol):
     async def handle_command(self, payload: bytes) -> None:
         """Return only once the command's outcome is durable (journal commit).
 
-        Raising means "not durable": the message is not acknowledged and the broker
-        redelivers it after the session reconnects."""
+        Raising means "not durable" (e.g. the disk is full): the message is not
+        acknowledged, and the session offers the same message again after a back-off,
+        taking nothing after it meanwhile."""
         ...
 
 
@@ -135,10 +139,6 @@ class MqttSettings:
     @property
     def base_topic(self) -> str:
         return f"{self.topic_prefix}/gateways/{self.gateway_id}"
-
-
-class _CommandNotDurable(Exception):
-    """The sink raised: leave the command unacked and reconnect for a redelivery."""
 
 
 def _presence(state: str, gateway_id: str) -> bytes:
@@ -255,8 +255,6 @@ class MqttSession:
                 await self._connect_and_serve()
             except* aiomqtt.MqttError as group:
                 log.warning("MQTT link lost: %s", "; ".join(map(str, group.exceptions)))
-            except* _CommandNotDurable:
-                log.warning("command not durable; reconnecting so the broker redelivers it")
             except* Exception as group:
                 # Never let a bug in a collaborator (e.g. the outbox store) end the
                 # session for good; log the types only (messages may carry PII).
@@ -348,22 +346,34 @@ class MqttSession:
         # One at a time, in arrival order, so PUBACKs go out in order.
         async for message in client.messages:
             if message.topic.matches(self.command_topic):
-                try:
-                    await self._sink.handle_command(_as_bytes(message.payload))
-                except Exception as exc:
-                    # No payload and no exception text in the log: both may carry PII.
-                    log.error(
-                        "command handler failed (%s); not acknowledging mid=%d",
-                        type(exc).__name__,
-                        message.mid,
-                    )
-                    raise _CommandNotDurable from None
+                await self._until_durable(_as_bytes(message.payload), message.mid)
             else:
                 log.warning("ignoring message on unexpected topic %s", message.topic)
             if message.qos > 0:
                 # The PUBACK must never precede the journal commit (promise 3): only
                 # now, with handle_command returned, does the broker forget the command.
                 self._paho(client).ack(message.mid, message.qos)
+
+    async def _until_durable(self, payload: bytes, mid: int) -> None:
+        """Offer one command to the sink until it is durable. Unacknowledged meanwhile,
+        it stays with the broker (redelivered after a reconnect or a crash); later
+        commands wait behind it. No reconnect is forced: that only hammers the broker
+        (a fleet with full disks would stampede it) and redelivers nothing new."""
+        delay = NOT_DURABLE_RETRY_MIN_S
+        while True:
+            try:
+                await self._sink.handle_command(payload)
+                return
+            except Exception as exc:
+                # No payload and no exception text in the log: both may carry PII.
+                log.error(
+                    "command mid=%d not durable (%s); not acknowledged, offered again in %.1f s",
+                    mid,
+                    type(exc).__name__,
+                    delay,
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, NOT_DURABLE_RETRY_MAX_S)
 
     def _set_link(self, up: bool) -> None:
         if up == self._connected:

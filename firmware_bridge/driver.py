@@ -116,6 +116,11 @@ class BoardDriver(Protocol):
     def is_open(self) -> bool: ...
 
     @property
+    def boot_id(self) -> int | None:
+        """The boot id of the board's latest reply (or the host-timed session's);
+        None before any. ``exec_count`` belongs to this boot."""
+
+    @property
     def exec_count(self) -> int | None:
         """The latest execution count of the board's current boot (firmware 1.2, or
         the host-timed session's); None while unknown (firmware <= 1.1, or nothing

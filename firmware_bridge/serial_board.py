@@ -152,6 +152,11 @@ class SerialBoard:
         return self._transport is not None and not self._transport.is_closing()
 
     @property
+    def boot_id(self) -> int | None:
+        """The boot id of the board's latest reply; None before any."""
+        return self._boot_id
+
+    @property
     def exec_count(self) -> int | None:
         """The latest execution count the board reported in its current boot; None
         until one came (firmware <= 1.1 never sends one) or since the boot id changed."""

@@ -119,6 +119,14 @@ def _print_status(s: dict[str, Any]) -> None:
         print(f"  placa:   conectada em {m['port']} (boot id {m['boot_id']})")
     else:
         print(f"  placa:   DESCONECTADA em {m['port']} ({m['last_error'] or 'sem resposta'})")
+    j = s.get("journal") or {}
+    if j.get("writable", True):
+        print(f"  diário:  gravando ({j.get('path', '-')})")
+    else:
+        print(
+            f"  diário:  NÃO GRAVÁVEL desde {_when(j['since'])}: {j['error']} — nenhum"
+            " comando é aceito nem liberado até voltar (veja o espaço em disco: df -h)"
+        )
     counts = s["executions"]
     print("  execuções por estado:" + ("" if counts else " nenhuma"))
     for state, n in sorted(counts.items()):

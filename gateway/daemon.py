@@ -14,11 +14,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
 import sys
 import time
+import uuid
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ from .api import LocalApi
 from .boards import build_driver
 from .config import ConfigError, GatewayConfig, load_config
 from .executor import Executor
-from .journal import Journal, JournalError
+from .journal import Alert, Journal, JournalError, JournalFault, alert_event, iso_utc
 from .sync import CloudSync
 
 __all__ = ["Daemon", "main"]
@@ -90,6 +92,8 @@ class Daemon:
         )
         self.sync = CloudSync(config, self.journal, self.session)
         self.board = board
+        self._journal_fault: JournalFault | None = None
+        self.journal.on_fault_change = self._on_journal_fault
         self.api = LocalApi(
             config.api.socket,
             status=self.status,
@@ -97,6 +101,47 @@ class Daemon:
             executor=self.executor,
             sync=self.sync,
         )
+
+    def _on_journal_fault(self, fault: JournalFault | None) -> None:
+        """The journal started or stopped failing to commit (disk full, I/O error).
+
+        While it fails, the executor takes no command and sends nothing new to the board;
+        people must know at once, and the alert cannot wait in the outbox (that is the
+        journal): it goes to the broker directly, best effort, and is journaled once
+        the journal writes again."""
+        if fault is not None:
+            self._journal_fault = fault
+            log.critical(
+                "journal not writable (%s): no command is taken and no release sent until"
+                " it writes again",
+                fault.reason,
+            )
+            event = alert_event(
+                self.config.gateway.id,
+                Alert("journal_unwritable", "critical", detail=fault.reason[:160]),
+                iso_utc(fault.since),
+            )
+            payload = json.dumps({"event_id": str(uuid.uuid4()), **event})
+            self.session.publish_best_effort("alerts", payload.encode())
+            return
+        previous, self._journal_fault = self._journal_fault, None
+        if previous is None:
+            return
+        lasted = time.time() - previous.since
+        log.warning("journal writable again after %.0f s", lasted)
+
+        def record() -> None:
+            # Outside the commit that noticed the recovery.
+            self.executor.journal_writable_again()
+            self.executor.raise_alert(
+                Alert(
+                    "journal_writable_again",
+                    "warning",
+                    detail=f"not writable for {lasted:.0f} s: {previous.reason}"[:160],
+                )
+            )
+
+        asyncio.get_running_loop().call_soon(record)
 
     def _broker_link(self, up: bool) -> None:
         self.broker_connected = up
@@ -127,6 +172,12 @@ class Daemon:
                 "last_error": link.last_error,
                 "since": link.since or None,
             },
+            "journal": {
+                "writable": (fault := self.journal.fault) is None,
+                "error": None if fault is None else fault.reason,
+                "since": None if fault is None else fault.since,
+                "path": str(self.config.journal.path),
+            },
             "executions": self.journal.counts_by_state(),
             "outbox_depth": (depth := self.journal.outbox_depth()),
             "outbox": {
@@ -152,6 +203,7 @@ class Daemon:
             async with asyncio.TaskGroup() as tg:
                 tasks = [
                     tg.create_task(self.executor.run_board(), name="board"),
+                    tg.create_task(self.executor.run_dispatch(), name="dispatch"),
                     tg.create_task(self.executor.run_timers(), name="timers"),
                     tg.create_task(self.executor.run_inputs(), name="inputs"),
                     tg.create_task(self.session.run(), name="mqtt"),

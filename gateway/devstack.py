@@ -83,6 +83,7 @@ def demo_config(
     machines: list[dict[str, Any]] | None = None,
     board: dict[str, Any] | None = None,
     sections: dict[str, dict[str, Any]] | None = None,
+    journal_path: Path | None = None,
 ) -> str:
     """The smallest config a store needs: everything else is the embedded defaults."""
     lines = [
@@ -90,7 +91,7 @@ def demo_config(
         f"id = {_toml_value(gateway_id)}",
         'store_id = "loja-demo"',
         "[journal]",
-        f"path = {_toml_value(workdir / 'journal.db')}",
+        f"path = {_toml_value(journal_path or workdir / 'journal.db')}",
         "[mqtt]",
         'host = "127.0.0.1"',
         f"port = {mqtt_port}",

@@ -5,10 +5,11 @@ final state, and the recovery of executions a crash left half-done.
     received -> accepted -> dispatching                (durable before the first byte)
     dispatching -> released | failed(board_nack:...)   (board answered)
     dispatching -> accepted                             (board link down: nothing was sent)
-    dispatching --no reply / crash--> recovery: query the board about the command id
-        executed                 -> released
-        not executed, same boot  -> dispatched again (the board de-duplicates anyway)
-        not executed, new boot   -> needs_review (never pulsed again automatically)
+    dispatching --no reply / crash--> in doubt; recovery queries the board about the id
+        executed                                -> released
+        not executed, same boot, ring vouches   -> sent again (it provably never ran)
+        not executed, ring may have forgotten   -> needs_review (never pulsed again)
+        new boot                                -> needs_review
     released -> started -> completed                    (machine's busy input, if wired)
     released -> not_started  (no start in the confirm window: alert + compensation)
     not_started -> started   (late start within the grace period: alert, the cloud
@@ -18,6 +19,15 @@ Promise 1 rests on two locks: the journal row keyed by execute_key (a duplicate 
 reaches the board; it gets the stored result) and the board's own de-duplication of
 command ids within a boot. Promise 3 rests on ``handle_command`` returning only after
 the journal commit; the MQTT session acknowledges the message after that.
+
+Releases go to the board one at a time, in the order of their dispatch decisions
+(``DispatchStamp.seq``), from one worker (:meth:`Executor.run_dispatch`); the next
+is sent only once the outcome of the one before is in the journal. So a release that
+may have reached the board is always known: one marked in doubt, the one the worker
+holds, or, after a crash, the first unsettled one. Every other ``dispatching`` row
+provably never left the gateway and is sent (or expires) normally, whatever the board
+did meanwhile. When the journal cannot write (disk full), the worker keeps the board's
+answer in memory and records it as soon as a commit succeeds; nothing new is sent.
 """
 
 from __future__ import annotations
@@ -31,17 +41,28 @@ import signal
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+
+import tenacity
 
 from cloud_sync.commands import CommandRejected, CommandVerifier, ExecuteCommand
-from firmware_bridge.driver import BoardDriver, Program
+from firmware_bridge.driver import BoardDriver, Program, ring_vouches
 from firmware_bridge.exceptions import BoardError, BoardNack, BoardUnavailable
 from firmware_bridge.host_timed import OutputFault
 
 from .config import DryerTimeProgram, GatewayConfig, Machine
-from .journal import Alert, Execution, Journal, iso_utc, result_payload
+from .journal import (
+    Alert,
+    DispatchStamp,
+    Execution,
+    Journal,
+    JournalUnwritable,
+    iso_utc,
+    result_payload,
+)
 from .machines import BusyChange, MachineMonitor, StuckRelay
 
 __all__ = ["Executor", "ExecutorRefusal", "command_id_for", "BoardLink"]
@@ -59,16 +80,26 @@ RELAY_SETTLE_S = 0.5
 # back to answer, or asking it keeps failing) goes to needs_review: a person decides,
 # rather than "unknown forever" (promise 2).
 DOUBT_GRACE_S = 600.0
+# While the journal cannot write, what must be recorded is tried again this often
+# (exponential, capped): each try is a probe of the disk, cheap but not free.
+JOURNAL_RETRY_MIN_S = 0.2
+JOURNAL_RETRY_MAX_S = 10.0
+# Alerts raised while the journal cannot write wait in memory, at most this many.
+UNSAVED_ALERTS_MAX = 200
 
-# Fault injection for the crash tests: the daemon SIGKILLs itself at the named point.
-# Read once at start-up; unset in production.
-_KILL_AT = os.environ.get("METALAV_TEST_KILL_AT", "")
+# Fault injection for the crash tests: the daemon SIGKILLs itself at the named point,
+# the Nth time it gets there with ``point:N``. Read once at start-up; unset in production.
+_KILL_AT, _, _KILL_NTH = os.environ.get("METALAV_TEST_KILL_AT", "").partition(":")
+_kill_countdown = int(_KILL_NTH or 1)
 
 
 def _crash_point(name: str) -> None:
+    global _kill_countdown
     if _KILL_AT == name:
-        log.warning("test fault injection: SIGKILL at %s", name)
-        os.kill(os.getpid(), signal.SIGKILL)
+        _kill_countdown -= 1
+        if _kill_countdown == 0:
+            log.warning("test fault injection: SIGKILL at %s", name)
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def command_id_for(execute_key: str) -> int:
@@ -119,9 +150,25 @@ class Executor:
         # One writer on the serial link: releases, queries and pings take turns.
         self._board_lock = asyncio.Lock()
         self._recovery_wanted = asyncio.Event()
-        # Keys whose release is being written right now; recovery leaves them alone.
+        # Keys whose release the dispatch worker holds (being written, or its outcome
+        # waiting for the journal); recovery leaves them alone.
         self._inflight: set[str] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        # Releases to write, in dispatch order; ``True`` marks a release in doubt that
+        # recovery proved never ran (the only kind ever sent again).
+        self._queue: deque[tuple[str, bool]] = deque()
+        self._queue_changed = asyncio.Event()
+        self._last_seq = journal.last_dispatch_seq()
+        # After a crash, the first unsettled release may have been on the wire: it is
+        # asked about like one in doubt, and nothing is sent before recovery ran once.
+        pending = [r for r in journal.dispatching_in_order() if not r.in_doubt]
+        self._suspect: str | None = pending[0].execute_key if pending else None
+        self._queue.extend((r.execute_key, False) for r in pending[1:])
+        self._recovered = asyncio.Event()
+        self._unsaved_alerts: deque[tuple[Alert, float]] = deque(maxlen=UNSAVED_ALERTS_MAX)
+        self._unapplied: deque[BusyChange | StuckRelay] = deque()
+        self._stopping = False
+        self._idle = asyncio.Event()  # the worker holds no release
+        self._idle.set()
         self.monitor = MachineMonitor(list(config.machines))
         # Relay channel -> until when a program may legitimately keep it closed.
         self._driven_until: dict[int, float] = {}
@@ -134,11 +181,12 @@ class Executor:
         """Decide and journal the command; return once that decision is durable.
 
         Raises only when the journal itself fails (then the message is not acked and
-        the broker delivers it again)."""
+        is offered again once the journal writes)."""
         now = self._clock()
         try:
             self._decide(payload, now)
-        except sqlite3.Error:
+        except (JournalUnwritable, sqlite3.Error):
+            # Not durable: no acknowledgement; the session offers it again later.
             raise
         except Exception as exc:
             # A bug must not turn one message into a poison pill: unacked, a persistent
@@ -180,14 +228,14 @@ class Executor:
             return
 
         assert machine is not None  # no refusal: the machine exists
-        boot_id = self.board_link.boot_id if self.board_link.connected else None
-        state = "dispatching" if boot_id is not None else "accepted"
+        stamp = self._stamp()
+        state = "dispatching" if stamp is not None else "accepted"
         self._record(
             cmd,
             state=state,
             reason=None,
             now=now,
-            dispatch_boot_id=boot_id,
+            dispatch=stamp,
             notify=False,
             awaits_start=self._awaits_start(machine, cmd.cycle),
         )
@@ -198,8 +246,8 @@ class Executor:
             cmd.machine_id,
             cmd.cycle,
         )
-        if state == "dispatching":
-            self._spawn(self._dispatch(cmd.execute_key), f"dispatch-{cmd.execute_key}")
+        if stamp is not None:
+            self._enqueue(cmd.execute_key, stamp)
         else:
             log.warning("execution %s waits for the board link", cmd.execute_key)
         # After the dispatch task is queued, so the release goes out before the
@@ -213,7 +261,7 @@ class Executor:
         state: str,
         reason: str | None,
         now: float,
-        dispatch_boot_id: int | None = None,
+        dispatch: DispatchStamp | None = None,
         notify: bool = True,
         awaits_start: bool = False,
     ) -> None:
@@ -231,7 +279,7 @@ class Executor:
             state=state,
             reason=reason,
             now=now,
-            dispatch_boot_id=dispatch_boot_id,
+            dispatch=dispatch,
             awaits_start=awaits_start,
         )
         if notify:
@@ -291,6 +339,9 @@ class Executor:
             )
             raise ExecutorRefusal(code, message)
         cycle = cycle or next(iter(machine.cycles))
+        stamp = self._stamp()
+        if stamp is None:
+            raise ExecutorRefusal("board_unavailable", "placa desconectada")
         key = f"tech-{uuid.uuid4().hex[:16]}"
         self._journal.record_new(
             execute_key=key,
@@ -306,7 +357,7 @@ class Executor:
             state="dispatching",
             reason=None,
             now=now,
-            dispatch_boot_id=self.board_link.boot_id,
+            dispatch=stamp,
             kind="technical_service",
             requested_by=f"{actor} ({os_user}): {reason}",
             awaits_start=machine.busy_input is not None,
@@ -320,7 +371,7 @@ class Executor:
                 "after": {"execute_key": key, "cycle": cycle},
             },
         )
-        self._spawn(self._dispatch(key), f"dispatch-{key}")
+        self._enqueue(key, stamp)
         self._outbox_changed()
         return key
 
@@ -429,81 +480,165 @@ class Executor:
 
     # -- towards the board ---------------------------------------------------------
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _stamp(self) -> DispatchStamp | None:
+        """A new dispatch decision for the board as known now; None while it is away."""
+        boot_id = self.board_link.boot_id if self.board_link.connected else None
+        if boot_id is None:
+            return None
+        # The board's execution count belongs to the boot the driver last heard from;
+        # recorded only when that is the boot this release is stamped with.
+        count = self._board.exec_count if self._board.boot_id == boot_id else None
+        self._last_seq += 1
+        return DispatchStamp(boot_id, count, self._last_seq)
 
-    async def _dispatch(self, execute_key: str) -> None:
-        """Write the release of an execution already journaled as ``dispatching``."""
+    def _enqueue(self, execute_key: str, stamp: DispatchStamp) -> None:
+        """Hand a journaled ``dispatching`` row to the worker (in ``stamp.seq`` order)."""
+        self._queue.append((execute_key, False))
+        self._queue_changed.set()
+
+    async def run_dispatch(self) -> None:
+        """The one writer of releases: each in dispatch order, each settled in the
+        journal before the next goes out (the invariant recovery relies on)."""
+        await self._recovered.wait()
+        retry = _journal_backoff()
+        while not self._stopping:
+            if not self._queue:
+                self._queue_changed.clear()
+                await self._queue_changed.wait()
+                continue
+            key, resend = self._queue.popleft()
+            try:
+                await self._dispatch(key, resend=resend)
+            except JournalUnwritable:
+                # Nothing was sent (the stamp could not be written): first in line again.
+                self._queue.appendleft((key, resend))
+                await asyncio.sleep(next(retry))
+                continue
+            retry = _journal_backoff()
+
+    async def _dispatch(self, execute_key: str, *, resend: bool = False) -> None:
+        """Write one release and record what the board said, however long the journal
+        takes to accept it (the board's answer is never lost nor acted on twice)."""
         if execute_key in self._inflight:
             return
         self._inflight.add(execute_key)
+        self._idle.clear()
         try:
-            await self._dispatch_inflight(execute_key)
-        except Exception:
-            # A bug must not kill run_board (recovery calls this) nor vanish in a task:
-            # the row stays dispatching, and run_timers ends it in needs_review.
-            log.exception("execution %s: dispatch failed unexpectedly", execute_key)
+            try:
+                outcome = await self._send_release(execute_key, resend)
+            except JournalUnwritable:
+                raise
+            except Exception:
+                # A bug must not kill the worker: the row stays dispatching, in doubt,
+                # and recovery / run_timers settle it by asking the board or a person.
+                log.exception("execution %s: dispatch failed unexpectedly", execute_key)
+                outcome = partial(self._mark_in_doubt, execute_key, "internal error while sending")
+            if outcome is not None:
+                await self._until_durable(outcome, execute_key)
         finally:
             self._inflight.discard(execute_key)
+            self._idle.set()
 
-    async def _dispatch_inflight(self, execute_key: str) -> None:
+    async def _until_durable(self, write: Callable[[], object], execute_key: str) -> None:
+        retry = _journal_backoff()
+        while True:
+            try:
+                write()
+                return
+            except JournalUnwritable as exc:
+                log.critical(
+                    "execution %s: the board's answer cannot be journaled (%s); held until"
+                    " the journal writes again, nothing else is sent meanwhile",
+                    execute_key,
+                    exc.reason,
+                )
+                await asyncio.sleep(next(retry))
+
+    async def _send_release(self, execute_key: str, resend: bool) -> Callable[[], object] | None:
+        """Send the release under the board lock; return the journal write that records
+        its outcome (None when nothing was sent and nothing needs recording)."""
         _crash_point("after_dispatching_commit")
-        row: Execution | None = None
-        try:
-            async with self._board_lock:
-                # Read under the lock: while this task waited, recovery may have settled
-                # the execution (needs_review, expired, released); then nothing is sent.
+        async with self._board_lock:
+            # Read under the lock: while this waited, recovery or a timer may have
+            # settled the execution (needs_review, expired, released); then nothing is sent.
+            row = self._journal.get(execute_key)
+            if row is None or row.state != "dispatching":
+                return None
+            if row.in_doubt and not resend:
+                return None  # only recovery, having asked the board, may send it again
+            now = self._clock()
+            never_sent = not (row.in_doubt or execute_key == self._suspect)
+            if row.expires_at <= now and (resend or never_sent):
+                # Nothing of it reached the board (that is how it got here): too late.
+                return partial(self._finish, row, "expired", "command_expired")
+            boot_id = self.board_link.boot_id
+            if boot_id is None or not self.board_link.connected:
+                self._recovery_wanted.set()
+                return None if resend else self._back_to_accepted(execute_key)
+            if row.dispatch_boot_id != boot_id:
+                if resend:
+                    # Cleared by recovery on another boot: ask again, never guess.
+                    self._recovery_wanted.set()
+                    return None
+                stamp = self._stamp()
+                assert stamp is not None
+                self._journal.restamp(execute_key, stamp, now=now)  # may raise: nothing sent
                 row = self._journal.get(execute_key)
-                if row is None or row.state != "dispatching":
-                    return
-                if row.expires_at <= self._clock():
-                    # Nothing of it reached the board (that is how it got here): too late.
-                    self._finish(row, "expired", "command_expired")
-                    return
-                machine = self._config.machine(row.machine_id)
-                assert machine is not None  # checked when accepted; config is frozen
-                program: Program = machine.cycles[row.cycle].train()
-                self._drive(machine.channel, program.duration_ms)
+                assert row is not None
+            machine = self._config.machine(row.machine_id)
+            assert machine is not None  # checked when accepted; config is frozen
+            program: Program = machine.cycles[row.cycle].train()
+            self._drive(machine.channel, program.duration_ms)
+            try:
                 ack = await self._board.release(row.command_id, machine.channel, program)
-        except BoardNack as exc:
-            assert row is not None  # raised by release(), after the row was read
-            self._finish(row, "failed", f"board_nack:{exc.reason.name.lower()}")
-            return
-        except BoardUnavailable as exc:
-            # Proved not sent: the execution waits for the board (or its expiry).
-            self._link_lost(str(exc))
-            self._journal.transition(
-                execute_key,
-                from_states=("dispatching",),
-                to_state="accepted",
-                reason="board_unavailable",
-                now=self._clock(),
-                report=False,
-            )
-            self._recovery_wanted.set()  # wakes run_board to reconnect now
-            return
-        except BoardError as exc:  # BoardNoReply, or anything the driver could not classify
-            # Sent, outcome unknown: only the board can tell (recovery asks it).
-            log.error("execution %s: board did not answer the release (%s)", execute_key, exc)
-            self._journal.note(
-                execute_key,
-                now=self._clock(),
-                state="dispatching",
-                detail="no reply from board; outcome in doubt",
-            )
-            self._recovery_wanted.set()
-            return
+            except BoardNack as exc:
+                return partial(self._finish, row, "failed", f"board_nack:{exc.reason.name.lower()}")
+            except BoardUnavailable as exc:
+                # Proved not sent: the execution waits for the board (or its expiry).
+                self._link_lost(str(exc))
+                self._recovery_wanted.set()  # wakes run_board to reconnect now
+                return None if (resend or row.in_doubt) else self._back_to_accepted(execute_key)
+            except BoardError as exc:  # BoardNoReply, or anything the driver could not classify
+                # Sent, outcome unknown: only the board can tell (recovery asks it).
+                log.error("execution %s: board did not answer the release (%s)", execute_key, exc)
+                self._recovery_wanted.set()
+                return partial(
+                    self._mark_in_doubt, execute_key, "no reply from board; outcome in doubt"
+                )
         _crash_point("after_board_ack")
-        self._released(row, "board_duplicate_ack" if ack.duplicate else None, ack.boot_id)
+        reason = "board_duplicate_ack" if ack.duplicate else None
+        released_at = self._clock()
+        return partial(self._released, row, reason, ack.boot_id, ack.exec_count, released_at)
+
+    def _mark_in_doubt(self, execute_key: str, detail: str) -> None:
+        self._journal.mark_in_doubt(execute_key, now=self._clock(), detail=detail)
+        # Recovery may have run while the worker still held it: ask the board now.
+        self._recovery_wanted.set()
+
+    def _back_to_accepted(self, execute_key: str) -> Callable[[], object]:
+        return partial(
+            self._journal.transition,
+            execute_key,
+            from_states=("dispatching",),
+            to_state="accepted",
+            reason="board_unavailable",
+            now=self._clock(),
+            report=False,
+        )
 
     def _drive(self, channel: int, duration_ms: int) -> None:
         until = self._clock() + duration_ms / 1000 + RELAY_SETTLE_S
         self._driven_until[channel] = max(until, self._driven_until.get(channel, 0.0))
 
-    def _released(self, row: Execution, reason: str | None, boot_id: int) -> None:
-        now = self._clock()
+    def _released(
+        self,
+        row: Execution,
+        reason: str | None,
+        boot_id: int,
+        exec_count: int | None,
+        now: float | None = None,
+    ) -> None:
+        now = self._clock() if now is None else now
         times = {"released_at": now}
         machine = self._config.machine(row.machine_id)
         if row.awaits_start and machine is not None:
@@ -515,10 +650,16 @@ class Executor:
             reason=reason,
             now=now,
             board_boot_id=boot_id,
+            board_exec_count=exec_count,
             times=times,
         ):
+            self._settled(row.execute_key)
             self._outbox_changed()
             log.info("execution %s released%s", row.execute_key, f" ({reason})" if reason else "")
+
+    def _settled(self, execute_key: str) -> None:
+        if execute_key == self._suspect:
+            self._suspect = None
 
     def _finish(
         self,
@@ -543,16 +684,24 @@ class Executor:
             times=times,
             cycle_event=cycle_event,
         ):
+            self._settled(row.execute_key)
             self._outbox_changed()
             log.info("execution %s %s%s", row.execute_key, state, f" ({reason})" if reason else "")
 
+    def _in_doubt(self) -> list[Execution]:
+        """Releases that may have reached the board and wait for its answer."""
+        return [
+            r
+            for r in self._journal.dispatching_in_order()
+            if (r.in_doubt or r.execute_key == self._suspect)
+            and r.execute_key not in self._inflight
+        ]
+
     async def recover(self) -> bool:
-        """Settle every execution left ``dispatching``: ask the board, never guess.
+        """Settle every release in doubt: ask the board, never guess.
 
         Returns False if the board could not be asked (try again later)."""
-        for row in self._journal.in_states(("dispatching",)):
-            if row.execute_key in self._inflight:
-                continue
+        for row in self._in_doubt():
             try:
                 async with self._board_lock:
                     reply = await self._board.query(row.command_id)
@@ -560,66 +709,104 @@ class Executor:
                 log.warning("recovery of %s postponed: %s", row.execute_key, exc)
                 return False
             if reply.executed:
-                self._released(row, "confirmed_by_board_query", reply.boot_id)
-            elif reply.boot_id == row.dispatch_boot_id:
-                # Same boot and the board never saw it: nothing was pulsed, so sending
-                # it now is the first and only release.
-                if row.expires_at <= self._clock():
-                    self._finish(row, "expired", "command_expired")
-                    continue
+                self._released(row, "confirmed_by_board_query", reply.boot_id, reply.exec_count)
+            elif reply.boot_id != row.dispatch_boot_id:
+                # The board reset since the release was written: it may or may not have
+                # pulsed. Never pulse again automatically (runbook incident A).
+                self._needs_review(
+                    row,
+                    "board_reset_during_dispatch",
+                    reply.boot_id,
+                    "board reset while a release was in doubt; check the machine",
+                )
+            elif not ring_vouches(
+                reply_exec_count=reply.exec_count,
+                dispatch_exec_count=row.dispatch_exec_count,
+                ring_size=self._board.ring_size,
+            ):
+                # Same boot, but the board executed more releases since this one than its
+                # ring of recent ids holds (or cannot say how many): "not executed" may
+                # mean "forgotten". A person decides.
+                self._needs_review(
+                    row,
+                    "board_cannot_vouch",
+                    reply.boot_id,
+                    "the board no longer remembers enough releases to rule this one out",
+                )
+            elif row.expires_at <= self._clock():
+                self._finish(row, "expired", "command_expired")
+            else:
+                # Same boot, still within what the board remembers, never seen: nothing
+                # was pulsed, so sending it now is the first and only release.
                 self._journal.note(
                     row.execute_key,
                     now=self._clock(),
                     state="dispatching",
-                    detail="board never received it (same boot); dispatching again",
+                    detail="board never received it (same boot, within its memory);"
+                    " dispatching again",
                 )
-                await self._dispatch(row.execute_key)
-            else:
-                # The board reset since the release was written: it may or may not have
-                # pulsed. Never pulse again automatically (runbook incident A).
-                self._finish(
-                    row,
-                    "needs_review",
-                    "board_reset_during_dispatch",
-                    board_boot_id=reply.boot_id,
-                    alert=Alert(
-                        "needs_review",
-                        "critical",
-                        row.machine_id,
-                        row.execute_key,
-                        "board reset while a release was in doubt; check the machine",
-                    ),
-                )
+                self._queue.appendleft((row.execute_key, True))
+                self._queue_changed.set()
+        self._recovered.set()
         return True
 
-    async def _dispatch_waiting(self) -> None:
+    def _needs_review(self, row: Execution, reason: str, boot_id: int, detail: str) -> None:
+        self._finish(
+            row,
+            "needs_review",
+            reason,
+            board_boot_id=boot_id,
+            alert=Alert("needs_review", "critical", row.machine_id, row.execute_key, detail),
+        )
+
+    def _dispatch_waiting(self) -> None:
         """Executions accepted while the board was away: expire or dispatch them."""
         for row in self._journal.in_states(("accepted",)):
             now = self._clock()
             if row.expires_at <= now:
                 self._finish(row, "expired", "command_expired", from_states=("accepted",))
                 continue
-            boot_id = self.board_link.boot_id
-            if not self.board_link.connected or boot_id is None:
+            stamp = self._stamp()
+            if stamp is None:
                 return
             if self._journal.transition(
                 row.execute_key,
                 from_states=("accepted",),
                 to_state="dispatching",
                 now=now,
-                detail=f"board boot {boot_id:08x}",
-                dispatch_boot_id=boot_id,
+                dispatch=stamp,
                 report=False,
             ):
-                await self._dispatch(row.execute_key)
+                self._enqueue(row.execute_key, stamp)
+
+    def raise_alert(self, alert: Alert) -> None:
+        """Journal an alert for the cloud; while the journal cannot write, keep it in
+        memory (bounded) until it can."""
+        now = self._clock()
+        try:
+            self._flush_alerts()
+            self._journal.raise_alert(alert, now=now)
+        except JournalUnwritable:
+            self._unsaved_alerts.append((alert, now))
+            return
+        self._outbox_changed()
+
+    def _flush_alerts(self) -> None:
+        while self._unsaved_alerts:
+            alert, at = self._unsaved_alerts[0]
+            self._journal.raise_alert(alert, now=at)
+            self._unsaved_alerts.popleft()
+
+    def journal_writable_again(self) -> None:
+        """The journal commits again: record what waited in memory."""
+        with contextlib.suppress(JournalUnwritable):
+            self._flush_alerts()
+            self._outbox_changed()
 
     def _link_lost(self, error: str) -> None:
         if self.board_link.connected:
             log.error("board link lost: %s", error)
-            self._journal.raise_alert(
-                Alert("board_link_lost", "critical", detail=error[:160]), now=self._clock()
-            )
-            self._outbox_changed()
+            self.raise_alert(Alert("board_link_lost", "critical", detail=error[:160]))
             self.monitor.forget()
         self.board_link.connected = False
         self.board_link.last_error = error
@@ -637,11 +824,11 @@ class Executor:
                 Alert("board_rebooted", "warning", detail=f"boot id {previous} -> {boot_id:08x}")
             )
         if previous is None or int(previous, 16) != boot_id:
-            self._journal.set_board_value("boot_id", f"{boot_id:08x}")
+            # Only feeds the "board rebooted" alert: not worth stopping for.
+            with contextlib.suppress(JournalUnwritable):
+                self._journal.set_board_value("boot_id", f"{boot_id:08x}")
         for alert in alerts:
-            self._journal.raise_alert(alert, now=now)
-        if alerts:
-            self._outbox_changed()
+            self.raise_alert(alert)
         self.board_link.connected = True
         self.board_link.boot_id = boot_id
         self.board_link.last_error = None
@@ -671,19 +858,27 @@ class Executor:
     async def run_board(self) -> None:
         """Own the board link: open it, learn its boot id, recover, dispatch what waits."""
         cfg = self._config.board
+        retry = _journal_backoff()
         while True:
-            if not self.board_link.connected and not await self._connect():
-                await asyncio.sleep(cfg.reconnect_s)
-                continue
-            if self._recovery_wanted.is_set():
-                self._recovery_wanted.clear()
-                if not await self.recover():
-                    self._recovery_wanted.set()
-                    self._link_lost("board did not answer recovery queries")
-                    await self._board.close()
-                    await asyncio.sleep(RECOVERY_RETRY_S)
+            try:
+                if not self.board_link.connected and not await self._connect():
+                    await asyncio.sleep(cfg.reconnect_s)
                     continue
-            await self._dispatch_waiting()
+                if self._recovery_wanted.is_set():
+                    self._recovery_wanted.clear()
+                    if not await self.recover():
+                        self._recovery_wanted.set()
+                        self._link_lost("board did not answer recovery queries")
+                        await self._board.close()
+                        await asyncio.sleep(RECOVERY_RETRY_S)
+                        continue
+                self._dispatch_waiting()
+            except JournalUnwritable:
+                # Recovery and dispatch decisions wait for the journal: ask again later.
+                self._recovery_wanted.set()
+                await asyncio.sleep(next(retry))
+                continue
+            retry = _journal_backoff()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._recovery_wanted.wait(), cfg.health_ping_s)
 
@@ -712,11 +907,23 @@ class Executor:
                 self._recovery_wanted.set()
             now = self._sampled_at = self._clock()
             driven = {ch for ch, until in self._driven_until.items() if until > now}
-            for change in self.monitor.sample(state, now, driven):
+            self._unapplied.extend(self.monitor.sample(state, now, driven))
+            self._apply_input_changes()
+
+    def _apply_input_changes(self) -> None:
+        """Journal what the inputs showed, oldest first. A change the journal cannot take
+        yet waits (the not_started sweep waits with it: a start seen but not recorded
+        must never turn into a compensation)."""
+        try:
+            while self._unapplied:
+                change = self._unapplied[0]
                 if isinstance(change, BusyChange):
                     self._on_busy_change(change)
                 else:
                     self._on_stuck_relay(change)
+                self._unapplied.popleft()
+        except JournalUnwritable:
+            log.warning("%d input change(s) wait for the journal", len(self._unapplied))
 
     def _on_busy_change(self, change: BusyChange) -> None:
         machine = self._config.machine(change.machine_id)
@@ -792,16 +999,14 @@ class Executor:
         people are told now."""
         machine = next((m for m in self._config.machines if m.channel == fault.channel), None)
         log.error("relay write failed on channel %d: %s", fault.channel, fault.error)
-        self._journal.raise_alert(
+        self.raise_alert(
             Alert(
                 "relay_write_failed",
                 "critical",
                 machine.id if machine else None,
                 detail=f"channel {fault.channel}: {type(fault.error).__name__}",
-            ),
-            now=self._clock(),
+            )
         )
-        self._outbox_changed()
 
     def _on_stuck_relay(self, change: StuckRelay) -> None:
         if change.stuck:
@@ -825,58 +1030,77 @@ class Executor:
 
     async def run_timers(self) -> None:
         """Deadlines nobody else watches (promise 2: never "unknown forever"): accepted
-        executions that wait for the board expire on time, even if it never comes back;
-        releases in doubt long past their expiry go to needs_review; released ones past
-        their confirm window end as not_started."""
+        executions, and dispatching ones that provably never left the gateway, expire on
+        time even if the board never comes back; releases in doubt long past their
+        expiry go to needs_review; released ones past their confirm window end as
+        not_started."""
         while True:
             await asyncio.sleep(EXPIRY_SWEEP_S)
-            now = self._clock()
-            for row in self._journal.in_states(("accepted",)):
-                if row.expires_at <= now:
-                    self._finish(row, "expired", "command_expired", from_states=("accepted",))
-            for row in self._journal.in_states(("dispatching",)):
-                if row.execute_key not in self._inflight and row.expires_at + DOUBT_GRACE_S < now:
-                    self._finish(
-                        row,
-                        "needs_review",
-                        "outcome_unknown_board_unreachable",
-                        alert=Alert(
-                            "needs_review",
-                            "critical",
-                            row.machine_id,
-                            row.execute_key,
-                            "the board never confirmed or denied this release",
-                        ),
-                    )
-            for row in self._journal.in_states(("released",)):
-                machine = self._config.machine(row.machine_id)
-                if not (
-                    row.awaits_start and row.confirm_deadline and machine and machine.busy_input
-                ):
-                    continue
-                # Judge only with a reading taken after the window closed plus the
-                # debounce: after a link loss or a restart, silence is not evidence.
-                settle = machine.busy_input.debounce_ms / 1000
-                if (
-                    row.confirm_deadline + settle <= now
-                    and self._sampled_at >= row.confirm_deadline + settle
-                    and self.monitor.busy(machine.id) is not None
-                ):
-                    self._finish(
-                        row,
-                        "not_started",
-                        "no_start_in_confirm_window",
-                        from_states=("released",),
-                        alert=Alert(
-                            "not_started",
-                            "critical",
-                            row.machine_id,
-                            row.execute_key,
-                            "machine did not start after its release",
-                        ),
-                    )
+            # A sweep the journal cannot record is simply tried again next time.
+            with contextlib.suppress(JournalUnwritable):
+                self._sweep(self._clock())
 
-    async def drain(self) -> None:
-        """Wait for in-flight dispatches (clean shutdown)."""
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+    def _sweep(self, now: float) -> None:
+        for row in self._journal.in_states(("accepted",)):
+            if row.expires_at <= now:
+                self._finish(row, "expired", "command_expired", from_states=("accepted",))
+        for row in self._journal.dispatching_in_order():
+            if row.execute_key in self._inflight:
+                continue
+            if not (row.in_doubt or row.execute_key == self._suspect):
+                if row.expires_at <= now:  # waiting in line, never sent: too late now
+                    self._finish(row, "expired", "command_expired")
+            elif row.expires_at + DOUBT_GRACE_S < now:
+                self._needs_review(
+                    row,
+                    "outcome_unknown_board_unreachable",
+                    row.dispatch_boot_id or 0,
+                    "the board never confirmed or denied this release",
+                )
+        if self._unapplied:
+            return  # a start the journal has not taken yet must not read as "no start"
+        for row in self._journal.in_states(("released",)):
+            machine = self._config.machine(row.machine_id)
+            if not (row.awaits_start and row.confirm_deadline and machine and machine.busy_input):
+                continue
+            # Judge only with a reading taken after the window closed plus the
+            # debounce: after a link loss or a restart, silence is not evidence.
+            settle = machine.busy_input.debounce_ms / 1000
+            if (
+                row.confirm_deadline + settle <= now
+                and self._sampled_at >= row.confirm_deadline + settle
+                and self.monitor.busy(machine.id) is not None
+            ):
+                self._finish(
+                    row,
+                    "not_started",
+                    "no_start_in_confirm_window",
+                    from_states=("released",),
+                    alert=Alert(
+                        "not_started",
+                        "critical",
+                        row.machine_id,
+                        row.execute_key,
+                        "machine did not start after its release",
+                    ),
+                )
+
+    async def drain(self, timeout_s: float = 10.0) -> None:
+        """Clean shutdown: take no further release, let the one being written finish
+        and be journaled (bounded: an outcome the journal refuses stays in doubt and
+        recovery settles it at the next start)."""
+        self._stopping = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+
+
+def _journal_backoff() -> Iterator[float]:
+    """Delays between tries of a journal write that failed: exponential with jitter,
+    capped (tenacity's wait strategy, rather than one more hand-written formula)."""
+    wait = tenacity.wait_exponential_jitter(
+        initial=JOURNAL_RETRY_MIN_S, max=JOURNAL_RETRY_MAX_S, jitter=JOURNAL_RETRY_MIN_S
+    )
+    state = tenacity.RetryCallState(tenacity.Retrying(), None, (), {})
+    while True:
+        yield wait(state)
+        state.attempt_number += 1

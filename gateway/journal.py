@@ -13,10 +13,14 @@ thread only; a commit costs one fsync, which is the price of the promises.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 import sqlite3
+import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,9 +35,12 @@ __all__ = [
     "ACTIVE_STATES",
     "Alert",
     "COMPENSATION_STATES",
+    "DispatchStamp",
     "FINAL_STATES",
     "Execution",
     "Journal",
+    "JournalFault",
+    "JournalUnwritable",
     "SCHEMA_VERSION",
     "iso_utc",
     "result_payload",
@@ -74,6 +81,13 @@ OUTBOX_STATES = ("pending", "sending", "sent", "failed", "dead")
 PAYMENT_FIELDS = ("provider_ref", "idempotency_key", "amount_cents")
 
 RESULTS_TOPIC = "results"
+
+log = logging.getLogger(__name__)
+
+# Fault injection for the journal-failure tests: the path of a control file whose lines
+# name commit labels (``transition:released``, ``record:``, ``*``) that fail as if the
+# disk were full. Read once at start-up; unset in production, where it costs nothing.
+_FAULTS_FILE = os.environ.get("METALAV_TEST_JOURNAL_FAULTS", "")
 
 
 def iso_utc(ts: float) -> str:
@@ -128,7 +142,39 @@ def result_payload(
     )
 
 
+def alert_event(gateway_id: str, alert: Alert, at: str) -> dict[str, Any]:
+    """The ``alert`` event of docs/mqtt-contract.md (without its event_id)."""
+    return {
+        "type": "alert",
+        "gateway_id": gateway_id,
+        "code": alert.code,
+        "severity": alert.severity,
+        "machine_id": alert.machine_id,
+        "execute_key": alert.execute_key,
+        "detail": alert.detail,
+        "at": at,
+    }
+
+
 _TIME_COLUMNS = ("released_at", "confirm_deadline", "started_at", "completed_at")
+
+
+@dataclass(frozen=True)
+class DispatchStamp:
+    """What the gateway knew about the board when it decided to send a release, written
+    in the same commit as ``dispatching`` (docs/firmware-protocol.md, "Recovery"):
+
+    - ``boot_id``: a QUERY answer from another boot cannot tell what happened;
+    - ``exec_count``: the board's execution counter then (firmware 1.2; None before),
+      so recovery knows whether the board's ring of recent ids still covers this one;
+    - ``seq``: the order of dispatch decisions. Releases are written to the board one
+      at a time in this order, each only once the one before is settled in the journal,
+      so after a crash only the lowest unsettled one may have reached the board.
+    """
+
+    boot_id: int
+    exec_count: int | None
+    seq: int
 
 
 @dataclass(frozen=True)
@@ -163,6 +209,11 @@ class Execution:
     released_at: float | None = None
     confirm_deadline: float | None = None
     started_at: float | None = None
+    dispatch_exec_count: int | None = None
+    dispatch_seq: int | None = None
+    # A release frame was written and its outcome is unknown (no reply, or found so by
+    # recovery): only asking the board may settle it, never re-sending blindly.
+    in_doubt: bool = False
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Execution:
@@ -185,6 +236,9 @@ class Execution:
             released_at=row["released_at"],
             confirm_deadline=row["confirm_deadline"],
             started_at=row["started_at"],
+            dispatch_exec_count=row["dispatch_exec_count"],
+            dispatch_seq=row["dispatch_seq"],
+            in_doubt=bool(row["in_doubt"]),
         )
 
 
@@ -321,8 +375,24 @@ def _migration_3(db: sqlite_utils.Database) -> None:
     db["dispatch_log"].create_index(["item_id"])  # type: ignore[union-attr]
 
 
+def _migration_4(db: sqlite_utils.Database) -> None:
+    """Issue 7: what recovery needs to never re-send a release the board forgot."""
+    executions = db["executions"]
+    executions.add_column("dispatch_seq", int)  # type: ignore[union-attr]
+    executions.add_column("dispatch_exec_count", int)  # type: ignore[union-attr]
+    executions.add_column("board_exec_count", int)  # type: ignore[union-attr]
+    executions.add_column("in_doubt", int, not_null_default=0)  # type: ignore[union-attr]
+    # Releases left dispatching by an older gateway: any of them may have reached the
+    # board, and no execution count was recorded, so recovery must ask about each one
+    # and cannot take "not executed" for proof (needs_review unless executed).
+    db.execute(
+        "UPDATE executions SET in_doubt = 1, dispatch_seq = rowid WHERE state = 'dispatching'"
+    )
+    executions.create_index(["dispatch_seq"])  # type: ignore[union-attr]
+
+
 # Append-only: a released gateway's journal is migrated forward, never rewritten.
-MIGRATIONS = [_migration_1, _migration_2, _migration_3]
+MIGRATIONS = [_migration_1, _migration_2, _migration_3, _migration_4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -330,10 +400,49 @@ class JournalError(Exception):
     """The journal file cannot be used (newer schema, not a database, ...)."""
 
 
+class JournalUnwritable(Exception):
+    """A commit failed for a reason of the storage (disk full, I/O error, read-only):
+    nothing of that transaction was written. The caller must not act as if it had been
+    (no PUBACK, no byte to the board) and tries again later."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class JournalFault:
+    """The journal has been failing to commit since ``since`` (wall clock)."""
+
+    reason: str
+    since: float
+
+
+def _is_storage_error(exc: sqlite3.Error) -> bool:
+    # OperationalError covers SQLITE_FULL, SQLITE_IOERR, SQLITE_READONLY, SQLITE_BUSY;
+    # a bare DatabaseError is SQLITE_CORRUPT / SQLITE_NOTADB. IntegrityError and
+    # ProgrammingError are bugs in a statement, not a sick disk.
+    return isinstance(exc, sqlite3.OperationalError) or type(exc) is sqlite3.DatabaseError
+
+
+def _inject_fault(label: str) -> None:
+    try:
+        with open(_FAULTS_FILE) as f:
+            patterns = [line.strip() for line in f if line.strip()]
+    except FileNotFoundError:
+        return
+    if any(p == "*" or label.startswith(p) for p in patterns):
+        raise sqlite3.OperationalError(f"database or disk is full (injected at {label})")
+
+
 class Journal:
     def __init__(self, path: Path, gateway_id: str) -> None:
         self.path = path
         self.gateway_id = gateway_id
+        #: Set while commits fail; cleared by the next commit that succeeds.
+        self.fault: JournalFault | None = None
+        #: Called with the new fault (or None) whenever it appears or clears.
+        self.on_fault_change: Callable[[JournalFault | None], None] | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE in _tx),
@@ -369,24 +478,61 @@ class Journal:
                 self._conn.execute(f"PRAGMA user_version={number}")
 
     @contextmanager
-    def _tx(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+    def _tx(self, *, durable: bool = True, label: str = "write") -> Iterator[sqlite3.Connection]:
         """One transaction. ``durable=False`` skips the fsync of this commit (WAL with
         synchronous=NORMAL): for bookkeeping whose loss in a power cut only means work
         is redone, never undone (an outbox item re-sent, which the cloud de-duplicates).
-        The next durable commit flushes it along with its own change."""
-        if not durable:
-            self._conn.execute("PRAGMA synchronous=NORMAL")
+        The next durable commit flushes it along with its own change.
+
+        A failure of the storage rolls the transaction back and raises
+        :class:`JournalUnwritable`; ``label`` names the commit for the fault-injection
+        hook of the tests."""
+        conn = self._conn
         try:
-            self._conn.execute("BEGIN IMMEDIATE")
+            if _FAULTS_FILE:
+                _inject_fault(label)
+            if not durable:
+                conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("BEGIN IMMEDIATE")
             try:
-                yield self._conn
+                yield conn
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                self._rollback()
                 raise
-            self._conn.execute("COMMIT")
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if not _is_storage_error(exc):
+                raise
+            # A failed COMMIT (SQLITE_FULL) leaves the transaction open: close it, or
+            # every later BEGIN fails with "cannot start a transaction within a
+            # transaction" and the journal never recovers by itself.
+            self._rollback()
+            self._set_fault(str(exc))
+            raise JournalUnwritable(str(exc)) from exc
         finally:
             if not durable:
-                self._conn.execute("PRAGMA synchronous=FULL")
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("PRAGMA synchronous=FULL")
+        if self.fault is not None:
+            self._set_fault(None)
+
+    def _rollback(self) -> None:
+        if self._conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("ROLLBACK")
+
+    def _set_fault(self, reason: str | None) -> None:
+        if reason is None:
+            self.fault = None
+        elif self.fault is None:
+            self.fault = JournalFault(reason, time.time())
+        else:
+            return  # still failing: one notice per episode
+        if self.on_fault_change is not None:
+            try:
+                self.on_fault_change(self.fault)
+            except Exception:
+                log.exception("journal fault observer failed")
 
     # -- reads ---------------------------------------------------------------
 
@@ -403,6 +549,17 @@ class Journal:
             tuple(states),
         ).fetchall()
         return [Execution.from_row(r) for r in rows]
+
+    def dispatching_in_order(self) -> list[Execution]:
+        """Executions left ``dispatching``, in the order their releases were decided."""
+        rows = self._conn.execute(
+            "SELECT * FROM executions WHERE state = 'dispatching' ORDER BY dispatch_seq"
+        ).fetchall()
+        return [Execution.from_row(r) for r in rows]
+
+    def last_dispatch_seq(self) -> int:
+        row = self._conn.execute("SELECT max(dispatch_seq) FROM executions").fetchone()
+        return int(row[0] or 0)
 
     def machine_is_active(self, machine_id: str) -> bool:
         """An execution of this machine is still on its way: accepted, being sent, or
@@ -485,7 +642,7 @@ class Journal:
         state: str,
         reason: str | None,
         now: float,
-        dispatch_boot_id: int | None = None,
+        dispatch: DispatchStamp | None = None,
         kind: str = "payment",
         requested_by: str | None = None,
         awaits_start: bool = False,
@@ -498,12 +655,15 @@ class Journal:
         or a final refusal (``rejected`` / ``expired``).
         """
         at = iso_utc(now)
-        with self._tx() as c:
+        if (state == "dispatching") != (dispatch is not None):
+            raise ValueError("a dispatching execution needs its DispatchStamp, and only it")
+        with self._tx(label=f"record:{state}") as c:
             c.execute(
                 "INSERT INTO executions(execute_key, command_id, payment_id, machine_id, cycle,"
                 " provider_ref, idempotency_key, amount_cents, issued_at, expires_at, state,"
                 " reason, dispatch_boot_id, received_at, updated_at, kind, requested_by,"
-                " awaits_start) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " awaits_start, dispatch_exec_count, dispatch_seq)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     execute_key,
                     f"{command_id:016x}",
@@ -517,21 +677,21 @@ class Journal:
                     expires_at,
                     state,
                     reason,
-                    dispatch_boot_id,
+                    dispatch and dispatch.boot_id,
                     at,
                     at,
                     kind,
                     requested_by,
                     int(awaits_start),
+                    dispatch and dispatch.exec_count,
+                    dispatch and dispatch.seq,
                 ),
             )
             if state in ("accepted", "dispatching"):
                 self._event(c, execute_key, "accepted", None, at, None)
                 self._result(c, execute_key, "accepted", None, at)
-                if state == "dispatching":
-                    self._event(
-                        c, execute_key, "dispatching", None, at, self._boot(dispatch_boot_id)
-                    )
+                if dispatch is not None:
+                    self._event(c, execute_key, "dispatching", None, at, self._stamp(dispatch))
             else:
                 self._event(c, execute_key, state, reason, at, None)
                 self._result(c, execute_key, state, reason, at)
@@ -549,8 +709,9 @@ class Journal:
         reason: str | None = None,
         now: float,
         detail: str | None = None,
-        dispatch_boot_id: int | None = None,
+        dispatch: DispatchStamp | None = None,
         board_boot_id: int | None = None,
+        board_exec_count: int | None = None,
         report: bool = True,
         times: dict[str, float] | None = None,
         alert: Alert | None = None,
@@ -562,8 +723,11 @@ class Journal:
         so two paths racing for the same execution cannot both act on it. In the same
         transaction: the history line, the result event (``report``), the compensation
         event for states that need one, an optional alert and cycle event.
-        ``times`` sets released_at / confirm_deadline / started_at / completed_at.
+        ``times`` sets released_at / confirm_deadline / started_at / completed_at;
+        ``dispatch`` stamps a move to ``dispatching``.
         """
+        if (to_state == "dispatching") != (dispatch is not None):
+            raise ValueError("a move to dispatching needs its DispatchStamp, and only it")
         at = iso_utc(now)
         marks = ",".join("?" * len(from_states))
         sets = ""
@@ -573,18 +737,22 @@ class Journal:
                 raise ValueError(f"not a time column: {column}")
             sets += f", {column} = ?"
             values.append(value)
-        with self._tx() as c:
+        if dispatch is not None:
+            sets += ", dispatch_boot_id = ?, dispatch_exec_count = ?, dispatch_seq = ?"
+            values += [dispatch.boot_id, dispatch.exec_count, dispatch.seq]
+            detail = detail or self._stamp(dispatch)
+        with self._tx(label=f"transition:{to_state}") as c:
             cur = c.execute(
                 f"UPDATE executions SET state = ?, reason = ?, updated_at = ?,"
-                f" dispatch_boot_id = coalesce(?, dispatch_boot_id),"
-                f" board_boot_id = coalesce(?, board_boot_id){sets}"
+                f" board_boot_id = coalesce(?, board_boot_id),"
+                f" board_exec_count = coalesce(?, board_exec_count){sets}"
                 f" WHERE execute_key = ? AND state IN ({marks})",
                 (
                     to_state,
                     reason,
                     at,
-                    dispatch_boot_id,
                     board_boot_id,
+                    board_exec_count,
                     *values,
                     execute_key,
                     *from_states,
@@ -617,8 +785,36 @@ class Journal:
 
     def note(self, execute_key: str, *, now: float, state: str, detail: str) -> None:
         """A history line that does not change the state (e.g. a re-dispatch)."""
-        with self._tx() as c:
+        with self._tx(label="note") as c:
             self._event(c, execute_key, state, None, iso_utc(now), detail)
+
+    def mark_in_doubt(self, execute_key: str, *, now: float, detail: str) -> None:
+        """A release frame went out and its outcome is unknown: from now on only an
+        answer of the board settles it (or a person), never a blind re-send."""
+        with self._tx(label="in_doubt") as c:
+            c.execute("UPDATE executions SET in_doubt = 1 WHERE execute_key = ?", (execute_key,))
+            self._event(c, execute_key, "dispatching", None, iso_utc(now), detail)
+
+    def restamp(self, execute_key: str, stamp: DispatchStamp, *, now: float) -> bool:
+        """The board rebooted between the decision and the send of a release that never
+        went out: record the board it now goes to, before its first byte."""
+        with self._tx(label="restamp") as c:
+            cur = c.execute(
+                "UPDATE executions SET dispatch_boot_id = ?, dispatch_exec_count = ?"
+                " WHERE execute_key = ? AND state = 'dispatching' AND in_doubt = 0",
+                (stamp.boot_id, stamp.exec_count, execute_key),
+            )
+            if cur.rowcount != 1:
+                return False
+            self._event(
+                c,
+                execute_key,
+                "dispatching",
+                None,
+                iso_utc(now),
+                f"board rebooted before the release was sent; now {self._stamp(stamp)}",
+            )
+        return True
 
     def log_rejection(
         self, *, execute_key: str | None, reason: str, detail: str, now: float
@@ -1032,8 +1228,9 @@ class Journal:
     # -- internals --------------------------------------------------------------
 
     @staticmethod
-    def _boot(boot_id: int | None) -> str | None:
-        return None if boot_id is None else f"board boot {boot_id:08x}"
+    def _stamp(stamp: DispatchStamp) -> str:
+        count = "" if stamp.exec_count is None else f", executions {stamp.exec_count}"
+        return f"board boot {stamp.boot_id:08x}{count}"
 
     @staticmethod
     def _event(
@@ -1113,22 +1310,7 @@ class Journal:
         )
         # Alerts of one machine (or of the board) form one ordered stream.
         stream = f"alerts:{alert.machine_id or 'board'}"
-        self._outbox(
-            c,
-            stream,
-            ALERTS_TOPIC,
-            {
-                "type": "alert",
-                "gateway_id": self.gateway_id,
-                "code": alert.code,
-                "severity": alert.severity,
-                "machine_id": alert.machine_id,
-                "execute_key": alert.execute_key,
-                "detail": alert.detail,
-                "at": at,
-            },
-            at,
-        )
+        self._outbox(c, stream, ALERTS_TOPIC, alert_event(self.gateway_id, alert, at), at)
 
     def _outbox(
         self, c: sqlite3.Connection, stream: str, topic: str, body: dict[str, Any], at: str

@@ -31,6 +31,7 @@ from gateway.journal import (
     COMPENSATION_STATES,
     FINAL_STATES,
     Alert,
+    DispatchStamp,
     Journal,
     result_payload,
 )
@@ -144,7 +145,7 @@ def _journal_with_every_outcome(tmp_path: Path) -> tuple[Journal, dict[str, str]
             state=state,
             reason=reason,
             now=now,
-            dispatch_boot_id=7 if state == "dispatching" else None,
+            dispatch=DispatchStamp(7, 0, 1) if state == "dispatching" else None,
             kind=kind,
             awaits_start=True,
         )

@@ -130,10 +130,11 @@ def test_command_reaches_the_sink_once_and_is_acked_after_handling(mqtt_broker: 
     run(scenario())
 
 
-@pytest.mark.broker_semantics
-def test_sink_failure_means_no_puback_and_broker_redelivers(mqtt_broker: LocalBroker):
+def test_sink_failure_means_no_puback_and_the_same_command_is_offered_again(
+    mqtt_broker: LocalBroker,
+):
     async def scenario() -> None:
-        sink = RecordingSink(fail_first=1)
+        sink = RecordingSink(fail_first=2)
         links: list[bool] = []
         session = MqttSession(
             settings_for(mqtt_broker, new_gateway_id()),
@@ -146,10 +147,33 @@ def test_sink_failure_means_no_puback_and_broker_redelivers(mqtt_broker: LocalBr
             await publish_command(mqtt_broker, session.command_topic, b"token-B")
             await wait_until(lambda: len(sink.durable) == 2)
             await asyncio.sleep(0.3)
-        # First delivery raised -> not acked -> session reconnected -> redelivered, in order.
-        assert sink.calls == [b"token-A", b"token-A", b"token-B"]
+        # Not durable -> not acked -> offered again in place after a back-off, in order;
+        # token-B waited behind it. No reconnect was forced to get a redelivery.
+        assert sink.calls == [b"token-A", b"token-A", b"token-A", b"token-B"]
         assert sink.durable == [b"token-A", b"token-B"]
-        assert links[:3] == [True, False, True]
+        assert links == [True, False]
+
+    run(scenario())
+
+
+@pytest.mark.broker_semantics
+def test_a_command_never_made_durable_stays_with_the_broker(mqtt_broker: LocalBroker):
+    async def scenario() -> None:
+        gateway_id = new_gateway_id()
+        failing = RecordingSink(fail_first=1000)
+        session = MqttSession(settings_for(mqtt_broker, gateway_id), failing)
+        async with running(session):
+            await wait_until(lambda: session.connected)
+            await publish_command(mqtt_broker, session.command_topic, b"token-A")
+            await wait_until(lambda: len(failing.calls) >= 2)
+            # Backed off: a few offers in a second, not a hot loop.
+            await asyncio.sleep(1.0)
+            assert len(failing.calls) <= 4
+        assert failing.durable == []
+        # The journal works again after a restart: the broker still had the command.
+        healthy = RecordingSink()
+        async with running(MqttSession(settings_for(mqtt_broker, gateway_id), healthy)):
+            await wait_until(lambda: healthy.durable == [b"token-A"])
 
     run(scenario())
 

@@ -41,6 +41,7 @@ def make_store(
     machines: list[dict[str, Any]] | None = None,
     board: dict[str, Any] | None = None,
     sections: dict[str, dict[str, Any]] | None = None,
+    journal_path: Path | None = None,
 ) -> Store:
     gateway_id = f"gw-{uuid.uuid4().hex[:10]}"
     cloud = CloudStandIn(broker.host, broker.port, gateway_id)
@@ -57,6 +58,7 @@ def make_store(
             machines=machines,
             board=board,
             sections=sections,
+            journal_path=journal_path,
         )
     )
     daemon = DaemonProcess(tmp_path, config)

@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from gateway.journal import SCHEMA_VERSION, Journal, JournalError, iso_utc
+from gateway.journal import (
+    SCHEMA_VERSION,
+    DispatchStamp,
+    Journal,
+    JournalError,
+    JournalFault,
+    JournalUnwritable,
+    iso_utc,
+)
 
 
 def test_journal_runs_in_wal_with_synchronous_full(tmp_path: Path) -> None:
@@ -38,7 +46,7 @@ def test_state_change_and_its_outbox_event_commit_together(tmp_path: Path) -> No
         state="dispatching",
         reason=None,
         now=now,
-        dispatch_boot_id=7,
+        dispatch=DispatchStamp(boot_id=7, exec_count=0, seq=1),
     )
     assert journal.transition("k1", from_states=("dispatching",), to_state="released", now=now)
     # A second path racing for the same execution changes nothing.
@@ -82,7 +90,7 @@ def _execution(journal: Journal, key: str, state: str, now: float) -> None:
         state=state,
         reason=None,
         now=now,
-        dispatch_boot_id=1,
+        dispatch=DispatchStamp(boot_id=1, exec_count=0, seq=1),
     )
 
 
@@ -123,3 +131,85 @@ def test_cleanup_keeps_an_execution_while_a_replay_of_its_command_could_verify(
     removed = journal.cleanup(iso_utc(time.time() - 86400), replay_horizon=time.time() - 86400)
     assert removed["executions"] == 0  # pruning it would let a replay release again
     assert journal.get("long-lived") is not None
+
+
+def _record(journal: Journal, key: str, state: str, **kw: object) -> None:
+    now = time.time()
+    journal.record_new(
+        execute_key=key,
+        command_id=1,
+        payment_id="p",
+        machine_id="W1",
+        cycle="normal",
+        issued_at=int(now),
+        expires_at=int(now) + 60,
+        provider_ref=None,
+        idempotency_key=None,
+        amount_cents=None,
+        state=state,
+        reason=None,
+        now=now,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_a_release_decision_without_its_dispatch_stamp_is_refused(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.db", "gw")
+    with pytest.raises(ValueError, match="DispatchStamp"):
+        _record(journal, "k1", "dispatching")
+    _record(journal, "k2", "accepted")
+    with pytest.raises(ValueError, match="DispatchStamp"):
+        journal.transition("k2", from_states=("accepted",), to_state="dispatching", now=0.0)
+    assert journal.get("k1") is None
+
+
+def test_a_failed_commit_changes_nothing_and_the_journal_recovers_by_itself(
+    tmp_path: Path,
+) -> None:
+    """SQLite leaves a transaction open when COMMIT fails on a full disk; the journal
+    must roll it back, report the fault once, and clear it on the next good commit."""
+    journal = Journal(tmp_path / "j.db", "gw")
+    seen: list[JournalFault | None] = []
+    journal.on_fault_change = seen.append
+    _record(journal, "k1", "dispatching", dispatch=DispatchStamp(7, 3, 1))
+    # A full disk, as SQLite reports it at COMMIT: make the commit itself fail.
+    journal._conn.execute("PRAGMA max_page_count=1")  # noqa: SLF001
+    big = "x" * 100_000
+    for _ in range(2):
+        with pytest.raises(JournalUnwritable, match="full"):
+            journal.audit(
+                action="a", target="t", actor=big, os_user="u", reason="r", outcome="o", now=0
+            )
+    assert journal.fault is not None and "full" in journal.fault.reason
+    assert len(seen) == 1  # one notice per episode
+    assert not journal._conn.in_transaction  # noqa: SLF001
+    assert journal.audit_entries() == []
+    journal._conn.execute("PRAGMA max_page_count=1073741823")  # noqa: SLF001
+    assert journal.transition("k1", from_states=("dispatching",), to_state="released", now=0.0)
+    assert journal.fault is None and seen[-1] is None
+    row = journal.get("k1")
+    assert row is not None and row.state == "released"
+    assert (row.dispatch_boot_id, row.dispatch_exec_count, row.dispatch_seq) == (7, 3, 1)
+
+
+def test_releases_left_dispatching_by_an_older_gateway_are_in_doubt(tmp_path: Path) -> None:
+    """Schema 3 recorded no execution count: every release it left dispatching may have
+    reached the board, and only the board's answer may settle it."""
+    path = tmp_path / "j.db"
+    Journal(path, "gw").close()
+    conn = sqlite3.connect(path)
+    conn.execute(
+        "INSERT INTO executions(execute_key, command_id, payment_id, machine_id, cycle,"
+        " expires_at, state, dispatch_boot_id, received_at, updated_at, last_result)"
+        " VALUES ('old', '01', 'p', 'W1', 'normal', 0, 'dispatching', 7, '', '', '')"
+    )
+    conn.execute("DROP INDEX idx_executions_dispatch_seq")
+    for column in ("dispatch_seq", "dispatch_exec_count", "board_exec_count", "in_doubt"):
+        conn.execute(f"ALTER TABLE executions DROP COLUMN {column}")
+    conn.execute("PRAGMA user_version=3")
+    conn.commit()
+    conn.close()
+    rows = Journal(path, "gw").dispatching_in_order()
+    assert [(r.execute_key, r.in_doubt, r.dispatch_exec_count) for r in rows] == [
+        ("old", True, None)
+    ]
