@@ -40,7 +40,7 @@ class _NoCommands:
 
 def _fill(journal: Journal, n: int) -> None:
     at = iso_utc(time.time())
-    with journal._tx() as c:  # noqa: SLF001 - bulk load, as the executor would over days
+    with journal._tx() as c:  # noqa: SLF001 - bulk load, as the core would over days
         for i in range(n):
             event_id = str(uuid.uuid4())
             payload = json.dumps(

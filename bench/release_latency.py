@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from gateway.devstack import CloudStandIn, DaemonProcess, SimulatorProcess, demo_config
-from gateway.executor import command_id_for
+from gateway.dispatch import command_id_for
 from gateway.localbroker import LocalBroker
 
 MACHINES = 64  # the burst spreads over many machines so none is refused as busy

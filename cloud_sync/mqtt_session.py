@@ -158,7 +158,7 @@ class MqttSession:
     def __init__(
         self,
         settings: MqttSettings,
-        sink: CommandSink,
+        sink: CommandSink | None = None,
         *,
         on_link_change: Callable[[bool], None] | None = None,
         publish_timeout_s: float = PUBLISH_TIMEOUT_S,
@@ -245,14 +245,18 @@ class MqttSession:
         if info.rc != paho.MQTT_ERR_SUCCESS:
             log.debug("best-effort publish to %s dropped (rc=%s)", topic, info.rc)
 
-    async def run(self) -> None:
-        """Connect, serve, reconnect forever. Cancel the task to stop (clean stop
-        publishes presence ``offline``)."""
+    async def run(self, sink: CommandSink | None = None) -> None:
+        """Connect, hand every command to ``sink`` (else the one given at construction:
+        the daemon builds its command sink after the session it publishes through),
+        reconnect forever. Cancel the task to stop (clean stop publishes ``offline``)."""
+        sink = sink or self._sink
+        if sink is None:
+            raise ValueError("MqttSession.run needs a command sink")
         attempt = 0
         while True:
             started = time.monotonic()
             try:
-                await self._connect_and_serve()
+                await self._connect_and_serve(sink)
             except* aiomqtt.MqttError as group:
                 log.warning("MQTT link lost: %s", "; ".join(map(str, group.exceptions)))
             except* Exception as group:
@@ -314,7 +318,7 @@ class MqttSession:
         # aiomqtt 2.5 wraps a paho client without exposing manual acks (issue 345).
         return client._client
 
-    async def _connect_and_serve(self) -> None:
+    async def _connect_and_serve(self, sink: CommandSink) -> None:
         client = self._make_client()
         async with client:
             self._client = client
@@ -329,7 +333,7 @@ class MqttSession:
                 await client.subscribe(self.command_topic, qos=1)
                 # "Up" means serving: subscribed, so a command published now is ours.
                 self._set_link(True)
-                await self._serve_commands(client)
+                await self._serve_commands(client, sink)
             except asyncio.CancelledError:
                 # Clean stop: a DISCONNECT suppresses the will, so say "offline" ourselves.
                 with contextlib.suppress(aiomqtt.MqttError):
@@ -342,11 +346,11 @@ class MqttSession:
                     )
                 raise
 
-    async def _serve_commands(self, client: aiomqtt.Client) -> None:
+    async def _serve_commands(self, client: aiomqtt.Client, sink: CommandSink) -> None:
         # One at a time, in arrival order, so PUBACKs go out in order.
         async for message in client.messages:
             if message.topic.matches(self.command_topic):
-                await self._until_durable(_as_bytes(message.payload), message.mid)
+                await self._until_durable(sink, _as_bytes(message.payload), message.mid)
             else:
                 log.warning("ignoring message on unexpected topic %s", message.topic)
             if message.qos > 0:
@@ -354,7 +358,7 @@ class MqttSession:
                 # now, with handle_command returned, does the broker forget the command.
                 self._paho(client).ack(message.mid, message.qos)
 
-    async def _until_durable(self, payload: bytes, mid: int) -> None:
+    async def _until_durable(self, sink: CommandSink, payload: bytes, mid: int) -> None:
         """Offer one command to the sink until it is durable. Unacknowledged meanwhile,
         it stays with the broker (redelivered after a reconnect or a crash); later
         commands wait behind it. No reconnect is forced: that only hammers the broker
@@ -362,7 +366,7 @@ class MqttSession:
         delay = NOT_DURABLE_RETRY_MIN_S
         while True:
             try:
-                await self._sink.handle_command(payload)
+                await sink.handle_command(payload)
                 return
             except Exception as exc:
                 # No payload and no exception text in the log: both may carry PII.

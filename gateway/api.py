@@ -22,8 +22,8 @@ from typing import Any
 
 from aiohttp import web
 
-from .executor import Executor, ExecutorRefusal
 from .journal import Journal, iso_utc
+from .operator import OperatorActions, OperatorRefusal
 from .sync import CloudSync
 
 __all__ = ["LocalApi"]
@@ -42,13 +42,13 @@ class LocalApi:
         *,
         status: Callable[[], dict[str, Any]],
         journal: Journal,
-        executor: Executor,
+        operator: OperatorActions,
         sync: CloudSync,
     ) -> None:
         self._path = socket_path
         self._status = status
         self._journal = journal
-        self._executor = executor
+        self._operator = operator
         self._sync = sync
         self._runner: web.AppRunner | None = None
         self._socket_id: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket
@@ -106,7 +106,7 @@ class LocalApi:
         return web.json_response(details)
 
     async def _get_machines(self, request: web.Request) -> web.Response:
-        return web.json_response({"machines": self._executor.machines()})
+        return web.json_response({"machines": self._operator.machines()})
 
     async def _get_audit(self, request: web.Request) -> web.Response:
         return web.json_response({"entries": self._journal.audit_entries()})
@@ -117,14 +117,14 @@ class LocalApi:
         if cycle is not None and not isinstance(cycle, str):
             return _error(400, "bad_request", "'cycle' deve ser texto")
         try:
-            key = self._executor.technical_release(
+            key = self._operator.technical_release(
                 request.match_info["id"],
                 cycle,
                 actor=actor,
                 os_user=_peer_user(request),
                 reason=reason,
             )
-        except ExecutorRefusal as exc:
+        except OperatorRefusal as exc:
             return _error(409 if exc.code != "unknown_machine" else 404, exc.code, str(exc))
         return web.json_response({"execute_key": key}, status=202)
 
@@ -134,14 +134,14 @@ class LocalApi:
         if not isinstance(value, bool):
             return _error(400, "bad_request", "'out_of_service' deve ser true ou false")
         try:
-            changed = self._executor.set_out_of_service(
+            changed = self._operator.set_out_of_service(
                 request.match_info["id"],
                 value,
                 actor=actor,
                 os_user=_peer_user(request),
                 reason=reason,
             )
-        except ExecutorRefusal as exc:
+        except OperatorRefusal as exc:
             return _error(404, exc.code, str(exc))
         return web.json_response({"changed": changed, "out_of_service": value})
 

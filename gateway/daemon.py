@@ -30,10 +30,23 @@ from cloud_sync.mqtt_session import MqttSession, MqttSettings
 
 from . import instance_lock
 from .api import LocalApi
+from .board_link import BoardLink
 from .boards import build_driver
 from .config import ConfigError, GatewayConfig, load_config
-from .executor import Executor
-from .journal import Alert, Journal, JournalError, JournalFault, alert_event, iso_utc
+from .confirmation import StartConfirmation
+from .dispatch import Dispatch
+from .intake import Availability, Intake
+from .journal import (
+    Alert,
+    Journal,
+    JournalError,
+    JournalFault,
+    JournalUnwritable,
+    alert_event,
+    iso_utc,
+)
+from .operator import OperatorActions
+from .outcomes import Outcomes
 from .sync import CloudSync
 
 __all__ = ["Daemon", "main"]
@@ -41,6 +54,8 @@ __all__ = ["Daemon", "main"]
 log = logging.getLogger("gateway")
 
 EXIT_ALREADY_RUNNING = 3
+# How often the deadlines of unsettled executions are checked.
+DEADLINE_SWEEP_S = 0.25
 
 
 class Daemon:
@@ -49,28 +64,17 @@ class Daemon:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.started_at = time.time()
-        self.journal = Journal(config.journal.path, config.gateway.id)
+        clock = time.time
         self.broker_connected = False
         self.broker_since: float | None = None
-        verifier = CommandVerifier(
-            config.commands.public_keys,
-            config.gateway.id,
-            algorithms=config.commands.algorithms,
-            leeway_s=config.commands.leeway_s,
-            # Older tokens may replay a cycle whose execution retention already pruned.
-            max_age_s=config.outbox.retention_days * 86400,
-        )
-        board = build_driver(config, on_fault=lambda fault: self.executor.output_fault(fault))
-        self.executor = Executor(
-            config,
-            self.journal,
-            board,
-            verifier,
-            outbox_changed=lambda: self.sync.notify(),
-            publish_best_effort=lambda topic, payload: self.session.publish_best_effort(
-                topic, payload
-            ),
-        )
+
+        # The journal first: every part below records into it.
+        self.journal = Journal(config.journal.path, config.gateway.id)
+        self._journal_fault: JournalFault | None = None
+        self.journal.on_fault_change = self._on_journal_fault
+
+        # The cloud side: commands in (the session takes its command sink when it
+        # runs), events out through the outbox dispatcher.
         m = config.mqtt
         self.session = MqttSession(
             MqttSettings(
@@ -87,25 +91,55 @@ class Daemon:
                 reconnect_min_s=m.reconnect_min_s,
                 reconnect_max_s=m.reconnect_max_s,
             ),
-            self.executor,
             on_link_change=self._broker_link,
         )
         self.sync = CloudSync(config, self.journal, self.session)
-        self.board = board
-        self._journal_fault: JournalFault | None = None
-        self.journal.on_fault_change = self._on_journal_fault
+
+        # The core, in dependency order: message -> intake -> dispatch -> board link.
+        self.outcomes = Outcomes(config, self.journal, outbox_changed=self.sync.notify, clock=clock)
+        self.confirmation = StartConfirmation(config, self.journal, self.outcomes, clock=clock)
+        board = build_driver(config, on_fault=self.confirmation.output_fault)
+        self.link = BoardLink(
+            config, self.journal, board, self.outcomes, self.confirmation, clock=clock
+        )
+        self.dispatch = Dispatch(
+            config, self.journal, self.link, self.confirmation, self.outcomes, clock=clock
+        )
+        verifier = CommandVerifier(
+            config.commands.public_keys,
+            config.gateway.id,
+            algorithms=config.commands.algorithms,
+            leeway_s=config.commands.leeway_s,
+            # Older tokens may replay a cycle whose execution retention already pruned.
+            max_age_s=config.outbox.retention_days * 86400,
+        )
+        self.intake = Intake(
+            config,
+            self.journal,
+            verifier,
+            Availability(self.journal, self.confirmation),
+            self.dispatch,
+            outbox_changed=self.sync.notify,
+            publish_best_effort=self.session.publish_best_effort,
+            clock=clock,
+        )
+        self.operator = OperatorActions(
+            config, self.journal, self.confirmation, self.dispatch, self.outcomes, clock=clock
+        )
+
+        # The technicians' side.
         self.api = LocalApi(
             config.api.socket,
             status=self.status,
             journal=self.journal,
-            executor=self.executor,
+            operator=self.operator,
             sync=self.sync,
         )
 
     def _on_journal_fault(self, fault: JournalFault | None) -> None:
         """The journal started or stopped failing to commit (disk full, I/O error).
 
-        While it fails, the executor takes no command and sends nothing new to the board;
+        While it fails, the core takes no command and sends nothing new to the board;
         people must know at once, and the alert cannot wait in the outbox (that is the
         journal): it goes to the broker directly, best effort, and is journaled once
         the journal writes again."""
@@ -132,8 +166,8 @@ class Daemon:
 
         def record() -> None:
             # Outside the commit that noticed the recovery.
-            self.executor.journal_writable_again()
-            self.executor.raise_alert(
+            self.outcomes.journal_writable_again()
+            self.outcomes.raise_alert(
                 Alert(
                     "journal_writable_again",
                     "warning",
@@ -149,7 +183,7 @@ class Daemon:
         log.log(logging.INFO if up else logging.WARNING, "broker link %s", "up" if up else "down")
 
     def status(self) -> dict[str, Any]:
-        link = self.executor.board_link
+        link = self.link.state
         return {
             "daemon": {
                 "up": True,
@@ -202,24 +236,37 @@ class Daemon:
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = [
-                    tg.create_task(self.executor.run_board(), name="board"),
-                    tg.create_task(self.executor.run_dispatch(), name="dispatch"),
-                    tg.create_task(self.executor.run_timers(), name="timers"),
-                    tg.create_task(self.executor.run_inputs(), name="inputs"),
-                    tg.create_task(self.session.run(), name="mqtt"),
+                    tg.create_task(self.link.run(), name="board-link"),
+                    tg.create_task(self.link.run_inputs(), name="board-inputs"),
+                    tg.create_task(self.dispatch.run_recovery(), name="recovery"),
+                    tg.create_task(self.dispatch.run(), name="dispatch"),
+                    tg.create_task(self._run_deadlines(), name="deadlines"),
+                    tg.create_task(self.session.run(self.intake), name="mqtt"),
                     tg.create_task(self.sync.run(), name="cloud-sync"),
                 ]
                 await stop.wait()
                 log.info("stopping")
-                # Let releases already on their way finish and be journaled first.
-                await self.executor.drain()
+                # Let the release on its way finish and be journaled first.
+                await self.dispatch.drain()
                 for task in tasks:
                     task.cancel()
         finally:
             await self.api.stop()
-            await self.board.close()
+            await self.link.driver.close()
             self.journal.close()
             log.info("stopped")
+
+    async def _run_deadlines(self) -> None:
+        """Deadlines nobody else watches (promise 2: never "unknown forever"): releases
+        waiting for the board expire on time even if it never comes back, releases in
+        doubt go to needs_review in the end, released machines that never started end
+        as not_started. A sweep the journal cannot record is tried again next time."""
+        while True:
+            await asyncio.sleep(DEADLINE_SWEEP_S)
+            now = time.time()
+            with contextlib.suppress(JournalUnwritable):
+                self.dispatch.sweep(now)
+                self.confirmation.sweep(now)
 
 
 async def _serve(config: GatewayConfig) -> None:

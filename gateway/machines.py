@@ -1,9 +1,9 @@
 """What the machines are doing, read from the board's inputs: pure logic, no I/O.
 
-The executor feeds it input snapshots; it answers with changes worth acting on:
-a machine's busy signal settled to a new level (after its debounce), or a relay
-contact found closed while nothing is driving it (a stuck relay). Start
-confirmation, completion and alerts are the executor's business.
+Start confirmation (confirmation.py) feeds it input snapshots; it answers with
+changes worth acting on: a machine's busy signal settled to a new level (after its
+debounce), or a relay contact found closed while nothing is driving it (a stuck
+relay). What that means for the executions is confirmation.py's business.
 """
 
 from __future__ import annotations

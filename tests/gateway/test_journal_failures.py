@@ -24,7 +24,7 @@ import pytest
 
 from firmware_bridge.driver import PulseTrain
 from firmware_bridge.serial_board import SerialBoard
-from gateway.executor import command_id_for
+from gateway.dispatch import command_id_for
 
 from .conftest import Store
 

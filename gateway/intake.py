@@ -1,0 +1,228 @@
+"""Command intake: verify, answer duplicates, refuse, journal the decision (a CommandSink).
+
+The path of a paid command: the MQTT session hands the payload to
+:meth:`Intake.handle_command`; the token is verified (cloud_sync.commands); a known
+``execute_key`` gets its stored result again and never reaches the board; an authentic
+command the store cannot run is refused (journaled, answered, compensated); the others
+are journaled ``dispatching`` with their DispatchStamp (or ``accepted`` while the board
+is away) and handed to the dispatch worker. ``handle_command`` returns only once that
+decision is durable; the session acknowledges the message after that (promise 3).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Callable
+
+from cloud_sync.commands import CommandRejected, CommandVerifier, ExecuteCommand
+
+from .config import DryerTimeProgram, GatewayConfig, Machine
+from .confirmation import StartConfirmation
+from .dispatch import Dispatch, command_id_for
+from .journal import DispatchStamp, Execution, Journal, JournalUnwritable, iso_utc, result_payload
+
+__all__ = ["Availability", "Intake"]
+
+log = logging.getLogger(__name__)
+
+
+class Availability:
+    """Whether a machine can take a release now (paid or a technician's test turn)."""
+
+    def __init__(self, journal: Journal, confirmation: StartConfirmation) -> None:
+        self._journal = journal
+        self._confirmation = confirmation
+
+    def is_top_up(self, machine: Machine, cycle: str) -> bool:
+        """A dryer time credit bought while the dryer runs (its program allows it)."""
+        program = machine.cycles[cycle]
+        return (
+            isinstance(program, DryerTimeProgram)
+            and program.top_up
+            and self._confirmation.busy(machine.id) is True
+        )
+
+    def unavailable(self, machine: Machine, cycle: str) -> str | None:
+        """Why this machine cannot take a release now, or None."""
+        if machine.id in self._journal.out_of_service():
+            return "out_of_service"
+        if self._journal.machine_is_active(machine.id):
+            return "machine_busy"
+        if self._confirmation.busy(machine.id) and not self.is_top_up(machine, cycle):
+            return "machine_busy"
+        return None
+
+    def awaits_start(self, machine: Machine, cycle: str) -> bool:
+        # A top-up goes to a dryer already running: there is no start to wait for.
+        return machine.busy_input is not None and not self.is_top_up(machine, cycle)
+
+
+class Intake:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        journal: Journal,
+        verifier: CommandVerifier,
+        availability: Availability,
+        dispatch: Dispatch,
+        *,
+        outbox_changed: Callable[[], None],
+        publish_best_effort: Callable[[str, bytes], None],
+        clock: Callable[[], float],
+    ) -> None:
+        self._config = config
+        self._journal = journal
+        self._verifier = verifier
+        self._availability = availability
+        self._dispatch = dispatch
+        self._outbox_changed = outbox_changed
+        self._publish = publish_best_effort
+        self._clock = clock
+
+    async def handle_command(self, payload: bytes) -> None:
+        """Decide and journal the command; return once that decision is durable.
+
+        Raises only when the journal itself fails (then the message is not acked and
+        is offered again once the journal writes)."""
+        now = self._clock()
+        try:
+            self._decide(payload, now)
+        except (JournalUnwritable, sqlite3.Error):
+            # Not durable: no acknowledgement; the session offers it again later.
+            raise
+        except Exception as exc:
+            # A bug must not turn one message into a poison pill: unacked, a persistent
+            # session would redeliver it ahead of every later command, forever. It is
+            # refused, logged for the technician (promise 6), and acknowledged.
+            log.exception("command handling failed: refused")
+            self._journal.log_rejection(
+                execute_key=None, reason="internal_error", detail=type(exc).__name__, now=now
+            )
+
+    def _decide(self, payload: bytes, now: float) -> None:
+        try:
+            cmd = self._verifier.verify(payload)
+        except CommandRejected as rej:
+            self._reject_unjournaled(rej, now)
+            return
+
+        known = self._journal.get(cmd.execute_key)
+        if known is not None:
+            self._answer_duplicate(cmd, known)
+            return
+        machine = self._config.machine(cmd.machine_id)
+        refusal: tuple[str, str | None] | None = None
+        if machine is None:
+            refusal = ("rejected", "unknown_machine")
+        elif cmd.cycle not in machine.cycles:
+            refusal = ("rejected", "unknown_cycle")
+        elif cmd.is_expired(now):
+            refusal = ("expired", "command_expired")
+        else:
+            unavailable = self._availability.unavailable(machine, cmd.cycle)
+            if unavailable is not None:
+                refusal = ("rejected", unavailable)
+
+        if refusal is not None:
+            state, reason = refusal
+            self._record(cmd, state=state, reason=reason, now=now)
+            log.info("execution %s %s (%s)", cmd.execute_key, state, reason)
+            return
+
+        assert machine is not None  # no refusal: the machine exists
+        stamp = self._dispatch.stamp()
+        state = "dispatching" if stamp is not None else "accepted"
+        self._record(
+            cmd,
+            state=state,
+            reason=None,
+            now=now,
+            dispatch=stamp,
+            notify=False,
+            awaits_start=self._availability.awaits_start(machine, cmd.cycle),
+        )
+        log.info(
+            "execution %s accepted: payment %s machine %s cycle %s",
+            cmd.execute_key,
+            cmd.payment_id,
+            cmd.machine_id,
+            cmd.cycle,
+        )
+        if stamp is not None:
+            self._dispatch.enqueue(cmd.execute_key)
+        else:
+            log.warning("execution %s waits for the board link", cmd.execute_key)
+        # After the dispatch task is queued, so the release goes out before the
+        # "accepted" event: the customer waits on the first, nobody on the second.
+        self._outbox_changed()
+
+    def _record(
+        self,
+        cmd: ExecuteCommand,
+        *,
+        state: str,
+        reason: str | None,
+        now: float,
+        dispatch: DispatchStamp | None = None,
+        notify: bool = True,
+        awaits_start: bool = False,
+    ) -> None:
+        self._journal.record_new(
+            execute_key=cmd.execute_key,
+            command_id=command_id_for(cmd.execute_key),
+            payment_id=cmd.payment_id,
+            machine_id=cmd.machine_id,
+            cycle=cmd.cycle,
+            issued_at=cmd.issued_at,
+            expires_at=cmd.expires_at,
+            provider_ref=cmd.provider_ref,
+            idempotency_key=cmd.idempotency_key,
+            amount_cents=cmd.amount_cents,
+            state=state,
+            reason=reason,
+            now=now,
+            dispatch=dispatch,
+            awaits_start=awaits_start,
+        )
+        if notify:
+            self._outbox_changed()
+
+    def _answer_duplicate(self, cmd: ExecuteCommand, known: Execution) -> None:
+        if (cmd.payment_id, cmd.machine_id) != (known.payment_id, known.machine_id):
+            # Same key, different content: the key wins, nothing is executed again.
+            log.warning(
+                "execution %s: duplicate key with different payment/machine; stored result kept",
+                cmd.execute_key,
+            )
+        log.info(
+            "execution %s duplicate; re-sending stored result (%s)", known.execute_key, known.state
+        )
+        self._publish("results", known.last_result.encode())
+
+    def _reject_unjournaled(self, rej: CommandRejected, now: float) -> None:
+        """A command we cannot tie to a journal row: forged, malformed or not ours.
+
+        It is logged for the technician and answered, but never journaled under its
+        execute_key: an unauthenticated message must not be able to block a real one.
+        Without a readable jti the answer has ``execute_key: null``: the cloud still
+        learns that something reached the gateway that it could not read."""
+        log.warning("command rejected: %s (%s) key=%s", rej.reason, rej.detail, rej.execute_key)
+        self._journal.log_rejection(
+            execute_key=rej.execute_key, reason=rej.reason, detail=rej.detail, now=now
+        )
+        # Not final and not compensated: an unauthenticated rejection says nothing about
+        # the real command with this key (which the cloud keeps re-sending), nor proves
+        # a payment.
+        payload = result_payload(
+            gateway_id=self._config.gateway.id,
+            execute_key=rej.execute_key,
+            payment_id=None,
+            machine_id=None,
+            state="rejected",
+            reason=rej.reason,
+            at=iso_utc(now),
+            seq=0,
+            authentic=False,
+        )
+        self._publish("results", payload.encode())
