@@ -21,32 +21,26 @@ import signal
 import sys
 import time
 import uuid
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from cloud_sync.commands import CommandVerifier
 from cloud_sync.mqtt_session import MqttSession, MqttSettings
 
 from . import instance_lock
 from .api import LocalApi
-from .board_link import BoardLink
 from .boards import build_driver
 from .config import ConfigError, GatewayConfig, load_config
-from .confirmation import StartConfirmation
-from .dispatch import Dispatch
-from .intake import Availability, Intake
+from .core import build_core
 from .journal import (
     Alert,
     Journal,
     JournalError,
     JournalFault,
-    JournalUnwritable,
     alert_event,
     iso_utc,
 )
-from .operator import OperatorActions
-from .outcomes import Outcomes
 from .sync import CloudSync
 
 __all__ = ["Daemon", "main"]
@@ -54,8 +48,6 @@ __all__ = ["Daemon", "main"]
 log = logging.getLogger("gateway")
 
 EXIT_ALREADY_RUNNING = 3
-# How often the deadlines of unsettled executions are checked.
-DEADLINE_SWEEP_S = 0.25
 
 
 class Daemon:
@@ -64,7 +56,6 @@ class Daemon:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.started_at = time.time()
-        clock = time.time
         self.broker_connected = False
         self.broker_since: float | None = None
 
@@ -95,36 +86,14 @@ class Daemon:
         )
         self.sync = CloudSync(config, self.journal, self.session)
 
-        # The core, in dependency order: message -> intake -> dispatch -> board link.
-        self.outcomes = Outcomes(config, self.journal, outbox_changed=self.sync.notify, clock=clock)
-        self.confirmation = StartConfirmation(config, self.journal, self.outcomes, clock=clock)
-        board = build_driver(config, on_fault=self.confirmation.output_fault)
-        self.link = BoardLink(
-            config, self.journal, board, self.outcomes, self.confirmation, clock=clock
-        )
-        self.dispatch = Dispatch(
-            config, self.journal, self.link, self.confirmation, self.outcomes, clock=clock
-        )
-        verifier = CommandVerifier(
-            config.commands.public_keys,
-            config.gateway.id,
-            algorithms=config.commands.algorithms,
-            leeway_s=config.commands.leeway_s,
-            # Older tokens may replay a cycle whose execution retention already pruned.
-            max_age_s=config.outbox.retention_days * 86400,
-        )
-        self.intake = Intake(
+        # The core: message -> intake -> dispatch -> board link (gateway/core.py).
+        self.core = build_core(
             config,
             self.journal,
-            verifier,
-            Availability(self.journal, self.confirmation),
-            self.dispatch,
+            partial(build_driver, config),
             outbox_changed=self.sync.notify,
             publish_best_effort=self.session.publish_best_effort,
-            clock=clock,
-        )
-        self.operator = OperatorActions(
-            config, self.journal, self.confirmation, self.dispatch, self.outcomes, clock=clock
+            clock=time.time,
         )
 
         # The technicians' side.
@@ -132,7 +101,7 @@ class Daemon:
             config.api.socket,
             status=self.status,
             journal=self.journal,
-            operator=self.operator,
+            operator=self.core.operator,
             sync=self.sync,
         )
 
@@ -166,8 +135,8 @@ class Daemon:
 
         def record() -> None:
             # Outside the commit that noticed the recovery.
-            self.outcomes.journal_writable_again()
-            self.outcomes.raise_alert(
+            self.core.outcomes.journal_writable_again()
+            self.core.outcomes.raise_alert(
                 Alert(
                     "journal_writable_again",
                     "warning",
@@ -183,7 +152,7 @@ class Daemon:
         log.log(logging.INFO if up else logging.WARNING, "broker link %s", "up" if up else "down")
 
     def status(self) -> dict[str, Any]:
-        link = self.link.state
+        link = self.core.link.state
         return {
             "daemon": {
                 "up": True,
@@ -236,37 +205,21 @@ class Daemon:
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = [
-                    tg.create_task(self.link.run(), name="board-link"),
-                    tg.create_task(self.link.run_inputs(), name="board-inputs"),
-                    tg.create_task(self.dispatch.run_recovery(), name="recovery"),
-                    tg.create_task(self.dispatch.run(), name="dispatch"),
-                    tg.create_task(self._run_deadlines(), name="deadlines"),
-                    tg.create_task(self.session.run(self.intake), name="mqtt"),
+                    tg.create_task(self.core.run(), name="core"),
+                    tg.create_task(self.session.run(self.core.intake), name="mqtt"),
                     tg.create_task(self.sync.run(), name="cloud-sync"),
                 ]
                 await stop.wait()
                 log.info("stopping")
                 # Let the release on its way finish and be journaled first.
-                await self.dispatch.drain()
+                await self.core.drain()
                 for task in tasks:
                     task.cancel()
         finally:
             await self.api.stop()
-            await self.link.driver.close()
+            await self.core.link.driver.close()
             self.journal.close()
             log.info("stopped")
-
-    async def _run_deadlines(self) -> None:
-        """Deadlines nobody else watches (promise 2: never "unknown forever"): releases
-        waiting for the board expire on time even if it never comes back, releases in
-        doubt go to needs_review in the end, released machines that never started end
-        as not_started. A sweep the journal cannot record is tried again next time."""
-        while True:
-            await asyncio.sleep(DEADLINE_SWEEP_S)
-            now = time.time()
-            with contextlib.suppress(JournalUnwritable):
-                self.dispatch.sweep(now)
-                self.confirmation.sweep(now)
 
 
 async def _serve(config: GatewayConfig) -> None:

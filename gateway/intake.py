@@ -102,7 +102,7 @@ class Intake:
 
     def _decide(self, payload: bytes, now: float) -> None:
         try:
-            cmd = self._verifier.verify(payload)
+            cmd = self._verifier.verify(payload, now=now)
         except CommandRejected as rej:
             self._reject_unjournaled(rej, now)
             return
