@@ -23,6 +23,7 @@ from firmware_bridge.simulator.board import (
     SimulatedBoard,
 )
 from firmware_bridge.simulator.machines import MachineSpec
+from firmware_bridge.simulator.memory_link import MemoryLink
 from firmware_bridge.simulator.records import Actuation, Edge
 from firmware_bridge.simulator.scenario import load_scenario
 
@@ -35,6 +36,7 @@ __all__ = [
     "Edge",
     "Faults",
     "MachineSpec",
+    "MemoryLink",
     "SimulatedBoard",
     "load_scenario",
 ]
