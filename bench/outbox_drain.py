@@ -24,11 +24,14 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from cloud_sync.dispatcher import OutboxDispatcher
-from cloud_sync.https_client import CloudHttpClient
-from cloud_sync.mqtt_session import MqttSession, MqttSettings
-from gateway.journal import Journal, iso_utc
-from gateway.localbroker import LocalBroker, free_port
+# devtools/ (the harness) is not installed with the package: take it from this checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cloud_sync.dispatcher import OutboxDispatcher  # noqa: E402
+from cloud_sync.https_client import CloudHttpClient  # noqa: E402
+from cloud_sync.mqtt_session import MqttSession, MqttSettings  # noqa: E402
+from devtools.broker import LocalBroker, free_port  # noqa: E402
+from gateway.journal import Journal, iso_utc  # noqa: E402
 
 STREAMS = 500
 

@@ -22,9 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from gateway.devstack import CloudStandIn, DaemonProcess, SimulatorProcess, demo_config
-from gateway.dispatch import command_id_for
-from gateway.localbroker import LocalBroker
+# devtools/ (the harness) is not installed with the package: take it from this checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from devtools.broker import LocalBroker  # noqa: E402
+from devtools.stack import CloudStandIn, DaemonProcess, SimulatorProcess, demo_config  # noqa: E402
+from gateway.dispatch import command_id_for  # noqa: E402
 
 MACHINES = 64  # the burst spreads over many machines so none is refused as busy
 

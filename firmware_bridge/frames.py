@@ -1,7 +1,7 @@
 """Relay board serial protocol v1: frames and messages, pure (no asyncio, no I/O).
 
 Everything here turns bytes into values and back, so the host driver
-(serial_board.py), the simulated board (simulator.py) and the tests share one
+(serial_board.py), the simulated board (simulator/board.py) and the tests share one
 codec. The wire format is specified in docs/firmware-protocol.md; section
 names in comments below refer to that page.
 """

@@ -6,6 +6,11 @@ for a release: QUERY first, see SerialBoard.release), and
 the translation of link failures into the three outcomes the gateway acts on
 (exceptions.py): not sent, refused, unknown. See docs/firmware-protocol.md
 "Host behaviour".
+
+The port is opened through a connector, injected like httpx's transports: by default
+pyserial-asyncio-fast's serial connection; ``simulator.memory_link.MemoryLink.connect``
+puts the simulated board at the other end in this same event loop instead, so
+everything above the port is tested in process, through this very driver.
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, TypeAlias, TypeVar
 
 import serial  # type: ignore[import-untyped]  # no stubs; types-pyserial not a dependency
 import serial_asyncio_fast
@@ -53,7 +59,7 @@ from firmware_bridge.frames import (
     encode,
 )
 
-__all__ = ["ACK_TIMEOUT", "MAX_RETRIES", "SerialBoard"]
+__all__ = ["ACK_TIMEOUT", "MAX_RETRIES", "Connector", "SerialBoard"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -64,6 +70,10 @@ MAX_RETRIES = 3
 
 _Reply = TypeVar("_Reply", Pong, ReleaseAck, QueryReply, AllOffAck, Inputs)
 _BoardReply = Pong | ReleaseAck | QueryReply | AllOffAck | Inputs | Nack  # all carry boot_id
+
+# Opens the link and returns its transport, calling the protocol factory once; an
+# OSError (or serial.SerialException, ValueError) means the port could not be opened.
+Connector: TypeAlias = Callable[[Callable[[], asyncio.Protocol]], Awaitable[asyncio.Transport]]
 
 
 @dataclass
@@ -117,6 +127,9 @@ class SerialBoard:
     the same port fails to open with ``BoardUnavailable`` instead of interleaving
     its frames with ours. (flock is advisory: it keeps out cooperating programs,
     i.e. every pyserial user that asks for exclusivity.)
+
+    ``connect`` replaces the serial port with another link (see ``Connector``);
+    ``port`` then only names it in messages and logs.
     """
 
     def __init__(
@@ -126,9 +139,11 @@ class SerialBoard:
         baudrate: int = 115200,
         ack_timeout: float = ACK_TIMEOUT,
         max_retries: int = MAX_RETRIES,
+        connect: Connector | None = None,
     ) -> None:
         self.port = port
         self._baudrate = baudrate
+        self._connect = connect if connect is not None else self._open_serial
         self._ack_timeout = ack_timeout
         self._max_retries = max_retries
         self._transport: asyncio.Transport | None = None
@@ -171,17 +186,27 @@ class SerialBoard:
     async def open(self) -> None:
         if self.is_open:
             return
-        loop = asyncio.get_running_loop()
         link = _Link(self)
         try:
-            transport, _ = await serial_asyncio_fast.create_serial_connection(
-                loop, lambda: link, self.port, baudrate=self._baudrate, exclusive=True
-            )
+            transport = await self._connect(lambda: link)
         except (serial.SerialException, OSError, ValueError) as exc:
             raise BoardUnavailable(f"cannot open {self.port}: {exc}") from exc
         transport.set_write_buffer_limits(high=0)  # see _Link.pause_writing
         self._transport, self._link = transport, link
         LOGGER.info("opened board port %s", self.port)
+
+    async def _open_serial(
+        self, protocol_factory: Callable[[], asyncio.Protocol]
+    ) -> asyncio.Transport:
+        """The default connector: the serial port, exclusively (see the class)."""
+        transport, _ = await serial_asyncio_fast.create_serial_connection(
+            asyncio.get_running_loop(),
+            protocol_factory,
+            self.port,
+            baudrate=self._baudrate,
+            exclusive=True,
+        )
+        return transport
 
     async def close(self) -> None:
         transport, link = self._transport, self._link

@@ -263,8 +263,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "demo":
-        from .demo import run_demo
-
+        # The demo harness (devtools/) is not shipped: it lives beside gateway/ in a
+        # source checkout, which the editable install does not put on sys.path.
+        checkout = Path(__file__).resolve().parents[1]
+        if (checkout / "devtools").is_dir() and str(checkout) not in sys.path:
+            sys.path.insert(0, str(checkout))
+        try:
+            from devtools.demo import run_demo
+        except ModuleNotFoundError as exc:
+            if exc.name not in ("devtools", "devtools.demo"):
+                raise
+            print("error: the demo runs from a source checkout (./scripts/demo.sh); "
+                  "this installation has no demo harness", file=sys.stderr)
+            return 2
         return run_demo(keep=args.keep)
 
     config = _load(args.config)

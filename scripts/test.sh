@@ -7,6 +7,6 @@ cd "$(dirname "$0")/.."
 ensure_venv
 ensure_broker
 "$VENV/bin/python" -m pip install -q -e ".[dev${BROKER_EXTRA}]"
-"$VENV/bin/ruff" check gateway firmware_bridge cloud_sync tests bench
+"$VENV/bin/ruff" check gateway firmware_bridge cloud_sync devtools tests bench
 "$VENV/bin/mypy"
 exec "$VENV/bin/python" -m pytest "$@"

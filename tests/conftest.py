@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from gateway.localbroker import LocalBroker, local_broker_kind
+from devtools.broker import LocalBroker, local_broker_kind
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from gateway.localbroker import free_port
+from devtools.broker import free_port
 
 
 @dataclass(frozen=True)

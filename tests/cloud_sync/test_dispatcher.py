@@ -23,7 +23,7 @@ from cloud_sync.dispatcher import (
 from cloud_sync.https_client import CloudHttpClient
 from cloud_sync.mqtt_session import MqttLinkDown, MqttSession, MqttSettings
 from cloud_sync.outbox import MemoryOutboxStore
-from gateway.localbroker import LocalBroker, free_port
+from devtools.broker import LocalBroker, free_port
 from tests.cloud_sync.cloud_server import CloudServer
 
 T = TypeVar("T")

@@ -18,7 +18,7 @@ from cloud_sync.https_client import (
     CloudUnreachable,
 )
 from cloud_sync.outbox import OutboxItem
-from gateway.localbroker import free_port
+from devtools.broker import free_port
 from tests.cloud_sync.cloud_server import CloudServer
 
 

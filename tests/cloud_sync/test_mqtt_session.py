@@ -18,7 +18,7 @@ import aiomqtt
 import pytest
 
 from cloud_sync.mqtt_session import MqttSession, MqttSettings
-from gateway.localbroker import LocalBroker
+from devtools.broker import LocalBroker
 
 T = TypeVar("T")
 TEST_TIMEOUT_S = 20.0

@@ -6,6 +6,7 @@
   pair bridged byte for byte, with a datastore that timestamps every coil write.
 - ``SimulatorEdges``: the simulator program's ``--edges`` file, and its ``--control``
   socket to set input levels.
+- ``MemoryLinkObserver``: the simulated board on an in-memory link, read in process.
 
 Each observer offers ``edges(channel) -> [(monotonic, on)]`` (level changes only,
 logical level, starting from off) and ``set_input(n, level)``.
@@ -29,6 +30,8 @@ from typing import Any, Protocol
 from pymodbus import FramerType
 from pymodbus.server import ModbusSerialServer
 from pymodbus.simulator import DataType, SimData, SimDevice
+
+from firmware_bridge.simulator import MemoryLink
 
 
 class Observer(Protocol):
@@ -328,3 +331,20 @@ class SimulatorEdges:
             answer = sock.makefile("r", encoding="utf-8").readline().strip()
         if answer != "ok":
             raise RuntimeError(f"simulator control answered {answer!r}")
+
+
+# --- the simulated board on an in-memory link --------------------------------------
+
+
+class MemoryLinkObserver:
+    """The edges the board of a ``MemoryLink`` switched, and its input lines forced
+    the way the program's ``--control`` socket does."""
+
+    def __init__(self, link: MemoryLink) -> None:
+        self.link = link
+
+    def edges(self, channel: int) -> list[tuple[float, bool]]:
+        return transitions([(e.monotonic, e.on) for e in self.link.edges if e.channel == channel])
+
+    def set_input(self, n: int, level: bool) -> None:
+        self.link.board.force_input(n, level)

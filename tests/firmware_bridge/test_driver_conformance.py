@@ -1,6 +1,7 @@
 """One contract, every driver that can run here (driver.BoardDriver).
 
 - serial: SerialBoard against the simulator program on a real pty;
+- memory: SerialBoard against the same simulated board on an in-memory link, in process;
 - modbus: ModbusBoard against pymodbus' own RTU server on a real pty pair;
 - gpio: GpioBoard on a fake chip (no GPIO chip exists here).
 
@@ -36,6 +37,7 @@ from firmware_bridge.modbus_board import ModbusBoard
 from .drivers_support import (
     FakeGpioChip,
     GpioObserver,
+    MemoryLinkObserver,
     ModbusObserver,
     ModbusPtyServer,
     Observer,
@@ -72,7 +74,7 @@ class Rig:
         return self.observer.edges(channel)
 
 
-@pytest.fixture(params=["serial", "modbus", "gpio"])
+@pytest.fixture(params=["serial", "memory", "modbus", "gpio"])
 def rig(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Rig]:
     if request.param == "serial":
         from firmware_bridge.serial_board import SerialBoard
@@ -92,6 +94,17 @@ def rig(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Rig]:
         )
         yield Rig(
             "serial", lambda: SerialBoard(sim.path), SimulatorEdges(edges_file, control), False
+        )
+    elif request.param == "memory":
+        from firmware_bridge.serial_board import SerialBoard
+        from firmware_bridge.simulator import MemoryLink, SimulatedBoard
+
+        link = MemoryLink(SimulatedBoard(channels=CHANNELS, time_scale=1.0))
+        yield Rig(
+            "memory",
+            lambda: SerialBoard("memory", connect=link.connect),
+            MemoryLinkObserver(link),
+            False,
         )
     elif request.param == "modbus":
         server = ModbusPtyServer().start()

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from gateway.devstack import CloudStandIn, DaemonProcess, SimulatorProcess, demo_config
-from gateway.localbroker import LocalBroker
+from devtools.broker import LocalBroker
+from devtools.stack import CloudStandIn, DaemonProcess, SimulatorProcess, demo_config
 
 
 @dataclass

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 import gateway
-from gateway.devstack import DaemonProcess
+from devtools.stack import DaemonProcess
 
 from .conftest import Store
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from cloud_sync.outbox import DispatchRecord
+from devtools.broker import LocalBroker
 from gateway.journal import Journal, iso_utc
-from gateway.localbroker import LocalBroker
 from tests.cloud_sync.outbox_contract import OutboxStoreContract
 from tests.cloud_sync.test_dispatcher import (
     broker_down_with_1000_queued_then_delivered,

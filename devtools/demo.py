@@ -6,6 +6,9 @@ plays the cloud: signs one execute-cycle command with a freshly generated demo k
 publishes it twice, and shows that the machine was released once, what the cloud
 received, and what a technician sees with ``metalavctl``. Everything is stopped and
 removed at the end (``--keep`` keeps the working folder for a look at the journal).
+
+Harness, not product: it needs a source checkout (see ``devtools/__init__.py``);
+``gateway.daemon`` imports it only for the ``demo`` command.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from pathlib import Path
 
 from cloud_sync.signing import generate_demo_keypair
 
-from .devstack import CloudStandIn, DaemonProcess, SimulatorProcess, demo_config
-from .localbroker import LocalBroker
+from .broker import LocalBroker
+from .stack import CloudStandIn, DaemonProcess, SimulatorProcess, demo_config
 
 __all__ = ["run_demo"]
 

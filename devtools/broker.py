@@ -2,8 +2,8 @@
 
 mosquitto is used where it is installed (the product's reference broker). Where it is
 not, a pure-Python broker (amqtt, the ``fallback-broker`` extra) runs in a child
-process instead, so the demo works on any machine. Production gateways never use this
-module: they connect to the fleet's broker named in the config.
+process instead, so the demo works on any machine. Not shipped: production gateways
+connect to the fleet's broker named in the config.
 """
 
 from __future__ import annotations
