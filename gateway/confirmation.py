@@ -46,7 +46,7 @@ class StartConfirmation:
         self.monitor = MachineMonitor(list(config.machines))
         # Relay channel -> until when a program may legitimately keep it closed.
         self._driven_until: dict[int, float] = {}
-        self._sampled_at = 0.0  # clock time of the last input snapshot read from the board
+        self.sampled_at = 0.0  # clock time of the last input snapshot read from the board
         self._unapplied: deque[BusyChange | StuckRelay] = deque()
 
     def busy(self, machine_id: str) -> bool | None:
@@ -62,7 +62,7 @@ class StartConfirmation:
     # -- board_link.InputSink ----------------------------------------------------
 
     def sample(self, state: InputState, now: float) -> None:
-        self._sampled_at = now
+        self.sampled_at = now
         driven = {ch for ch, until in self._driven_until.items() if until > now}
         self._unapplied.extend(self.monitor.sample(state, now, driven))
         self._apply_input_changes()
@@ -201,7 +201,7 @@ class StartConfirmation:
             settle = machine.busy_input.debounce_ms / 1000
             if (
                 row.confirm_deadline + settle <= now
-                and self._sampled_at >= row.confirm_deadline + settle
+                and self.sampled_at >= row.confirm_deadline + settle
                 and self.monitor.busy(machine.id) is not None
             ):
                 self._outcomes.finish(

@@ -112,6 +112,11 @@ class Dispatch:
         self._idle.set()
 
     @property
+    def idle(self) -> bool:
+        """Nothing queued, nothing held, no question pending for the board."""
+        return not (self._queue or self._inflight or self._link.recovery_wanted.is_set())
+
+    @property
     def board_ready(self) -> bool:
         """A release decided now can be stamped and sent."""
         return self._link.connected and self._link.state.boot_id is not None

@@ -51,6 +51,13 @@ class MemoryLink:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: BoardTimer | None = None
         self._plugged = True
+        #: Lose the next N writes of the host before the board reads them, and the next
+        #: N replies of the board before the host reads them (a test's precise noise,
+        #: beside the board's random ``Faults``).
+        self.lose_to_board = 0
+        self.lose_to_host = 0
+        #: Told of every write of the host, lost or not (what may have reached the board).
+        self.on_host_write: Callable[[bytes], None] | None = None
 
     @property
     def actuations(self) -> list[Actuation]:
@@ -120,10 +127,18 @@ class MemoryLink:
             self._timer.reschedule()
 
     def _board_receives(self, data: bytes) -> None:
+        if self.on_host_write is not None:
+            self.on_host_write(data)
         if not self._plugged or self._loop is None:
             return  # into a pulled cable: lost
+        if self.lose_to_board > 0:
+            self.lose_to_board -= 1
+            return
         now = self._loop.time()
         reply = self.board.feed(data, now)
+        if reply and self.lose_to_host > 0:
+            self.lose_to_host -= 1
+            reply = b""
         if reply and self._host is not None:
             host = self._host
             if self.delay > 0:
