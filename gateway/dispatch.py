@@ -103,9 +103,18 @@ class Dispatch:
         self._last_seq = journal.last_dispatch_seq()
         # After a crash, the first unsettled release may have been on the wire: it is
         # asked about like one in doubt, and nothing is sent before recovery ran once.
-        pending = [r for r in journal.dispatching_in_order() if not r.in_doubt]
+        rows = journal.dispatching_in_order()
+        pending = [r for r in rows if not r.in_doubt]
         self._suspect: str | None = pending[0].execute_key if pending else None
         self._queue.extend((r.execute_key, False) for r in pending[1:])
+        # Releases that may have reached the board and that the board has not been asked
+        # about yet. No new release goes out while there is one: every release the
+        # board executes after it would push its id further out of the ring that
+        # recovery asks (and, with enough of them, out of it).
+        self._doubt: set[str] = {r.execute_key for r in rows if r.in_doubt}
+        if self._suspect is not None:
+            self._doubt.add(self._suspect)
+        self._doubt_settled = asyncio.Event()
         self._recovered = asyncio.Event()
         self._stopping = False
         self._idle = asyncio.Event()  # the worker holds no release
@@ -147,6 +156,15 @@ class Dispatch:
                 self._queue_changed.clear()
                 await self._queue_changed.wait()
                 continue
+            if not self._queue[0][1] and self._doubt_pending():
+                # Recovery first; it wakes us when it has asked the board.
+                self._link.recovery_wanted.set()
+                self._doubt_settled.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._doubt_settled.wait(), self._config.board.health_ping_s
+                    )
+                continue
             key, resend = self._queue.popleft()
             try:
                 await self._dispatch(key, resend=resend)
@@ -156,6 +174,14 @@ class Dispatch:
                 await asyncio.sleep(next(retry))
                 continue
             retry = _journal_backoff()
+
+    def _doubt_pending(self) -> bool:
+        """A release in doubt still waits for the board's answer (or a person's)."""
+        for key in list(self._doubt):
+            row = self._journal.get(key)
+            if row is None or row.state != "dispatching":
+                self._doubt.discard(key)
+        return bool(self._doubt)
 
     async def _dispatch(self, execute_key: str, *, resend: bool = False) -> None:
         """Write one release and record what the board said, however long the journal
@@ -257,6 +283,7 @@ class Dispatch:
 
     def _mark_in_doubt(self, execute_key: str, detail: str) -> None:
         self._journal.mark_in_doubt(execute_key, now=self._clock(), detail=detail)
+        self._doubt.add(execute_key)
         # Recovery may have run while the worker still held it: ask the board now.
         self._link.recovery_wanted.set()
 
@@ -333,6 +360,7 @@ class Dispatch:
                 self._queue.appendleft((row.execute_key, True))
                 self._queue_changed.set()
         self._recovered.set()
+        self._doubt_settled.set()
         return True
 
     async def run_recovery(self) -> None:
