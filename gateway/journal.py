@@ -31,13 +31,29 @@ import sqlite_utils
 
 from cloud_sync.outbox import OutboxItem
 
+from .lifecycle import (
+    ACTIVE,
+    AUTO_COMPENSATED,
+    COMPENSATED,
+    FINAL,
+    PENDING_START,
+    ExecutionState,
+    IllegalTransition,
+    check_initial,
+    check_transition,
+    is_final,
+    ordered,
+)
+
 __all__ = [
     "ACTIVE_STATES",
+    "AUTO_COMPENSATION_STATES",
     "Alert",
     "COMPENSATION_STATES",
     "DispatchStamp",
     "FINAL_STATES",
     "Execution",
+    "IllegalTransition",
     "Journal",
     "JournalFault",
     "JournalUnwritable",
@@ -46,30 +62,12 @@ __all__ = [
     "result_payload",
 ]
 
-# States that still have work to do; a machine with one of these (or released and
-# waiting for its start confirmation) is busy.
-ACTIVE_STATES = ("accepted", "dispatching")
-# States reported to the cloud as final for this execution. ``released`` is final only
-# for machines without a busy input: the others go on to started / not_started.
-FINAL_STATES = (
-    "released",
-    "started",
-    "not_started",
-    "completed",
-    "failed",
-    "rejected",
-    "expired",
-    "needs_review",
-)
-# States that call for a refund / compensation on the cloud side: every authentic
-# command is a confirmed payment, so every outcome in which the machine did not (or
-# may not have) run (DESIGN.md promise 2). ``rejected`` here is the gateway's refusal
-# of an authentic command (unknown machine or cycle, busy, out of service); the
-# verifier's rejections are never journaled and never compensated.
-COMPENSATION_STATES = ("failed", "expired", "needs_review", "not_started", "rejected")
-# Of those, the ones where the gateway knows nothing ran and emits a compensation
-# event itself; needs_review is a technician's call (an alert instead).
-AUTO_COMPENSATION_STATES = ("failed", "expired", "not_started", "rejected")
+# The lifecycle's sets under their former names, for the callers that import them.
+ACTIVE_STATES = ordered(ACTIVE)
+#: Final for some machine: ``released`` only without a busy input (lifecycle.is_final).
+FINAL_STATES = ordered(FINAL | PENDING_START)
+COMPENSATION_STATES = ordered(COMPENSATED)
+AUTO_COMPENSATION_STATES = ordered(AUTO_COMPENSATED)
 ALERTS_TOPIC = "alerts"
 COMPENSATION_TOPIC = "compensation"
 CYCLES_TOPIC = "cycles"
@@ -128,12 +126,10 @@ def result_payload(
             "state": state,
             "reason": reason,
             # An unauthenticated rejection is never final for its (untrusted) key.
-            "final": authentic
-            and state in FINAL_STATES
-            and not (state == "released" and awaits_start),
+            "final": authentic and is_final(state, awaits_start=awaits_start),
             # Neither an unauthenticated message (no proof of payment) nor a
             # technician's test turn (never paid) is ever compensated.
-            "compensation": authentic and paid and state in COMPENSATION_STATES,
+            "compensation": authentic and paid and state in COMPENSATED,
             "authentic": authentic,
             "at": at,
             "seq": seq,
@@ -196,7 +192,7 @@ class Execution:
     payment_id: str
     machine_id: str
     cycle: str
-    state: str
+    state: ExecutionState
     reason: str | None
     expires_at: int
     dispatch_boot_id: int | None
@@ -223,7 +219,7 @@ class Execution:
             payment_id=row["payment_id"],
             machine_id=row["machine_id"],
             cycle=row["cycle"],
-            state=row["state"],
+            state=ExecutionState(row["state"]),
             reason=row["reason"],
             expires_at=row["expires_at"],
             dispatch_boot_id=row["dispatch_boot_id"],
@@ -418,6 +414,11 @@ class JournalFault:
     since: float
 
 
+def _marks(values: Sequence[object]) -> str:
+    """The placeholders of an ``IN (...)`` list of ``values``."""
+    return ",".join("?" * len(values))
+
+
 def _is_storage_error(exc: sqlite3.Error) -> bool:
     # OperationalError covers SQLITE_FULL, SQLITE_IOERR, SQLITE_READONLY, SQLITE_BUSY;
     # a bare DatabaseError is SQLITE_CORRUPT / SQLITE_NOTADB. IntegrityError and
@@ -543,17 +544,19 @@ class Journal:
         return Execution.from_row(row) if row else None
 
     def in_states(self, states: Sequence[str]) -> list[Execution]:
-        marks = ",".join("?" * len(states))
+        wanted = [ExecutionState(s) for s in states]  # a typo raises, never matches nothing
+        marks = ",".join("?" * len(wanted))
         rows = self._conn.execute(
             f"SELECT * FROM executions WHERE state IN ({marks}) ORDER BY received_at",
-            tuple(states),
+            wanted,
         ).fetchall()
         return [Execution.from_row(r) for r in rows]
 
     def dispatching_in_order(self) -> list[Execution]:
         """Executions left ``dispatching``, in the order their releases were decided."""
         rows = self._conn.execute(
-            "SELECT * FROM executions WHERE state = 'dispatching' ORDER BY dispatch_seq"
+            "SELECT * FROM executions WHERE state = ? ORDER BY dispatch_seq",
+            (ExecutionState.DISPATCHING,),
         ).fetchall()
         return [Execution.from_row(r) for r in rows]
 
@@ -563,12 +566,13 @@ class Journal:
 
     def machine_is_active(self, machine_id: str) -> bool:
         """An execution of this machine is still on its way: accepted, being sent, or
-        released and waiting for the machine to confirm its start."""
-        marks = ",".join("?" * len(ACTIVE_STATES))
+        released and waiting for the machine to confirm its start
+        (lifecycle.keeps_machine_busy)."""
+        active, pending = ordered(ACTIVE), ordered(PENDING_START)
         row = self._conn.execute(
-            f"SELECT 1 FROM executions WHERE machine_id = ? AND (state IN ({marks})"
-            f" OR (state = 'released' AND awaits_start = 1)) LIMIT 1",
-            (machine_id, *ACTIVE_STATES),
+            f"SELECT 1 FROM executions WHERE machine_id = ? AND (state IN ({_marks(active)})"
+            f" OR (state IN ({_marks(pending)}) AND awaits_start = 1)) LIMIT 1",
+            (machine_id, *active, *pending),
         ).fetchone()
         return row is not None
 
@@ -650,12 +654,14 @@ class Journal:
     ) -> None:
         """Journal a verified command in its first state.
 
-        ``state`` is ``accepted``, ``dispatching`` (accepted and, in the same commit,
-        about to be written to the board, which saves one fsync on the release path),
-        or a final refusal (``rejected`` / ``expired``).
+        ``state`` is one of lifecycle.INITIAL_STATES (else IllegalTransition): ``accepted``,
+        ``dispatching`` (accepted and, in the same commit, about to be written to the
+        board, which saves one fsync on the release path), or a final refusal
+        (``rejected`` / ``expired``).
         """
+        state = check_initial(state)
         at = iso_utc(now)
-        if (state == "dispatching") != (dispatch is not None):
+        if (state == ExecutionState.DISPATCHING) != (dispatch is not None):
             raise ValueError("a dispatching execution needs its DispatchStamp, and only it")
         with self._tx(label=f"record:{state}") as c:
             c.execute(
@@ -687,15 +693,17 @@ class Journal:
                     dispatch and dispatch.seq,
                 ),
             )
-            if state in ("accepted", "dispatching"):
-                self._event(c, execute_key, "accepted", None, at, None)
-                self._result(c, execute_key, "accepted", None, at)
+            if state in ACTIVE:
+                # Dispatching is accepted and dispatched in one commit: two history lines,
+                # one result (the cloud sees accepted until the outcome).
+                self._event(c, execute_key, ExecutionState.ACCEPTED, None, at, None)
+                self._result(c, execute_key, ExecutionState.ACCEPTED, None, at)
                 if dispatch is not None:
-                    self._event(c, execute_key, "dispatching", None, at, self._stamp(dispatch))
+                    self._event(c, execute_key, state, None, at, self._stamp(dispatch))
             else:
                 self._event(c, execute_key, state, reason, at, None)
                 self._result(c, execute_key, state, reason, at)
-                if state in AUTO_COMPENSATION_STATES:
+                if state in AUTO_COMPENSATED:
                     self._compensation(c, execute_key, reason, at)
             if audit is not None:  # an operator's action and its execution: one commit
                 self._audit(c, at=at, before=None, **{"after": None, **audit})
@@ -720,13 +728,16 @@ class Journal:
         """Move one execution to ``to_state`` if it is in one of ``from_states``.
 
         Returns False (and changes nothing) when the row is not in an expected state,
-        so two paths racing for the same execution cannot both act on it. In the same
+        so two paths racing for the same execution cannot both act on it. Raises
+        IllegalTransition, before writing anything, if any ``from -> to_state`` is not a
+        move of lifecycle.TRANSITIONS (or names no state at all). In the same
         transaction: the history line, the result event (``report``), the compensation
         event for states that need one, an optional alert and cycle event.
         ``times`` sets released_at / confirm_deadline / started_at / completed_at;
         ``dispatch`` stamps a move to ``dispatching``.
         """
-        if (to_state == "dispatching") != (dispatch is not None):
+        to_state = check_transition(from_states, to_state)
+        if (to_state == ExecutionState.DISPATCHING) != (dispatch is not None):
             raise ValueError("a move to dispatching needs its DispatchStamp, and only it")
         at = iso_utc(now)
         marks = ",".join("?" * len(from_states))
@@ -763,7 +774,7 @@ class Journal:
             self._event(c, execute_key, to_state, reason, at, detail)
             if report:
                 self._result(c, execute_key, to_state, reason, at)
-                if to_state in AUTO_COMPENSATION_STATES:
+                if to_state in AUTO_COMPENSATED:
                     self._compensation(c, execute_key, reason, at)
             if alert is not None:
                 self._alert(c, alert, at)
@@ -785,6 +796,7 @@ class Journal:
 
     def note(self, execute_key: str, *, now: float, state: str, detail: str) -> None:
         """A history line that does not change the state (e.g. a re-dispatch)."""
+        state = ExecutionState(state)
         with self._tx(label="note") as c:
             self._event(c, execute_key, state, None, iso_utc(now), detail)
 
@@ -793,7 +805,7 @@ class Journal:
         answer of the board settles it (or a person), never a blind re-send."""
         with self._tx(label="in_doubt") as c:
             c.execute("UPDATE executions SET in_doubt = 1 WHERE execute_key = ?", (execute_key,))
-            self._event(c, execute_key, "dispatching", None, iso_utc(now), detail)
+            self._event(c, execute_key, ExecutionState.DISPATCHING, None, iso_utc(now), detail)
 
     def restamp(self, execute_key: str, stamp: DispatchStamp, *, now: float) -> bool:
         """The board rebooted between the decision and the send of a release that never
@@ -801,15 +813,15 @@ class Journal:
         with self._tx(label="restamp") as c:
             cur = c.execute(
                 "UPDATE executions SET dispatch_boot_id = ?, dispatch_exec_count = ?"
-                " WHERE execute_key = ? AND state = 'dispatching' AND in_doubt = 0",
-                (stamp.boot_id, stamp.exec_count, execute_key),
+                " WHERE execute_key = ? AND state = ? AND in_doubt = 0",
+                (stamp.boot_id, stamp.exec_count, execute_key, ExecutionState.DISPATCHING),
             )
             if cur.rowcount != 1:
                 return False
             self._event(
                 c,
                 execute_key,
-                "dispatching",
+                ExecutionState.DISPATCHING,
                 None,
                 iso_utc(now),
                 f"board rebooted before the release was sent; now {self._stamp(stamp)}",
@@ -841,8 +853,8 @@ class Journal:
         row = self._conn.execute(
             "SELECT execute_key, kind, cycle, state, reason, received_at, updated_at,"
             " started_at, completed_at FROM executions WHERE machine_id = ?"
-            " AND state NOT IN ('rejected') ORDER BY received_at DESC LIMIT 1",
-            (machine_id,),
+            " AND state != ? ORDER BY received_at DESC LIMIT 1",
+            (machine_id, ExecutionState.REJECTED),
         ).fetchone()
         return None if row is None else dict(row)
 
@@ -1169,6 +1181,7 @@ class Journal:
         """The runbooks' diagnostic queries, for executions received since ``since_iso``:
         results the cloud has not acknowledged yet, and executions waiting for a
         compensation or a technician."""
+        compensated = ordered(COMPENSATED)
         unacked = self._conn.execute(
             "SELECT e.execute_key, e.payment_id, e.machine_id, e.state, e.received_at,"
             " count(o.id) AS events_not_acked, group_concat(DISTINCT o.state) AS outbox_states"
@@ -1183,9 +1196,9 @@ class Journal:
             " (SELECT o.state FROM outbox o WHERE o.stream = e.execute_key"
             "   AND o.topic = 'compensation' ORDER BY o.id DESC LIMIT 1) AS compensation_event"
             " FROM executions e WHERE e.received_at >= ?"
-            f" AND e.state IN ({','.join('?' * len(COMPENSATION_STATES))})"
+            f" AND e.state IN ({_marks(compensated)})"
             " AND e.kind = 'payment' ORDER BY e.received_at",
-            (since_iso, *COMPENSATION_STATES),
+            (since_iso, *compensated),
         ).fetchall()
         return {
             "not_acknowledged": [dict(r) for r in unacked],
@@ -1200,18 +1213,18 @@ class Journal:
         so it is kept until its command expired before ``replay_horizon`` (epoch): the
         verifier refuses any token that expired before that same horizon as stale."""
         # Final states a technician no longer needs; needs_review waits for a person.
-        finished = tuple(state for state in FINAL_STATES if state != "needs_review")
-        marks = ",".join("?" * len(finished))
+        finished = ordered(FINAL - {ExecutionState.NEEDS_REVIEW})
+        pending = ordered(PENDING_START)  # final once nothing awaits the start
         with self._tx() as c:
             keys = [
                 r[0]
                 for r in c.execute(
                     f"SELECT execute_key FROM executions e"
-                    f" WHERE updated_at < ? AND expires_at < ? AND state IN ({marks})"
-                    " AND (e.state != 'released' OR e.awaits_start = 0)"
+                    f" WHERE updated_at < ? AND expires_at < ? AND (state IN ({_marks(finished)})"
+                    f"   OR (state IN ({_marks(pending)}) AND e.awaits_start = 0))"
                     " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.stream = e.execute_key"
                     "   AND o.state != 'sent')",
-                    (older_than_iso, replay_horizon, *finished),
+                    (older_than_iso, replay_horizon, *finished, *pending),
                 )
             ]
             c.executemany(
