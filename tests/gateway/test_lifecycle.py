@@ -286,3 +286,13 @@ def test_random_moves_through_the_journal_never_leave_the_table(
     for before, after in zip(walk, walk[1:], strict=False):
         assert after in TRANSITIONS[ExecutionState(before)], walk
 
+
+def test_the_readme_explains_exactly_the_lifecycles_states() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("| state | meaning | what to do |")
+    rows = []
+    for line in readme[start:].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(line.strip("|").split("|")[0].strip().strip("`"))
+    assert rows == [str(s) for s in ExecutionState]  # each once, in the lifecycle's order
