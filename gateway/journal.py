@@ -19,11 +19,9 @@ import logging
 import os
 import sqlite3
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,21 @@ import sqlite_utils
 
 from cloud_sync.outbox import OutboxItem
 
+from . import events
+from .events import (
+    ALERTS_TOPIC,
+    COMPENSATION_TOPIC,
+    CYCLES_TOPIC,
+    PAYMENT_FIELDS,
+    RESULTS_TOPIC,
+    Alert,
+    alert_event,
+    compensation_event,
+    encode,
+    iso_utc,
+    new_event_id,
+    result_payload,
+)
 from .lifecycle import (
     ACTIVE,
     AUTO_COMPENSATED,
@@ -41,7 +54,6 @@ from .lifecycle import (
     IllegalTransition,
     check_initial,
     check_transition,
-    is_final,
     ordered,
 )
 
@@ -58,6 +70,7 @@ __all__ = [
     "JournalFault",
     "JournalUnwritable",
     "SCHEMA_VERSION",
+    "alert_event",
     "iso_utc",
     "result_payload",
 ]
@@ -68,17 +81,10 @@ ACTIVE_STATES = ordered(ACTIVE)
 FINAL_STATES = ordered(FINAL | PENDING_START)
 COMPENSATION_STATES = ordered(COMPENSATED)
 AUTO_COMPENSATION_STATES = ordered(AUTO_COMPENSATED)
-ALERTS_TOPIC = "alerts"
-COMPENSATION_TOPIC = "compensation"
-CYCLES_TOPIC = "cycles"
 
 # The dispatcher's states (cloud_sync.outbox.STATES); the journal adds "archived": a
 # dead item a technician chose not to send, kept for the record.
 OUTBOX_STATES = ("pending", "sending", "sent", "failed", "dead")
-
-PAYMENT_FIELDS = ("provider_ref", "idempotency_key", "amount_cents")
-
-RESULTS_TOPIC = "results"
 
 log = logging.getLogger(__name__)
 
@@ -86,70 +92,6 @@ log = logging.getLogger(__name__)
 # name commit labels (``transition:released``, ``record:``, ``*``) that fail as if the
 # disk were full. Read once at start-up; unset in production, where it costs nothing.
 _FAULTS_FILE = os.environ.get("METALAV_TEST_JOURNAL_FAULTS", "")
-
-
-def iso_utc(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def result_payload(
-    *,
-    gateway_id: str,
-    execute_key: str | None,
-    payment_id: str | None,
-    machine_id: str | None,
-    state: str,
-    reason: str | None,
-    at: str,
-    seq: int,
-    event_id: str | None = None,
-    authentic: bool = True,
-    paid: bool = True,
-    awaits_start: bool = False,
-    payment: dict[str, Any] | None = None,
-) -> str:
-    """The ``execution.result`` event of docs/mqtt-contract.md, as compact JSON.
-
-    ``execute_key`` is None only for an unauthenticated rejection whose ``jti`` could
-    not be read; ``paid`` is False for a technician's test turn."""
-    return json.dumps(
-        {
-            "event_id": event_id or str(uuid.uuid4()),
-            "type": "execution.result",
-            "gateway_id": gateway_id,
-            "execute_key": execute_key,
-            "payment_id": payment_id,
-            # The payment fields of the command, synced with every result (issue 4):
-            # provider_ref, idempotency_key, amount_cents (null when absent).
-            **{k: (payment or {}).get(k) for k in PAYMENT_FIELDS},
-            "machine_id": machine_id,
-            "state": state,
-            "reason": reason,
-            # An unauthenticated rejection is never final for its (untrusted) key.
-            "final": authentic and is_final(state, awaits_start=awaits_start),
-            # Neither an unauthenticated message (no proof of payment) nor a
-            # technician's test turn (never paid) is ever compensated.
-            "compensation": authentic and paid and state in COMPENSATED,
-            "authentic": authentic,
-            "at": at,
-            "seq": seq,
-        },
-        separators=(",", ":"),
-    )
-
-
-def alert_event(gateway_id: str, alert: Alert, at: str) -> dict[str, Any]:
-    """The ``alert`` event of docs/mqtt-contract.md (without its event_id)."""
-    return {
-        "type": "alert",
-        "gateway_id": gateway_id,
-        "code": alert.code,
-        "severity": alert.severity,
-        "machine_id": alert.machine_id,
-        "execute_key": alert.execute_key,
-        "detail": alert.detail,
-        "at": at,
-    }
 
 
 _TIME_COLUMNS = ("released_at", "confirm_deadline", "started_at", "completed_at")
@@ -171,18 +113,6 @@ class DispatchStamp:
     boot_id: int
     exec_count: int | None
     seq: int
-
-
-@dataclass(frozen=True)
-class Alert:
-    """Something a person must know: sent to the cloud (topic ``alerts``) and kept
-    locally for ``metalavctl machines``. ``detail`` never carries PII."""
-
-    code: str  # not_started, late_start, stuck_relay, board_link_lost, board_rebooted, ...
-    severity: str  # info | warning | critical
-    machine_id: str | None = None
-    execute_key: str | None = None
-    detail: str | None = None
 
 
 @dataclass(frozen=True)
@@ -779,19 +709,14 @@ class Journal:
             if alert is not None:
                 self._alert(c, alert, at)
             if cycle_event is not None:
-                self._outbox(
-                    c,
-                    execute_key,
-                    CYCLES_TOPIC,
-                    {
-                        "type": f"cycle.{to_state}",
-                        "gateway_id": self.gateway_id,
-                        "execute_key": execute_key,
-                        "at": at,
-                        **cycle_event,
-                    },
-                    at,
+                body = events.cycle_event(
+                    gateway_id=self.gateway_id,
+                    state=to_state,
+                    execute_key=execute_key,
+                    at=at,
+                    details=cycle_event,
                 )
+                self._outbox(c, execute_key, CYCLES_TOPIC, body, at)
         return True
 
     def note(self, execute_key: str, *, now: float, state: str, detail: str) -> None:
@@ -1269,7 +1194,7 @@ class Journal:
             " idempotency_key, amount_cents, kind",
             (key,),
         ).fetchone()
-        event_id = str(uuid.uuid4())
+        event_id = new_event_id()
         payload = result_payload(
             gateway_id=self.gateway_id,
             execute_key=key,
@@ -1296,24 +1221,16 @@ class Journal:
         ).fetchone()
         if row["kind"] != "payment":
             return  # a technician's test turn was never paid
-        self._outbox(
-            c,
-            key,
-            COMPENSATION_TOPIC,
-            {
-                "type": "payment.compensation",
-                "gateway_id": self.gateway_id,
-                "execute_key": key,
-                "payment_id": row["payment_id"],
-                "provider_ref": row["provider_ref"],
-                "idempotency_key": row["idempotency_key"],
-                "amount_cents": row["amount_cents"],
-                "machine_id": row["machine_id"],
-                "reason": reason,
-                "at": at,
-            },
-            at,
+        body = compensation_event(
+            gateway_id=self.gateway_id,
+            execute_key=key,
+            payment_id=row["payment_id"],
+            machine_id=row["machine_id"],
+            payment={k: row[k] for k in PAYMENT_FIELDS},
+            reason=reason,
+            at=at,
         )
+        self._outbox(c, key, COMPENSATION_TOPIC, body, at)
 
     def _alert(self, c: sqlite3.Connection, alert: Alert, at: str) -> None:
         c.execute(
@@ -1328,9 +1245,8 @@ class Journal:
     def _outbox(
         self, c: sqlite3.Connection, stream: str, topic: str, body: dict[str, Any], at: str
     ) -> None:
-        event_id = str(uuid.uuid4())
-        payload = json.dumps({"event_id": event_id, **body}, separators=(",", ":"))
-        self._outbox_raw(c, event_id, stream, topic, payload, at)
+        event_id = new_event_id()
+        self._outbox_raw(c, event_id, stream, topic, encode(event_id, body), at)
 
     @staticmethod
     def _outbox_raw(

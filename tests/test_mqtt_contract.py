@@ -26,7 +26,8 @@ from referencing.jsonschema import DRAFT202012
 from cloud_sync.commands import EXECUTE_KEY_PATTERN, MAX_INTEGER_CLAIM, MAX_TEXT_CLAIM_CHARS
 from cloud_sync.mqtt_session import _presence
 from cloud_sync.signing import generate_demo_keypair, sign_command
-from gateway.journal import Alert, DispatchStamp, Journal, result_payload
+from gateway.events import Alert, result_payload
+from gateway.journal import DispatchStamp, Journal
 from gateway.lifecycle import (
     AUTO_COMPENSATED,
     COMPENSATED,
