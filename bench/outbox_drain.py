@@ -28,6 +28,7 @@ from cloud_sync.dispatcher import OutboxDispatcher
 from cloud_sync.https_client import CloudHttpClient
 from cloud_sync.mqtt_session import MqttSession, MqttSettings
 from gateway.journal import Journal, iso_utc
+from gateway.journal.outbox import append_payload
 from gateway.localbroker import LocalBroker, free_port
 
 STREAMS = 500
@@ -52,7 +53,7 @@ def _fill(journal: Journal, n: int) -> None:
                     "at": at,
                 }
             )
-            journal._outbox_raw(c, event_id, f"exec-{i % STREAMS}", "results", payload, at)  # noqa: SLF001
+            append_payload(c, event_id, f"exec-{i % STREAMS}", "results", payload, at)
 
 
 async def _drain(dispatcher: OutboxDispatcher, journal: Journal, n: int) -> float:
