@@ -27,7 +27,7 @@ from cloud_sync.commands import EXECUTE_KEY_PATTERN, MAX_INTEGER_CLAIM, MAX_TEXT
 from cloud_sync.mqtt_session import _presence
 from cloud_sync.signing import generate_demo_keypair, sign_command
 from gateway.events import Alert, result_payload
-from gateway.journal import DispatchStamp, Journal
+from gateway.journal import DispatchStamp, Journal, NewExecution
 from gateway.lifecycle import (
     AUTO_COMPENSATED,
     COMPENSATED,
@@ -136,7 +136,7 @@ def _journal_with_every_outcome(tmp_path: Path) -> tuple[Journal, dict[str, str]
     def new(key: str, state: str, reason: str | None = None, *, kind: str = "payment") -> None:
         kinds[key] = kind
         paid = kind == "payment"
-        journal.record_new(
+        command = NewExecution(
             execute_key=key,
             command_id=len(kinds),
             payment_id=f"pay-{key}" if paid else "technical-service",
@@ -147,12 +147,15 @@ def _journal_with_every_outcome(tmp_path: Path) -> tuple[Journal, dict[str, str]
             provider_ref="stone-1" if paid else None,
             idempotency_key="idem-1" if paid else None,
             amount_cents=1500 if paid else None,
-            state=state,
+            kind=kind,
+            awaits_start=True,
+        )
+        journal.record(
+            command,
+            ExecutionState(state),
             reason=reason,
             now=now,
             dispatch=DispatchStamp(7, 0, 1) if state == "dispatching" else None,
-            kind=kind,
-            awaits_start=True,
         )
 
     def move(key: str, to: str, reason: str | None = None, **extra: Any) -> None:

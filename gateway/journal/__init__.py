@@ -14,7 +14,7 @@ One module per job, each a class over the same open file (:class:`Database`)::
     errors       JournalError, JournalUnwritable, JournalFault
     schema       tables and append-only migrations
     database     connection, transactions, fault handling
-    executions   record, transition, reads, dispatch stamps, in-doubt marks
+    executions   record (a NewExecution), transition, reads, dispatch stamps, in-doubt marks
     outbox       events queued with their change; the dispatcher's OutboxStore
     dlq          the dead-letter queue (metalavctl dlq)
     records      audit log, out-of-service flags, rejections, alerts, board state
@@ -43,7 +43,7 @@ from ..lifecycle import (
 from .database import Database
 from .dlq import DeadLetters
 from .errors import JournalError, JournalFault, JournalUnwritable
-from .executions import DispatchStamp, Execution, Executions
+from .executions import DispatchStamp, Execution, Executions, NewExecution
 from .outbox import OUTBOX_STATES, Outbox
 from .records import OperatorRecords
 from .retention import Retention
@@ -62,6 +62,7 @@ __all__ = [
     "JournalError",
     "JournalFault",
     "JournalUnwritable",
+    "NewExecution",
     "OUTBOX_STATES",
     "SCHEMA_VERSION",
     "alert_event",

@@ -35,7 +35,7 @@ from .database import Database, placeholders
 from .outbox import append_event, append_payload
 from .records import write_alert, write_audit
 
-__all__ = ["DispatchStamp", "Execution", "Executions"]
+__all__ = ["DispatchStamp", "Execution", "Executions", "NewExecution"]
 
 _TIME_COLUMNS = ("released_at", "confirm_deadline", "started_at", "completed_at")
 
@@ -56,6 +56,26 @@ class DispatchStamp:
     boot_id: int
     exec_count: int | None
     seq: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class NewExecution:
+    """A verified command (or a technician's test turn) as the journal first records
+    it: what it asks for, before anything happened to it."""
+
+    execute_key: str
+    command_id: int  # u64 sent to the board (docs/firmware-protocol.md)
+    payment_id: str
+    machine_id: str
+    cycle: str
+    issued_at: int
+    expires_at: int
+    provider_ref: str | None
+    idempotency_key: str | None
+    amount_cents: int | None
+    kind: str = "payment"  # payment | technical_service
+    requested_by: str | None = None  # technical service: who asked, and why
+    awaits_start: bool = False  # the machine has a busy input: released is not final
 
 
 @dataclass(frozen=True)
@@ -198,6 +218,75 @@ class Executions(Database):
 
     # -- writes: every one is a single durable transaction ---------------------
 
+    def record(
+        self,
+        new: NewExecution,
+        state: ExecutionState,
+        *,
+        reason: str | None,
+        now: float,
+        dispatch: DispatchStamp | None = None,
+        audit: dict[str, Any] | None = None,
+    ) -> None:
+        """Journal a verified command in its first state.
+
+        ``state`` is one of lifecycle.INITIAL_STATES (else IllegalTransition): ``accepted``,
+        ``dispatching`` (accepted and, in the same commit, about to be written to the
+        board, which saves one fsync on the release path), or a final refusal
+        (``rejected`` / ``expired``). ``audit`` (the audit_log fields: action, target,
+        actor, os_user, reason, outcome, after) records the operator's action that asked
+        for it, in the same commit.
+        """
+        state = check_initial(state)
+        at = iso_utc(now)
+        if (state == ExecutionState.DISPATCHING) != (dispatch is not None):
+            raise ValueError("a dispatching execution needs its DispatchStamp, and only it")
+        with self._tx(label=f"record:{state}") as c:
+            c.execute(
+                "INSERT INTO executions(execute_key, command_id, payment_id, machine_id, cycle,"
+                " provider_ref, idempotency_key, amount_cents, issued_at, expires_at, state,"
+                " reason, dispatch_boot_id, received_at, updated_at, kind, requested_by,"
+                " awaits_start, dispatch_exec_count, dispatch_seq)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    new.execute_key,
+                    f"{new.command_id:016x}",
+                    new.payment_id,
+                    new.machine_id,
+                    new.cycle,
+                    new.provider_ref,
+                    new.idempotency_key,
+                    new.amount_cents,
+                    new.issued_at,
+                    new.expires_at,
+                    state,
+                    reason,
+                    dispatch and dispatch.boot_id,
+                    at,
+                    at,
+                    new.kind,
+                    new.requested_by,
+                    int(new.awaits_start),
+                    dispatch and dispatch.exec_count,
+                    dispatch and dispatch.seq,
+                ),
+            )
+            key = new.execute_key
+            if state in ACTIVE:
+                # Dispatching is accepted and dispatched in one commit: two history lines,
+                # one result (the cloud sees accepted until the outcome).
+                _event(c, key, ExecutionState.ACCEPTED, None, at, None)
+                _result(c, self.gateway_id, key, ExecutionState.ACCEPTED, None, at)
+                if dispatch is not None:
+                    _event(c, key, state, None, at, _stamp(dispatch))
+            else:
+                _event(c, key, state, reason, at, None)
+                _result(c, self.gateway_id, key, state, reason, at)
+                if state in AUTO_COMPENSATED:
+                    _compensation(c, self.gateway_id, key, reason, at)
+            if audit is not None:  # an operator's action and its execution: one commit
+                write_audit(c, at=at, before=None, **{"after": None, **audit})
+
     def record_new(
         self,
         *,
@@ -220,61 +309,26 @@ class Executions(Database):
         awaits_start: bool = False,
         audit: dict[str, Any] | None = None,
     ) -> None:
-        """Journal a verified command in its first state.
-
-        ``state`` is one of lifecycle.INITIAL_STATES (else IllegalTransition): ``accepted``,
-        ``dispatching`` (accepted and, in the same commit, about to be written to the
-        board, which saves one fsync on the release path), or a final refusal
-        (``rejected`` / ``expired``).
-        """
-        state = check_initial(state)
-        at = iso_utc(now)
-        if (state == ExecutionState.DISPATCHING) != (dispatch is not None):
-            raise ValueError("a dispatching execution needs its DispatchStamp, and only it")
-        with self._tx(label=f"record:{state}") as c:
-            c.execute(
-                "INSERT INTO executions(execute_key, command_id, payment_id, machine_id, cycle,"
-                " provider_ref, idempotency_key, amount_cents, issued_at, expires_at, state,"
-                " reason, dispatch_boot_id, received_at, updated_at, kind, requested_by,"
-                " awaits_start, dispatch_exec_count, dispatch_seq)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    execute_key,
-                    f"{command_id:016x}",
-                    payment_id,
-                    machine_id,
-                    cycle,
-                    provider_ref,
-                    idempotency_key,
-                    amount_cents,
-                    issued_at,
-                    expires_at,
-                    state,
-                    reason,
-                    dispatch and dispatch.boot_id,
-                    at,
-                    at,
-                    kind,
-                    requested_by,
-                    int(awaits_start),
-                    dispatch and dispatch.exec_count,
-                    dispatch and dispatch.seq,
-                ),
-            )
-            if state in ACTIVE:
-                # Dispatching is accepted and dispatched in one commit: two history lines,
-                # one result (the cloud sees accepted until the outcome).
-                _event(c, execute_key, ExecutionState.ACCEPTED, None, at, None)
-                _result(c, self.gateway_id, execute_key, ExecutionState.ACCEPTED, None, at)
-                if dispatch is not None:
-                    _event(c, execute_key, state, None, at, _stamp(dispatch))
-            else:
-                _event(c, execute_key, state, reason, at, None)
-                _result(c, self.gateway_id, execute_key, state, reason, at)
-                if state in AUTO_COMPENSATED:
-                    _compensation(c, self.gateway_id, execute_key, reason, at)
-            if audit is not None:  # an operator's action and its execution: one commit
-                write_audit(c, at=at, before=None, **{"after": None, **audit})
+        """:meth:`record` with the command's fields spelled out (the former entry point,
+        kept until its callers pass a :class:`NewExecution`)."""
+        new = NewExecution(
+            execute_key=execute_key,
+            command_id=command_id,
+            payment_id=payment_id,
+            machine_id=machine_id,
+            cycle=cycle,
+            issued_at=issued_at,
+            expires_at=expires_at,
+            provider_ref=provider_ref,
+            idempotency_key=idempotency_key,
+            amount_cents=amount_cents,
+            kind=kind,
+            requested_by=requested_by,
+            awaits_start=awaits_start,
+        )
+        self.record(
+            new, check_initial(state), reason=reason, now=now, dispatch=dispatch, audit=audit
+        )
 
     def transition(
         self,
