@@ -149,13 +149,15 @@ def check_transition(from_states: Iterable[str], to_state: str) -> ExecutionStat
     """``to_state`` as an :class:`ExecutionState` if every ``from -> to`` move is in
     :data:`TRANSITIONS`, else raise :class:`IllegalTransition` naming the first that is
     not."""
+    sources = tuple(from_states)
+    if not sources:
+        raise ValueError("a transition needs at least one from-state")
     to = _known(to_state)
-    for from_state in from_states:
+    for from_state in sources:
         known = _known(from_state)
         if to is None or known is None or to not in TRANSITIONS[known]:
             raise IllegalTransition(from_state, to_state)
-    if to is None:  # no from-state at all: still refuse a state nobody knows
-        raise IllegalTransition(None, to_state)
+    assert to is not None  # checked against the first from-state
     return to
 
 

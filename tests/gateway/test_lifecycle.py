@@ -299,3 +299,10 @@ def test_the_readme_explains_exactly_the_lifecycles_states() -> None:
             break
         rows.append(line.strip("|").split("|")[0].strip().strip("`"))
     assert rows == [str(s) for s in ExecutionState]  # each once, in the lifecycle's order
+
+
+def test_a_move_from_nowhere_is_refused(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.db", "gw")
+    _new(journal, "k1", S.ACCEPTED)
+    with pytest.raises(ValueError, match="at least one from-state"):
+        _move(journal, "k1", (), S.EXPIRED)
