@@ -32,6 +32,7 @@ from cloud_sync.https_client import CloudHttpClient  # noqa: E402
 from cloud_sync.mqtt_session import MqttSession, MqttSettings  # noqa: E402
 from devtools.broker import LocalBroker, free_port  # noqa: E402
 from gateway.journal import Journal, iso_utc  # noqa: E402
+from gateway.journal.outbox import append_payload  # noqa: E402
 
 STREAMS = 500
 
@@ -55,7 +56,7 @@ def _fill(journal: Journal, n: int) -> None:
                     "at": at,
                 }
             )
-            journal._outbox_raw(c, event_id, f"exec-{i % STREAMS}", "results", payload, at)  # noqa: SLF001
+            append_payload(c, event_id, f"exec-{i % STREAMS}", "results", payload, at)
 
 
 async def _drain(dispatcher: OutboxDispatcher, journal: Journal, n: int) -> float:

@@ -33,6 +33,7 @@ from urllib.parse import quote
 import httpx
 
 from .config import ApiSection, ConfigError, load_config
+from .lifecycle import ExecutionState
 
 __all__ = ["main"]
 
@@ -48,17 +49,18 @@ MACHINE_STATE_PT = {
     "out_of_service": "FORA DE SERVIÇO",
 }
 
-STATE_PT = {
-    "accepted": "aceita",
-    "dispatching": "enviando à placa",
-    "released": "liberada",
-    "failed": "falhou (compensar)",
-    "rejected": "rejeitada",
-    "expired": "expirada (compensar)",
-    "needs_review": "revisão manual",
-    "started": "em ciclo",
-    "not_started": "não iniciou (compensar)",
-    "completed": "concluída",
+#: What a technician reads for each execution state (a test checks that none is missing).
+STATE_PT: dict[ExecutionState, str] = {
+    ExecutionState.ACCEPTED: "aceita",
+    ExecutionState.DISPATCHING: "enviando à placa",
+    ExecutionState.RELEASED: "liberada",
+    ExecutionState.STARTED: "em ciclo",
+    ExecutionState.NOT_STARTED: "não iniciou (compensar)",
+    ExecutionState.COMPLETED: "concluída",
+    ExecutionState.FAILED: "falhou (compensar)",
+    ExecutionState.REJECTED: "rejeitada",
+    ExecutionState.EXPIRED: "expirada (compensar)",
+    ExecutionState.NEEDS_REVIEW: "revisão manual",
 }
 
 

@@ -26,15 +26,20 @@ from referencing.jsonschema import DRAFT202012
 from cloud_sync.commands import EXECUTE_KEY_PATTERN, MAX_INTEGER_CLAIM, MAX_TEXT_CLAIM_CHARS
 from cloud_sync.mqtt_session import _presence
 from cloud_sync.signing import generate_demo_keypair, sign_command
-from gateway.journal import (
-    AUTO_COMPENSATION_STATES,
-    COMPENSATION_STATES,
-    FINAL_STATES,
-    Alert,
-    DispatchStamp,
-    Journal,
-    result_payload,
+from gateway.events import Alert, result_payload
+from gateway.journal import DispatchStamp, Journal, NewExecution
+from gateway.lifecycle import (
+    AUTO_COMPENSATED,
+    COMPENSATED,
+    FINAL,
+    PENDING_START,
+    UNREPORTED,
+    ExecutionState,
+    ordered,
 )
+
+#: The states a result event may carry: every state but those the cloud never sees.
+REPORTED_STATES = ordered(set(ExecutionState) - UNREPORTED)
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 CONTRACT = DOCS / "mqtt-contract.md"
@@ -131,7 +136,7 @@ def _journal_with_every_outcome(tmp_path: Path) -> tuple[Journal, dict[str, str]
     def new(key: str, state: str, reason: str | None = None, *, kind: str = "payment") -> None:
         kinds[key] = kind
         paid = kind == "payment"
-        journal.record_new(
+        command = NewExecution(
             execute_key=key,
             command_id=len(kinds),
             payment_id=f"pay-{key}" if paid else "technical-service",
@@ -142,12 +147,15 @@ def _journal_with_every_outcome(tmp_path: Path) -> tuple[Journal, dict[str, str]
             provider_ref="stone-1" if paid else None,
             idempotency_key="idem-1" if paid else None,
             amount_cents=1500 if paid else None,
-            state=state,
+            kind=kind,
+            awaits_start=True,
+        )
+        journal.record(
+            command,
+            ExecutionState(state),
             reason=reason,
             now=now,
             dispatch=DispatchStamp(7, 0, 1) if state == "dispatching" else None,
-            kind=kind,
-            awaits_start=True,
         )
 
     def move(key: str, to: str, reason: str | None = None, **extra: Any) -> None:
@@ -202,12 +210,12 @@ def test_events_the_journal_produces_match_the_contract(tmp_path: Path) -> None:
     # a technician's test turn never does.
     for r in results:
         paid = kinds[r["execute_key"]] == "payment"
-        assert r["compensation"] is (paid and r["state"] in COMPENSATION_STATES), r
+        assert r["compensation"] is (paid and r["state"] in COMPENSATED), r
     compensated = [(e["execute_key"], e["reason"]) for e in by_topic["compensation"]]
     assert sorted(compensated) == sorted(
         (r["execute_key"], r["reason"])
         for r in results
-        if kinds[r["execute_key"]] == "payment" and r["state"] in AUTO_COMPENSATION_STATES
+        if kinds[r["execute_key"]] == "payment" and r["state"] in AUTO_COMPENSATED
     )
     assert {reason for _, reason in compensated} >= set(GATEWAY_REFUSALS)
     assert {e["type"] for e in by_topic["cycles"]} == {"cycle.started", "cycle.completed"}
@@ -216,7 +224,7 @@ def test_events_the_journal_produces_match_the_contract(tmp_path: Path) -> None:
 
 def test_result_payloads_in_every_state_match_the_contract() -> None:
     common: dict[str, Any] = {"gateway_id": "gw-loja-042", "at": "2026-11-23T17:55:00.012Z"}
-    for state in ("accepted", *FINAL_STATES):
+    for state in REPORTED_STATES:
         for payment_id, paid in (("pay-1", True), ("technical-service", False)):
             for awaits_start in (False, True):
                 payload = result_payload(
@@ -295,26 +303,40 @@ def test_presence_and_reference_token_claims_match_the_contract() -> None:
         assert props[name]["maxLength"] == MAX_TEXT_CLAIM_CHARS
 
 
-def _state_table() -> dict[str, str]:
-    """The result section's table: state -> its compensation column."""
+def _state_table() -> dict[str, tuple[str, str]]:
+    """The result section's table: state -> its (final, compensation) columns."""
     text = CONTRACT.read_text()
     start = text.index("| state | final | meaning | compensation |")
-    rows: dict[str, str] = {}
+    rows: dict[str, tuple[str, str]] = {}
     for line in text[start:].splitlines()[2:]:
         if not line.startswith("|"):
             break
         cells = [c.strip() for c in line.strip("|").split("|")]
-        rows[cells[0].strip("`")] = cells[3]
+        rows[cells[0].strip("`")] = (cells[1], cells[3])
     return rows
 
 
-def test_state_table_says_what_the_code_does() -> None:
+def test_state_table_says_what_the_lifecycle_says() -> None:
     table = _state_table()
-    states = SCHEMAS["execution-result"]["properties"]["state"]["enum"]
-    assert set(table) == set(states) == {"accepted", *FINAL_STATES}
-    compensated = {state for state, column in table.items() if column.startswith("**yes**")}
-    assert compensated == set(COMPENSATION_STATES)
-    assert all(table[s].startswith("no") for s in set(table) - compensated)
+    result = SCHEMAS["execution-result"]
+    states = result["properties"]["state"]["enum"]
+    # In the lifecycle's order, every state a result may carry, and only those.
+    assert list(table) == states == list(REPORTED_STATES)
+    for state, (final, compensation) in table.items():
+        if state in PENDING_START:
+            assert final == "yes, unless the machine has a busy input", state
+        else:
+            assert final.startswith("yes" if state in FINAL else "no"), state
+        assert compensation.startswith("**yes**" if state in COMPENSATED else "no"), state
+    # The schema's own lists of compensated states.
+    lists = [
+        part["properties"]["state"]["enum"]
+        for rule in result["allOf"]
+        if "compensat" in rule["description"]
+        for part in (rule["if"], rule["then"])
+        if "enum" in part["properties"].get("state", {})
+    ]
+    assert len(lists) == 2 and all(set(states) == COMPENSATED for states in lists)
 
 
 def test_cloud_api_compensation_event_is_the_mqtt_one(tmp_path: Path) -> None:

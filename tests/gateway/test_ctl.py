@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from gateway.ctl import STATE_PT
+from gateway.lifecycle import ExecutionState
+
 from .conftest import Store
 
 
@@ -14,6 +17,12 @@ def ctl(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "gateway.ctl", *args], capture_output=True, text=True, timeout=30
     )
+
+
+def test_every_execution_state_has_a_portuguese_name() -> None:
+    assert set(STATE_PT) == set(ExecutionState)
+    assert all(name.strip() for name in STATE_PT.values())
+    assert STATE_PT.get("not_started") == "não iniciou (compensar)"  # the daemon sends str
 
 
 def test_status_shows_links_boot_id_counts_and_outbox(store: Store) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from pathlib import Path
@@ -15,8 +16,27 @@ from gateway.journal import (
     JournalError,
     JournalFault,
     JournalUnwritable,
+    NewExecution,
     iso_utc,
 )
+from gateway.lifecycle import ExecutionState
+
+DISPATCHING = ExecutionState.DISPATCHING
+
+
+def _command(key: str, now: float) -> NewExecution:
+    return NewExecution(
+        execute_key=key,
+        command_id=1,
+        payment_id="p",
+        machine_id="W1",
+        cycle="normal",
+        issued_at=int(now),
+        expires_at=int(now) + 60,
+        provider_ref=None,
+        idempotency_key=None,
+        amount_cents=None,
+    )
 
 
 def test_journal_runs_in_wal_with_synchronous_full(tmp_path: Path) -> None:
@@ -32,18 +52,9 @@ def test_journal_runs_in_wal_with_synchronous_full(tmp_path: Path) -> None:
 def test_state_change_and_its_outbox_event_commit_together(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "j.db", "gw")
     now = time.time()
-    journal.record_new(
-        execute_key="k1",
-        command_id=1,
-        payment_id="p",
-        machine_id="W1",
-        cycle="normal",
-        issued_at=int(now),
-        expires_at=int(now) + 60,
-        provider_ref=None,
-        idempotency_key=None,
-        amount_cents=None,
-        state="dispatching",
+    journal.record(
+        _command("k1", now),
+        DISPATCHING,
         reason=None,
         now=now,
         dispatch=DispatchStamp(boot_id=7, exec_count=0, seq=1),
@@ -75,19 +86,10 @@ def test_a_file_that_is_not_a_database_is_refused(tmp_path: Path) -> None:
         Journal(path, "gw")
 
 
-def _execution(journal: Journal, key: str, state: str, now: float) -> None:
-    journal.record_new(
-        execute_key=key,
-        command_id=1,
-        payment_id="p",
-        machine_id="W1",
-        cycle="normal",
-        issued_at=int(now),
-        expires_at=int(now) + 60,
-        provider_ref=None,
-        idempotency_key=None,
-        amount_cents=None,
-        state=state,
+def _execution(journal: Journal, key: str, now: float) -> None:
+    journal.record(
+        _command(key, now),
+        DISPATCHING,
         reason=None,
         now=now,
         dispatch=DispatchStamp(boot_id=1, exec_count=0, seq=1),
@@ -97,11 +99,11 @@ def _execution(journal: Journal, key: str, state: str, now: float) -> None:
 def test_cleanup_never_deletes_what_the_cloud_has_not_acknowledged(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "j.db", "gw")
     long_ago = time.time() - 90 * 86400
-    _execution(journal, "acked", "dispatching", long_ago)
+    _execution(journal, "acked", long_ago)
     journal.transition("acked", from_states=("dispatching",), to_state="released", now=long_ago)
-    _execution(journal, "unacked", "dispatching", long_ago)
+    _execution(journal, "unacked", long_ago)
     journal.transition("unacked", from_states=("dispatching",), to_state="released", now=long_ago)
-    _execution(journal, "open", "dispatching", long_ago)  # still in doubt: never pruned
+    _execution(journal, "open", long_ago)  # still in doubt: never pruned
     acked_ids = [i.id for i in journal.claim(100, now=long_ago) if i.stream in ("acked", "open")]
     journal.mark_sent(acked_ids, channel="mqtt", now=long_ago)
 
@@ -119,7 +121,7 @@ def test_cleanup_keeps_an_execution_while_a_replay_of_its_command_could_verify(
 ) -> None:
     journal = Journal(tmp_path / "j.db", "gw")
     long_ago = time.time() - 90 * 86400
-    _execution(journal, "long-lived", "dispatching", long_ago)
+    _execution(journal, "long-lived", long_ago)
     journal.transition(
         "long-lived", from_states=("dispatching",), to_state="released", now=long_ago
     )
@@ -133,31 +135,18 @@ def test_cleanup_keeps_an_execution_while_a_replay_of_its_command_could_verify(
     assert journal.get("long-lived") is not None
 
 
-def _record(journal: Journal, key: str, state: str, **kw: object) -> None:
+def _record(
+    journal: Journal, key: str, state: ExecutionState, dispatch: DispatchStamp | None = None
+) -> None:
     now = time.time()
-    journal.record_new(
-        execute_key=key,
-        command_id=1,
-        payment_id="p",
-        machine_id="W1",
-        cycle="normal",
-        issued_at=int(now),
-        expires_at=int(now) + 60,
-        provider_ref=None,
-        idempotency_key=None,
-        amount_cents=None,
-        state=state,
-        reason=None,
-        now=now,
-        **kw,  # type: ignore[arg-type]
-    )
+    journal.record(_command(key, now), state, reason=None, now=now, dispatch=dispatch)
 
 
 def test_a_release_decision_without_its_dispatch_stamp_is_refused(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "j.db", "gw")
     with pytest.raises(ValueError, match="DispatchStamp"):
-        _record(journal, "k1", "dispatching")
-    _record(journal, "k2", "accepted")
+        _record(journal, "k1", DISPATCHING)
+    _record(journal, "k2", ExecutionState.ACCEPTED)
     with pytest.raises(ValueError, match="DispatchStamp"):
         journal.transition("k2", from_states=("accepted",), to_state="dispatching", now=0.0)
     assert journal.get("k1") is None
@@ -171,7 +160,7 @@ def test_a_failed_commit_changes_nothing_and_the_journal_recovers_by_itself(
     journal = Journal(tmp_path / "j.db", "gw")
     seen: list[JournalFault | None] = []
     journal.on_fault_change = seen.append
-    _record(journal, "k1", "dispatching", dispatch=DispatchStamp(7, 3, 1))
+    _record(journal, "k1", DISPATCHING, dispatch=DispatchStamp(7, 3, 1))
     # A full disk, as SQLite reports it at COMMIT: make the commit itself fail.
     journal._conn.execute("PRAGMA max_page_count=1")  # noqa: SLF001
     big = "x" * 100_000
@@ -213,3 +202,59 @@ def test_releases_left_dispatching_by_an_older_gateway_are_in_doubt(tmp_path: Pa
     assert [(r.execute_key, r.in_doubt, r.dispatch_exec_count) for r in rows] == [
         ("old", True, None)
     ]
+
+
+def test_record_new_is_record_with_the_command_spelled_out(tmp_path: Path) -> None:
+    """The former entry point writes exactly what record writes."""
+    rows = []
+    for i, kind in enumerate(("record", "record_new")):
+        journal = Journal(tmp_path / f"{i}.db", "gw")
+        stamp = DispatchStamp(7, 3, 1)
+        new = NewExecution(
+            execute_key="k1",
+            command_id=0xABC,
+            payment_id="technical-service",
+            machine_id="W1",
+            cycle="normal",
+            issued_at=100,
+            expires_at=160,
+            provider_ref=None,
+            idempotency_key=None,
+            amount_cents=None,
+            kind="technical_service",
+            requested_by="ana (root): teste",
+            awaits_start=True,
+        )
+        audit = {
+            "action": "relay.test",
+            "target": "W1",
+            "actor": "ana",
+            "os_user": "root",
+            "reason": "teste",
+            "outcome": "dispatched",
+            "after": {"execute_key": "k1"},
+        }
+        if kind == "record":
+            journal.record(new, DISPATCHING, reason=None, now=100.0, dispatch=stamp, audit=audit)
+        else:
+            journal.record_new(
+                **vars(new),
+                state="dispatching",
+                reason=None,
+                now=100.0,
+                dispatch=stamp,
+                audit=audit,
+            )
+        conn = journal._conn  # noqa: SLF001 - compare what was written, column by column
+        written = {
+            table: [dict(r) for r in conn.execute(f"SELECT * FROM {table} ORDER BY rowid")]
+            for table in ("executions", "execution_events", "audit_log")
+        }
+        for row in written["executions"]:
+            result = json.loads(row.pop("last_result"))
+            row["last_result"] = {k: v for k, v in result.items() if k != "event_id"}
+        rows.append(written)
+        journal.close()
+    assert rows[0] == rows[1]
+    assert len(rows[0]["audit_log"]) == 1
+    assert [e["state"] for e in rows[0]["execution_events"]] == ["accepted", "dispatching"]

@@ -13,6 +13,7 @@ import pytest
 from cloud_sync.outbox import DispatchRecord
 from devtools.broker import LocalBroker
 from gateway.journal import Journal, iso_utc
+from gateway.journal.outbox import append_payload
 from tests.cloud_sync.outbox_contract import OutboxStoreContract
 from tests.cloud_sync.test_dispatcher import (
     broker_down_with_1000_queued_then_delivered,
@@ -26,7 +27,7 @@ class SqliteContractStore(Journal):
     def add(self, event_id: str, stream: str, topic: str, payload: bytes) -> int:
         at = iso_utc(time.time())
         with self._tx() as c:
-            self._outbox_raw(c, event_id, stream, topic, payload.decode(), at)
+            append_payload(c, event_id, stream, topic, payload.decode(), at)
             return int(c.execute("SELECT last_insert_rowid()").fetchone()[0])
 
     def _col(self, item_id: int, column: str) -> object:

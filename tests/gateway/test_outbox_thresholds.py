@@ -9,6 +9,7 @@ from pathlib import Path
 from cloud_sync.signing import generate_demo_keypair
 from gateway.config import config_from_dict
 from gateway.journal import Journal
+from gateway.journal.outbox import append_event
 from gateway.sync import CloudSync
 
 
@@ -36,7 +37,7 @@ def test_depth_thresholds_raise_one_alert_per_level_change(tmp_path: Path) -> No
     def add(n: int) -> None:
         with journal._tx() as c:  # noqa: SLF001 - bulk producer for the test
             for i in range(n):
-                journal._outbox(c, f"s{i % 7}", "results", {"n": i}, "2026-01-01T00:00:00Z")  # noqa: SLF001
+                append_event(c, f"s{i % 7}", "results", {"n": i}, "2026-01-01T00:00:00Z")
 
     def alerts() -> list[str]:
         return [a["code"] for a in reversed(journal.recent_alerts(None, limit=50))]
