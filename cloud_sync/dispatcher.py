@@ -45,11 +45,11 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from cloud_sync.backoff import Backoff
 from cloud_sync.breaker import OPEN, CircuitBreaker
 from cloud_sync.https_client import (
     CloudError,
@@ -67,7 +67,6 @@ __all__ = [
     "COMPENSATION_TOPIC",
     "MqttPublisher",
     "OutboxDispatcher",
-    "full_jitter_backoff",
 ]
 
 log = logging.getLogger(__name__)
@@ -90,12 +89,6 @@ class MqttPublisher(Protocol):
         """QoS 1 publish of each ``(topic, payload)`` in order, pipelined; per item
         ``None`` once its PUBACK arrived, else the error."""
         ...
-
-
-def full_jitter_backoff(attempts: int, base_s: float, max_s: float) -> float:
-    """AWS "Exponential Backoff And Jitter", full jitter: uniform(0, min(max, base*2^n))."""
-    cap = min(max_s, base_s * (2 ** min(max(attempts - 1, 0), 32)))
-    return random.uniform(0.0, cap)
 
 
 def _error_text(exc: BaseException) -> str:
@@ -132,6 +125,8 @@ class OutboxDispatcher:
         self.batch_size = batch_size
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
+        # Full jitter: thousands of gateways back from one outage do not retry in step.
+        self._backoff = Backoff(backoff_base_s, backoff_max_s)
         self.https_bulk_threshold = https_bulk_threshold
         self.idle_poll_s = idle_poll_s
         self._wakeup = asyncio.Event()
@@ -390,8 +385,7 @@ class OutboxDispatcher:
             retryable=not rejected,
             channel=channel,
             now=now,
-            next_attempt_at=now
-            + full_jitter_backoff(attempts, self.backoff_base_s, self.backoff_max_s),
+            next_attempt_at=now + self._backoff.delay(attempts),
             max_attempts=self.max_attempts,
         )
         self._progress += 1

@@ -33,13 +33,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import httpx
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_random_exponential,
-)
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
+from cloud_sync.backoff import Backoff
 from cloud_sync.outbox import OutboxItem
 
 __all__ = [
@@ -164,8 +160,7 @@ class CloudHttpClient:
             verify=verify,
         )
         self._retry_attempts = max(1, retry_attempts)
-        self._retry_base_s = retry_base_s
-        self._retry_max_s = retry_max_s
+        self._retry_wait = Backoff(retry_base_s, retry_max_s).wait
         self._sleep = sleep
 
     async def __aenter__(self) -> CloudHttpClient:
@@ -193,7 +188,7 @@ class CloudHttpClient:
             kwargs["sleep"] = self._sleep
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self._retry_attempts),
-            wait=wait_random_exponential(multiplier=self._retry_base_s, max=self._retry_max_s),
+            wait=self._retry_wait,
             retry=retry_if_exception_type(CloudRetryable),
             reraise=True,
             **kwargs,

@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -34,6 +33,8 @@ from typing import Any, Protocol
 
 import aiomqtt
 import paho.mqtt.client as paho
+
+from cloud_sync.backoff import Backoff
 
 __all__ = [
     "CommandSink",
@@ -52,9 +53,9 @@ PUBLISH_TIMEOUT_S = 10.0
 PENDING_CALLS_WARNING = 10_000
 #: How long a clean stop waits for the broker to take the "offline" presence.
 OFFLINE_PUBLISH_TIMEOUT_S = 2.0
-#: Back-off between offers of a command the sink could not make durable.
-NOT_DURABLE_RETRY_MIN_S = 0.5
-NOT_DURABLE_RETRY_MAX_S = 30.0
+#: Back-off between offers of a command the sink could not make durable: doubling,
+#: no jitter (one message of this gateway waits; nothing is sent to the broker).
+NOT_DURABLE_RETRY = Backoff(0.5, 30.0, jitter=False)
 
 
 class CommandSink(Protocol):
@@ -167,6 +168,11 @@ class MqttSession:
         self._sink = sink
         self._on_link_change = on_link_change
         self._publish_timeout_s = publish_timeout_s
+        # Full jitter, floored at reconnect_min_s so one gateway never hammers the
+        # broker either.
+        self._reconnect = Backoff(
+            settings.reconnect_min_s, settings.reconnect_max_s, floor_s=settings.reconnect_min_s
+        )
         self._client: aiomqtt.Client | None = None
         self._connected = False
         self._link_down = asyncio.Event()
@@ -272,11 +278,8 @@ class MqttSession:
             await asyncio.sleep(delay)
 
     def _backoff(self, attempt: int) -> float:
-        # Full jitter (AWS architecture blog, "Exponential Backoff And Jitter"), floored
-        # at reconnect_min_s so one gateway never hammers the broker either.
-        s = self._settings
-        cap = min(s.reconnect_max_s, s.reconnect_min_s * (2 ** min(attempt, 32)))
-        return random.uniform(s.reconnect_min_s, cap)
+        """The delay after ``attempt`` reconnects in a row (0 for the first)."""
+        return self._reconnect.delay(attempt + 1)
 
     def _make_client(self) -> aiomqtt.Client:
         s = self._settings
@@ -359,12 +362,13 @@ class MqttSession:
         it stays with the broker (redelivered after a reconnect or a crash); later
         commands wait behind it. No reconnect is forced: that only hammers the broker
         (a fleet with full disks would stampede it) and redelivers nothing new."""
-        delay = NOT_DURABLE_RETRY_MIN_S
+        delays = NOT_DURABLE_RETRY.delays()
         while True:
             try:
                 await self._sink.handle_command(payload)
                 return
             except Exception as exc:
+                delay = next(delays)
                 # No payload and no exception text in the log: both may carry PII.
                 log.error(
                     "command mid=%d not durable (%s); not acknowledged, offered again in %.1f s",
@@ -373,7 +377,6 @@ class MqttSession:
                     delay,
                 )
             await asyncio.sleep(delay)
-            delay = min(delay * 2, NOT_DURABLE_RETRY_MAX_S)
 
     def _set_link(self, up: bool) -> None:
         if up == self._connected:
