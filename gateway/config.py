@@ -35,6 +35,7 @@ from pydantic_settings import (
 )
 
 from cloud_sync.commands import CommandVerifier
+from cloud_sync.mqtt_session import MqttSettings
 from firmware_bridge.driver import LevelHold, PulseTrain
 
 __all__ = ["ConfigError", "GatewayConfig", "load_config", "config_from_dict"]
@@ -73,20 +74,6 @@ class GatewaySection(_Section):
 
 class JournalSection(_Section):
     path: Path = Path("/var/lib/metalav/journal.db")
-
-
-class MqttSection(_Section):
-    host: str = "localhost"
-    port: int = Field(default=1883, ge=1, le=65535)
-    username: str | None = None
-    password: str | None = None
-    keepalive_s: int = Field(default=30, ge=5, le=3600)
-    topic_prefix: str = "metalav/v1"
-    tls_ca_file: Path | None = None
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
-    reconnect_min_s: float = Field(default=1.0, gt=0)
-    reconnect_max_s: float = Field(default=60.0, gt=0)
 
 
 class CommandsSection(_Section):
@@ -268,7 +255,8 @@ class GatewayConfig(BaseSettings):
 
     gateway: GatewaySection
     journal: JournalSection = JournalSection()
-    mqtt: MqttSection = MqttSection()
+    # The session's own model (cloud_sync), so check-config refuses what it would.
+    mqtt: MqttSettings = MqttSettings()
     commands: CommandsSection
     board: BoardSection = BoardSection()
     cloud: CloudSection = CloudSection()

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from cloud_sync.commands import CommandVerifier
-from cloud_sync.mqtt_session import MqttSession, MqttSettings
+from cloud_sync.mqtt_session import MqttSession
 
 from . import instance_lock
 from .api import LocalApi
@@ -71,23 +71,10 @@ class Daemon:
                 topic, payload
             ),
         )
-        m = config.mqtt
         self.session = MqttSession(
-            MqttSettings(
-                host=m.host,
-                port=m.port,
-                gateway_id=config.gateway.id,
-                username=m.username,
-                password=m.password,
-                keepalive=m.keepalive_s,
-                topic_prefix=m.topic_prefix,
-                tls_ca_file=str(m.tls_ca_file) if m.tls_ca_file else None,
-                tls_cert_file=str(m.tls_cert_file) if m.tls_cert_file else None,
-                tls_key_file=str(m.tls_key_file) if m.tls_key_file else None,
-                reconnect_min_s=m.reconnect_min_s,
-                reconnect_max_s=m.reconnect_max_s,
-            ),
+            config.mqtt,
             self.executor,
+            gateway_id=config.gateway.id,
             on_link_change=self._broker_link,
         )
         self.sync = CloudSync(config, self.journal, self.session)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from cloud_sync.mqtt_session import MqttSettings
 from cloud_sync.signing import generate_demo_keypair
 from gateway.config import ConfigError, load_config
 
@@ -121,3 +122,32 @@ def test_unusable_public_key_is_a_config_error(tmp_path: Path) -> None:
     result = _daemon("check-config", "--config", str(path))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("config error: commands: ")
+
+
+@pytest.mark.parametrize("command", ["check-config", "run"])
+def test_check_config_refuses_what_the_mqtt_session_would_refuse(
+    tmp_path: Path, command: str
+) -> None:
+    # Once check-config said OK here and `run` died with a traceback and exit 1, which
+    # systemd restarts forever: the [mqtt] section is now the session's own model.
+    path = tmp_path / "c.toml"
+    path.write_text(GOOD + "[mqtt]\nreconnect_min_s = 90.0\nreconnect_max_s = 60.0\n")
+    result = _daemon(command, "--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "config error: mqtt.reconnect_min_s: must not exceed reconnect_max_s"
+    ]
+    assert not (tmp_path / "journal.db").exists(), "an invalid config must touch nothing"
+
+
+def test_mqtt_section_keys_reach_the_session_unchanged(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        GOOD + '[mqtt]\nhost = "broker.example"\nport = 8883\nkeepalive_s = 45\n'
+        'tls_ca_file = "/etc/metalav/ca.pem"\nreconnect_min_s = 2.0\nreconnect_max_s = 2.0\n'
+    )
+    mqtt = load_config(path).mqtt
+    assert isinstance(mqtt, MqttSettings)
+    assert (mqtt.host, mqtt.port, mqtt.keepalive_s) == ("broker.example", 8883, 45)
+    assert mqtt.tls_ca_file == Path("/etc/metalav/ca.pem")
+    assert mqtt.reconnect_min_s == mqtt.reconnect_max_s == 2.0
