@@ -57,14 +57,13 @@ from cloud_sync.https_client import (
     CloudRejected,
     CloudUnreachable,
 )
-from cloud_sync.mqtt_session import MqttLinkDown
+from cloud_sync.mqtt_session import COMPENSATION_TOPIC, MqttLinkDown
 from cloud_sync.outbox import OutboxItem, OutboxStore
 
 __all__ = [
     "BREAKER_COMPENSATION",
     "BREAKER_EVENTS",
     "BREAKER_MQTT",
-    "COMPENSATION_TOPIC",
     "MqttPublisher",
     "OutboxDispatcher",
 ]
@@ -75,7 +74,6 @@ log = logging.getLogger(__name__)
 BREAKER_MQTT = "mqtt"
 BREAKER_EVENTS = "https_events"
 BREAKER_COMPENSATION = "https_compensation"
-COMPENSATION_TOPIC = "compensation"
 #: How long :meth:`OutboxDispatcher.run` sleeps when idle unless :meth:`notify` wakes it.
 IDLE_POLL_S = 1.0
 MAX_ERROR_CHARS = 200

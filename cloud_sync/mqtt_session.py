@@ -39,6 +39,13 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from cloud_sync.backoff import Backoff
 
 __all__ = [
+    "ALERTS_TOPIC",
+    "COMMANDS_TOPIC",
+    "COMPENSATION_TOPIC",
+    "CYCLES_TOPIC",
+    "EVENT_TOPICS",
+    "PRESENCE_TOPIC",
+    "RESULTS_TOPIC",
     "CommandSink",
     "MqttLinkDown",
     "MqttSettings",
@@ -46,6 +53,17 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# The contract's topics, under P = {topic_prefix}/gateways/{gateway_id}
+# (docs/mqtt-contract.md "Topics"); the core publishes its events under these names.
+COMMANDS_TOPIC = "commands/execute"
+PRESENCE_TOPIC = "presence"
+RESULTS_TOPIC = "results"
+CYCLES_TOPIC = "cycles"
+COMPENSATION_TOPIC = "compensation"
+ALERTS_TOPIC = "alerts"
+#: Every topic an outbox item may have (OutboxItem.topic).
+EVENT_TOPICS = (RESULTS_TOPIC, CYCLES_TOPIC, COMPENSATION_TOPIC, ALERTS_TOPIC)
 
 #: A connection that lasted this long resets the reconnect backoff.
 STABLE_CONNECTION_S = 30.0
@@ -200,8 +218,8 @@ class MqttSession:
         self._link_down = asyncio.Event()
         self._link_down.set()
         self.base_topic = f"{settings.topic_prefix}/gateways/{gateway_id}"
-        self.command_topic = f"{self.base_topic}/commands/execute"
-        self.presence_topic = f"{self.base_topic}/presence"
+        self.command_topic = f"{self.base_topic}/{COMMANDS_TOPIC}"
+        self.presence_topic = f"{self.base_topic}/{PRESENCE_TOPIC}"
 
     @property
     def connected(self) -> bool:

@@ -52,7 +52,7 @@ class OutboxItem:
     id: int
     event_id: str
     stream: str  # ordering domain: items of one stream are delivered in id order
-    topic: str  # suffix under the gateway's MQTT prefix: results, alerts, compensation, cycles
+    topic: str  # suffix under the gateway's MQTT prefix: one of mqtt_session.EVENT_TOPICS
     payload: bytes  # JSON object with an "event_id"
     attempts: int  # attempts that ended before this claim (0 on the first one)
 
