@@ -32,6 +32,7 @@ from typing import Protocol
 __all__ = [
     "CHANNELS",
     "OUTCOMES",
+    "SENDING_TIMEOUT_ERROR",
     "STATES",
     "DispatchRecord",
     "MemoryOutboxStore",
@@ -39,6 +40,8 @@ __all__ = [
     "OutboxStore",
 ]
 
+#: The outbox states, in the order of the diagram above: the one list, for every
+#: OutboxStore (the journal's included; it may keep more, e.g. "archived").
 STATES = ("pending", "sending", "sent", "failed", "dead")
 #: Dispatch log outcomes. ``unreachable`` is a :meth:`OutboxStore.release`.
 OUTCOMES = ("sent", "failed", "dead", "timeout", "unreachable")
