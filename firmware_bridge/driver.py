@@ -20,9 +20,22 @@ from typing import Protocol, runtime_checkable
 
 from firmware_bridge.frames import Pong, QueryReply, ReleaseAck
 
-__all__ = ["BoardDriver", "InputState", "LevelHold", "Program", "PulseTrain", "ring_vouches"]
+__all__ = [
+    "MAX_EDGE_MS",
+    "MAX_HOLD_MS",
+    "MAX_PULSES",
+    "MIN_EDGE_MS",
+    "MIN_HOLD_MS",
+    "BoardDriver",
+    "InputState",
+    "LevelHold",
+    "Program",
+    "PulseTrain",
+    "ring_vouches",
+]
 
-# Limits every driver enforces (the MCU board NACKs with bad_params outside them).
+# Limits every driver enforces (the MCU board NACKs with bad_params outside them,
+# docs/firmware-protocol.md): the one source, for the drivers and the config's cycles.
 MAX_PULSES = 50
 MIN_EDGE_MS = 10
 MAX_EDGE_MS = 5000

@@ -36,7 +36,15 @@ from pydantic_settings import (
 
 from cloud_sync.commands import CommandVerifier
 from cloud_sync.mqtt_session import MqttSettings
-from firmware_bridge.driver import LevelHold, PulseTrain
+from firmware_bridge.driver import (
+    MAX_EDGE_MS,
+    MAX_HOLD_MS,
+    MAX_PULSES,
+    MIN_EDGE_MS,
+    MIN_HOLD_MS,
+    LevelHold,
+    PulseTrain,
+)
 
 __all__ = ["ConfigError", "GatewayConfig", "load_config", "config_from_dict"]
 
@@ -162,13 +170,15 @@ class ApiSection(_Section):
     socket: Path = Path("/run/metalav/metalav.sock")
 
 
+# The limits are the drivers' (firmware_bridge.driver, the board's bad_params): a
+# program the config accepts is one every driver runs.
 class PulseProgram(_Section):
     """Coin emulation: ``pulses`` closures (Alliance controls count 15-130 ms as a coin)."""
 
     type: Literal["pulses"] = "pulses"
-    pulses: int = Field(ge=1, le=50)
-    on_ms: int = Field(default=100, ge=10, le=5000)
-    off_ms: int = Field(default=100, ge=10, le=5000)
+    pulses: int = Field(ge=1, le=MAX_PULSES)
+    on_ms: int = Field(default=100, ge=MIN_EDGE_MS, le=MAX_EDGE_MS)
+    off_ms: int = Field(default=100, ge=MIN_EDGE_MS, le=MAX_EDGE_MS)
 
     def train(self) -> PulseTrain:
         return PulseTrain(self.pulses, self.on_ms, self.off_ms)
@@ -178,7 +188,7 @@ class LevelProgram(_Section):
     """An "enable start" input held closed for ``hold_ms``."""
 
     type: Literal["level"]
-    hold_ms: int = Field(ge=100, le=3_600_000)
+    hold_ms: int = Field(ge=MIN_HOLD_MS, le=MAX_HOLD_MS)
 
     def train(self) -> LevelHold:
         return LevelHold(self.hold_ms)
@@ -191,9 +201,9 @@ class DryerTimeProgram(_Section):
     type: Literal["dryer_time"]
     minutes: int = Field(ge=1, le=240)
     minutes_per_pulse: int = Field(ge=1, le=60)
-    min_pulses: int = Field(default=1, ge=1, le=50)
-    on_ms: int = Field(default=100, ge=10, le=5000)
-    off_ms: int = Field(default=100, ge=10, le=5000)
+    min_pulses: int = Field(default=1, ge=1, le=MAX_PULSES)
+    on_ms: int = Field(default=100, ge=MIN_EDGE_MS, le=MAX_EDGE_MS)
+    off_ms: int = Field(default=100, ge=MIN_EDGE_MS, le=MAX_EDGE_MS)
     top_up: bool = False
 
     @property
@@ -205,8 +215,8 @@ class DryerTimeProgram(_Section):
 
     @model_validator(mode="after")
     def _fits(self) -> DryerTimeProgram:
-        if self.pulses > 50:
-            raise ValueError(f"{self.pulses} pulses needed, at most 50 in one train")
+        if self.pulses > MAX_PULSES:
+            raise ValueError(f"{self.pulses} pulses needed, at most {MAX_PULSES} in one train")
         return self
 
 

@@ -6,12 +6,23 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from cloud_sync.mqtt_session import MqttSettings
 from cloud_sync.signing import generate_demo_keypair
-from gateway.config import ConfigError, load_config
+from firmware_bridge.driver import (
+    MAX_EDGE_MS,
+    MAX_HOLD_MS,
+    MAX_PULSES,
+    MIN_EDGE_MS,
+    MIN_HOLD_MS,
+    LevelHold,
+    PulseTrain,
+)
+from firmware_bridge.host_timed import validate_program
+from gateway.config import ConfigError, config_from_dict, load_config
 
 KEY = generate_demo_keypair()[1].replace("\n", "\\n")
 GOOD = """
@@ -151,3 +162,41 @@ def test_mqtt_section_keys_reach_the_session_unchanged(tmp_path: Path) -> None:
     assert (mqtt.host, mqtt.port, mqtt.keepalive_s) == ("broker.example", 8883, 45)
     assert mqtt.tls_ca_file == Path("/etc/metalav/ca.pem")
     assert mqtt.reconnect_min_s == mqtt.reconnect_max_s == 2.0
+
+
+def _with_cycle(program: dict[str, object]) -> dict[str, object]:
+    return {
+        "gateway": {"id": "loja-1"},
+        "commands": {"public_keys": [generate_demo_keypair()[1]]},
+        "machines": [{"id": "W1", "kind": "washer", "channel": 1, "cycles": {"c": program}}],
+    }
+
+
+@pytest.mark.parametrize(
+    "program",
+    [
+        {"pulses": n, "on_ms": on, "off_ms": off}
+        for n in (0, 1, MAX_PULSES, MAX_PULSES + 1)
+        for on, off in ((MIN_EDGE_MS - 1, 100), (MIN_EDGE_MS, MAX_EDGE_MS), (100, MAX_EDGE_MS + 1))
+    ]
+    + [{"type": "level", "hold_ms": ms} for ms in (MIN_HOLD_MS - 1, MIN_HOLD_MS, MAX_HOLD_MS + 1)]
+    + [
+        {"type": "dryer_time", "minutes": 60, "minutes_per_pulse": per}
+        for per in (1, -(-60 // MAX_PULSES), 60)
+    ],
+)
+def test_the_config_takes_exactly_the_cycles_every_driver_runs(program: dict[str, Any]) -> None:
+    # The train each program asks for, judged by the drivers' own check.
+    if program.get("type") == "level":
+        train: LevelHold | PulseTrain = LevelHold(program["hold_ms"])
+    elif program.get("type") == "dryer_time":
+        train = PulseTrain(-(-program["minutes"] // program["minutes_per_pulse"]), 100, 100)
+    else:
+        train = PulseTrain(program["pulses"], program["on_ms"], program["off_ms"])
+    try:
+        config_from_dict(_with_cycle(program))
+    except ConfigError:
+        accepted = False
+    else:
+        accepted = True
+    assert accepted == (validate_program(train) is None)
