@@ -36,6 +36,7 @@ from pydantic_settings import (
 
 from cloud_sync.commands import CommandVerifier
 from cloud_sync.mqtt_session import MqttSettings
+from firmware_bridge import modbus_board, serial_board
 from firmware_bridge.driver import (
     MAX_EDGE_MS,
     MAX_HOLD_MS,
@@ -98,13 +99,13 @@ class CommandsSection(_Section):
 
 
 class ModbusSettings(_Section):
-    unit_id: int = Field(default=1, ge=1, le=247)
+    unit_id: int = Field(default=1, ge=1, le=modbus_board.MAX_UNIT_ID)
     channels: int = Field(default=8, ge=1, le=64)
     inputs: int = Field(default=8, ge=0, le=64)
     coil_offset: int = Field(default=0, ge=0)
     input_offset: int = Field(default=0, ge=0)
     relay_sense_offset: int | None = Field(default=None, ge=0)
-    timeout_s: float = Field(default=0.3, gt=0, le=10)
+    timeout_s: float = Field(default=modbus_board.TIMEOUT_S, gt=0, le=10)
 
 
 class GpioSettings(_Section):
@@ -117,8 +118,9 @@ class BoardSection(_Section):
     driver: Literal["serial", "modbus", "gpio"] = "serial"
     port: str = "/dev/ttyACM0"
     baudrate: int = Field(default=115200, gt=0)
-    ack_timeout_s: float = Field(default=0.25, gt=0, le=10)
-    max_retries: int = Field(default=3, ge=0, le=20)
+    # The serial board's defaults are its protocol's (docs/firmware-protocol.md).
+    ack_timeout_s: float = Field(default=serial_board.ACK_TIMEOUT, gt=0, le=10)
+    max_retries: int = Field(default=serial_board.MAX_RETRIES, ge=0, le=20)
     reconnect_s: float = Field(default=2.0, gt=0)
     # Inputs (busy signals, sensed relay contacts) are sampled this often.
     poll_ms: int = Field(default=100, ge=20, le=5000)
