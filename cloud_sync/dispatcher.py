@@ -61,9 +61,15 @@ from cloud_sync.mqtt_session import COMPENSATION_TOPIC, MqttLinkDown
 from cloud_sync.outbox import OutboxItem, OutboxStore
 
 __all__ = [
+    "BACKOFF_BASE_S",
+    "BACKOFF_MAX_S",
+    "BATCH_SIZE",
     "BREAKER_COMPENSATION",
     "BREAKER_EVENTS",
     "BREAKER_MQTT",
+    "HTTPS_BULK_THRESHOLD",
+    "MAX_ATTEMPTS",
+    "SENDING_TIMEOUT_S",
     "MqttPublisher",
     "OutboxDispatcher",
 ]
@@ -74,6 +80,18 @@ log = logging.getLogger(__name__)
 BREAKER_MQTT = "mqtt"
 BREAKER_EVENTS = "https_events"
 BREAKER_COMPENSATION = "https_compensation"
+# Defaults, which the gateway's [outbox] config section takes as its own.
+#: Attempts before an item goes to the dead-letter queue.
+MAX_ATTEMPTS = 10
+#: The payments runbook's rule: an item ``sending`` longer than this goes back to failed.
+SENDING_TIMEOUT_S = 300.0
+#: Items claimed and sent in one round.
+BATCH_SIZE = 500
+#: Retry backoff of a failed item (full jitter, Backoff).
+BACKOFF_BASE_S = 1.0
+BACKOFF_MAX_S = 300.0
+#: A backlog (pending + failed) this deep goes over HTTPS batches even with MQTT up.
+HTTPS_BULK_THRESHOLD = 1000
 #: How long :meth:`OutboxDispatcher.run` sleeps when idle unless :meth:`notify` wakes it.
 IDLE_POLL_S = 1.0
 MAX_ERROR_CHARS = 200
@@ -103,12 +121,12 @@ class OutboxDispatcher:
         https: CloudHttpClient | None,
         breakers: dict[str, CircuitBreaker],
         clock: Callable[[], float] = time.time,
-        max_attempts: int = 10,
-        sending_timeout_s: float = 300.0,
-        batch_size: int = 500,
-        backoff_base_s: float = 1.0,
-        backoff_max_s: float = 300.0,
-        https_bulk_threshold: int | None = 1000,
+        max_attempts: int = MAX_ATTEMPTS,
+        sending_timeout_s: float = SENDING_TIMEOUT_S,
+        batch_size: int = BATCH_SIZE,
+        backoff_base_s: float = BACKOFF_BASE_S,
+        backoff_max_s: float = BACKOFF_MAX_S,
+        https_bulk_threshold: int | None = HTTPS_BULK_THRESHOLD,
         idle_poll_s: float = IDLE_POLL_S,
     ) -> None:
         if max_attempts < 1 or batch_size < 1:

@@ -46,6 +46,7 @@ __all__ = [
     "CloudServerError",
     "CloudUnreachable",
     "ENDPOINT_FAULT_STATUSES",
+    "TIMEOUT_S",
 ]
 
 #: Statuses that say "not now" without the request having been processed.
@@ -53,6 +54,8 @@ UNAVAILABLE_STATUSES = frozenset({429, 502, 503, 504})
 #: 4xx statuses that blame the endpoint or the configuration, not the request's events:
 #: bad/expired token, wrong URL or method, a batch too large for the server.
 ENDPOINT_FAULT_STATUSES = frozenset({401, 403, 404, 405, 413})
+#: Seconds for one request (connect, write, read).
+TIMEOUT_S = 10.0
 #: Attempts of one call (the first included) before the error goes to the dispatcher.
 DEFAULT_RETRY_ATTEMPTS = 3
 #: A rejection reason is stored in the DLQ and shown to technicians: keep it short.
@@ -140,7 +143,7 @@ class CloudHttpClient:
         gateway_id: str,
         *,
         token: str | None,
-        timeout_s: float = 10.0,
+        timeout_s: float = TIMEOUT_S,
         transport: httpx.AsyncBaseTransport | None = None,
         verify: bool | str = True,
         retry_attempts: int = DEFAULT_RETRY_ATTEMPTS,

@@ -34,7 +34,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from cloud_sync.commands import CommandVerifier
+from cloud_sync import breaker, dispatcher, https_client
+from cloud_sync.commands import LEEWAY_S, SUPPORTED_ALGORITHMS, Algorithm, CommandVerifier
 from cloud_sync.mqtt_session import MqttSettings
 from firmware_bridge import modbus_board, serial_board
 from firmware_bridge.driver import (
@@ -87,8 +88,8 @@ class JournalSection(_Section):
 
 class CommandsSection(_Section):
     public_keys: list[str] = Field(min_length=1, description="PEM public keys of the cloud signer")
-    algorithms: list[Literal["EdDSA", "ES256"]] = ["EdDSA", "ES256"]
-    leeway_s: int = Field(default=30, ge=0, le=600)
+    algorithms: list[Algorithm] = list(SUPPORTED_ALGORITHMS)
+    leeway_s: int = Field(default=LEEWAY_S, ge=0, le=600)
 
     @model_validator(mode="after")
     def _keys_usable(self) -> CommandsSection:
@@ -136,7 +137,7 @@ class CloudSection(_Section):
     base_url: str | None = None
     # Bearer token of this gateway; set it through METALAV_CLOUD__TOKEN.
     token: str | None = None
-    timeout_s: float = Field(default=10.0, gt=0, le=120)
+    timeout_s: float = Field(default=https_client.TIMEOUT_S, gt=0, le=120)
     ca_file: Path | None = None
 
     @field_validator("base_url")
@@ -148,14 +149,13 @@ class CloudSection(_Section):
 
 
 class OutboxSection(_Section):
-    max_attempts: int = Field(default=10, ge=1, le=1000)
-    # The runbook's rule: an item "sending" longer than this goes back to failed.
-    sending_timeout_s: float = Field(default=300.0, gt=0)
-    batch_size: int = Field(default=500, ge=1, le=10_000)
-    backoff_base_s: float = Field(default=1.0, gt=0)
-    backoff_max_s: float = Field(default=300.0, gt=0)
-    # A backlog deeper than this goes over HTTPS batches even with MQTT up.
-    https_bulk_threshold: int = Field(default=1000, ge=1)
+    # The dispatcher's defaults (cloud_sync.dispatcher says what each one is).
+    max_attempts: int = Field(default=dispatcher.MAX_ATTEMPTS, ge=1, le=1000)
+    sending_timeout_s: float = Field(default=dispatcher.SENDING_TIMEOUT_S, gt=0)
+    batch_size: int = Field(default=dispatcher.BATCH_SIZE, ge=1, le=10_000)
+    backoff_base_s: float = Field(default=dispatcher.BACKOFF_BASE_S, gt=0)
+    backoff_max_s: float = Field(default=dispatcher.BACKOFF_MAX_S, gt=0)
+    https_bulk_threshold: int = Field(default=dispatcher.HTTPS_BULK_THRESHOLD, ge=1)
     # The integrations runbook: pending under 100 normal, 100-500 alert, over 500 critical.
     warn_depth: int = Field(default=100, ge=1)
     critical_depth: int = Field(default=500, ge=1)
@@ -164,8 +164,8 @@ class OutboxSection(_Section):
 
 
 class BreakerSection(_Section):
-    failure_threshold: int = Field(default=5, ge=1, le=1000)
-    reset_timeout_s: float = Field(default=30.0, gt=0)
+    failure_threshold: int = Field(default=breaker.FAILURE_THRESHOLD, ge=1, le=1000)
+    reset_timeout_s: float = Field(default=breaker.RESET_TIMEOUT_S, gt=0)
 
 
 class ApiSection(_Section):
