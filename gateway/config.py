@@ -28,6 +28,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -47,6 +48,8 @@ from firmware_bridge.driver import (
     LevelHold,
     PulseTrain,
 )
+from firmware_bridge.gpio_board import check_lines
+from firmware_bridge.host_timed import check_channels
 
 __all__ = ["ConfigError", "GatewayConfig", "load_config", "config_from_dict"]
 
@@ -304,6 +307,28 @@ class GatewayConfig(BaseSettings):
                     )
         return self
 
+    @model_validator(mode="after")
+    def _board_takes_the_wiring(self) -> GatewayConfig:
+        # The driver's own checks, which it would make at start-up: asked here too, so
+        # that check-config refuses what the daemon would, under the key at fault.
+        board = self.board
+        try:
+            if board.driver == "gpio":
+                key: tuple[str, ...] = ("board", "gpio")
+                check_lines(board.gpio.outputs, board.gpio.inputs)
+                check_channels(len(board.gpio.outputs), self.active_low_channels)
+            elif board.driver == "modbus":
+                key = ("board", "modbus", "channels")
+                check_channels(board.modbus.channels, self.active_low_channels)
+        except ValueError as exc:
+            raise _error_at(key, str(exc)) from None
+        return self
+
+    @property
+    def active_low_channels(self) -> frozenset[int]:
+        """Relay channels whose machine is wired active-low (the driver inverts them)."""
+        return frozenset(m.channel for m in self.machines if m.polarity == "active_low")
+
     def machine(self, machine_id: str) -> Machine | None:
         return next((m for m in self.machines if m.id == machine_id), None)
 
@@ -319,6 +344,15 @@ class GatewayConfig(BaseSettings):
         # The environment wins over the file, so a deployment can override one key
         # (or inject a secret) without editing the TOML.
         return (env_settings, init_settings)
+
+
+def _error_at(loc: tuple[str, ...], message: str) -> ValidationError:
+    """A validation error under ``loc`` (a model validator's own errors would name only
+    the model), so that the line names the key at fault."""
+    return ValidationError.from_exception_data(
+        "GatewayConfig",
+        [InitErrorDetails(type=PydanticCustomError("value_error", message), loc=loc, input=None)],
+    )
 
 
 def _format_errors(exc: ValidationError) -> list[str]:

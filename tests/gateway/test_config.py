@@ -200,3 +200,35 @@ def test_the_config_takes_exactly_the_cycles_every_driver_runs(program: dict[str
     else:
         accepted = True
     assert accepted == (validate_program(train) is None)
+
+
+@pytest.mark.parametrize(
+    ("board", "line"),
+    [
+        (
+            '[board]\ndriver = "gpio"\n[board.gpio]\noutputs = {1 = 5, 3 = 6}\n',
+            "config error: board.gpio: output channels must be 1..2, got [1, 3]",
+        ),
+        (
+            '[board]\ndriver = "gpio"\n[board.gpio]\noutputs = {1 = 5, 2 = 6, 3 = 5}\n',
+            "config error: board.gpio: a line offset is used twice",
+        ),
+        (
+            '[board]\ndriver = "modbus"\n[board.modbus]\nchannels = 1\n',
+            "config error: board.modbus.channels: active_low channels [3] not in 1..1",
+        ),
+    ],
+)
+@pytest.mark.parametrize("command", ["check-config", "run"])
+def test_check_config_refuses_wiring_the_board_driver_would_refuse(
+    tmp_path: Path, command: str, board: str, line: str
+) -> None:
+    # The drivers refuse these in their constructors: once check-config said OK and
+    # `run` died with a traceback and exit 1, after creating the journal.
+    path = tmp_path / "c.toml"
+    w3 = "[[machines]]\nid = 'W3'\nkind = 'washer'\nchannel = 3\npolarity = 'active_low'\n"
+    path.write_text(GOOD + w3 + "cycles = { normal = { pulses = 1 } }\n" + board)
+    result = _daemon(command, "--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [line]
+    assert not (tmp_path / "journal.db").exists(), "an invalid config must touch nothing"
