@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import BaseModel, TypeAdapter
 
 from cloud_sync.mqtt_session import MqttSettings
 from cloud_sync.signing import generate_demo_keypair
@@ -22,7 +24,7 @@ from firmware_bridge.driver import (
     PulseTrain,
 )
 from firmware_bridge.host_timed import validate_program
-from gateway.config import ConfigError, config_from_dict, load_config
+from gateway.config import ConfigError, GatewayConfig, config_from_dict, load_config
 
 KEY = generate_demo_keypair()[1].replace("\n", "\\n")
 GOOD = """
@@ -123,6 +125,39 @@ def test_two_machines_on_one_relay_channel_are_refused(tmp_path: Path) -> None:
 def test_example_config_is_valid() -> None:
     config = load_config(Path(__file__).parents[2] / "config.example.toml")
     assert [m.id for m in config.machines] == ["W1", "W2", "W3", "W4", "D1", "D2", "D3", "D4"]
+
+
+def test_example_config_spells_the_defaults_the_code_has() -> None:
+    # The example restates each default for the people who install stores; it must
+    # not drift from the one source. These keys show a store's own values instead.
+    store_values = {
+        "gateway.id",
+        "gateway.store_id",
+        "mqtt.host",
+        "mqtt.port",
+        "mqtt.username",
+        "mqtt.tls_ca_file",
+        "commands.public_keys",
+        "cloud.base_url",
+    }
+    example = tomllib.loads((Path(__file__).parents[2] / "config.example.toml").read_text())
+    example.pop("machines")  # the store's own catalog
+    checked = 0
+
+    def compare(model: type[BaseModel], values: dict[str, Any], prefix: str) -> None:
+        nonlocal checked
+        for key, value in values.items():
+            field = model.model_fields[key]
+            section = field.annotation
+            if isinstance(section, type) and issubclass(section, BaseModel):
+                compare(section, value, f"{prefix}{key}.")
+            elif f"{prefix}{key}" not in store_values:
+                default = TypeAdapter(field.annotation).dump_python(field.default, mode="json")
+                assert default == value, f"{prefix}{key}: example {value!r}, default {default!r}"
+                checked += 1
+
+    compare(GatewayConfig, example, "")
+    assert checked > 20  # not vacuous
 
 
 def test_unusable_public_key_is_a_config_error(tmp_path: Path) -> None:
