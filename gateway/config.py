@@ -8,6 +8,12 @@ in the environment, e.g. a systemd ``EnvironmentFile``, not in the TOML file).
 
 An invalid configuration is reported as one line per problem, naming the key, and the
 daemon stops before it touches the journal, the board or the network.
+
+What a component owns is written there once and only used here: the ``[mqtt]`` section
+is the session's own model (``cloud_sync.mqtt_session.MqttSettings``), and the other
+sections take their defaults and limits from the drivers, the dispatcher, the breakers
+and the verifier, and ask the drivers' own checks, so ``check-config`` refuses what the
+daemon would.
 """
 
 from __future__ import annotations
