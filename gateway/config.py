@@ -46,8 +46,10 @@ from cloud_sync.commands import LEEWAY_S, SUPPORTED_ALGORITHMS, Algorithm, Comma
 from cloud_sync.mqtt_session import MqttSettings
 from firmware_bridge import modbus_board, serial_board
 from firmware_bridge.driver import (
+    MAX_CHANNELS,
     MAX_EDGE_MS,
     MAX_HOLD_MS,
+    MAX_INPUTS,
     MAX_PULSES,
     MIN_EDGE_MS,
     MIN_HOLD_MS,
@@ -110,8 +112,8 @@ class CommandsSection(_Section):
 
 class ModbusSettings(_Section):
     unit_id: int = Field(default=1, ge=1, le=modbus_board.MAX_UNIT_ID)
-    channels: int = Field(default=8, ge=1, le=64)
-    inputs: int = Field(default=8, ge=0, le=64)
+    channels: int = Field(default=8, ge=1, le=MAX_CHANNELS)
+    inputs: int = Field(default=8, ge=0, le=MAX_INPUTS)
     coil_offset: int = Field(default=0, ge=0)
     input_offset: int = Field(default=0, ge=0)
     relay_sense_offset: int | None = Field(default=None, ge=0)
@@ -249,7 +251,7 @@ CycleProgram = Annotated[
 class BusyInput(_Section):
     """The machine's "running" signal wired to a board input."""
 
-    input: int = Field(ge=1, le=64)
+    input: int = Field(ge=1, le=MAX_INPUTS)
     active: Literal["high", "low"] = "high"
     debounce_ms: int = Field(default=200, ge=0, le=10_000)
 
@@ -258,7 +260,7 @@ class Machine(_Section):
     id: Identifier
     label: str = ""
     kind: Literal["washer", "dryer"]
-    channel: int = Field(ge=1, le=64)
+    channel: int = Field(ge=1, le=MAX_CHANNELS)
     polarity: Literal["active_high", "active_low"] = "active_high"
     busy_input: BusyInput | None = None
     # After the release, the machine must report busy within this window, else
