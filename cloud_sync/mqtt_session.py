@@ -46,16 +46,19 @@ __all__ = [
     "EVENT_TOPICS",
     "PRESENCE_TOPIC",
     "RESULTS_TOPIC",
+    "TOPIC_PREFIX",
     "CommandSink",
     "MqttLinkDown",
     "MqttSettings",
     "MqttSession",
+    "base_topic",
 ]
 
 log = logging.getLogger(__name__)
 
-# The contract's topics, under P = {topic_prefix}/gateways/{gateway_id}
-# (docs/mqtt-contract.md "Topics"); the core publishes its events under these names.
+# The contract's topics, under P = base_topic(...) (docs/mqtt-contract.md "Topics");
+# the core publishes its events under these names.
+TOPIC_PREFIX = "metalav/v1"  # the default; configurable
 COMMANDS_TOPIC = "commands/execute"
 PRESENCE_TOPIC = "presence"
 RESULTS_TOPIC = "results"
@@ -152,7 +155,7 @@ class MqttSettings(BaseModel):
     password: str | None = None
     # Seconds between pings; the broker declares the gateway gone after 1.5x this.
     keepalive_s: int = Field(default=30, ge=5, le=3600)
-    topic_prefix: str = "metalav/v1"
+    topic_prefix: str = TOPIC_PREFIX
     tls_ca_file: Path | None = None
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
@@ -176,6 +179,11 @@ class MqttSettings(BaseModel):
                 ],
             )
         return self
+
+
+def base_topic(topic_prefix: str, gateway_id: str) -> str:
+    """``P``, the level every topic of one gateway lives under."""
+    return f"{topic_prefix}/gateways/{gateway_id}"
 
 
 def _presence(state: str, gateway_id: str) -> bytes:
@@ -217,7 +225,7 @@ class MqttSession:
         self._connected = False
         self._link_down = asyncio.Event()
         self._link_down.set()
-        self.base_topic = f"{settings.topic_prefix}/gateways/{gateway_id}"
+        self.base_topic = base_topic(settings.topic_prefix, gateway_id)
         self.command_topic = f"{self.base_topic}/{COMMANDS_TOPIC}"
         self.presence_topic = f"{self.base_topic}/{PRESENCE_TOPIC}"
 
