@@ -73,8 +73,9 @@ async def _mqtt(n: int, workdir: Path) -> dict[str, object]:
     with LocalBroker() as broker:
         up = asyncio.Event()
         session = MqttSession(
-            MqttSettings(host=broker.host, port=broker.port, gateway_id="bench-gw"),
+            MqttSettings(host=broker.host, port=broker.port),
             _NoCommands(),
+            gateway_id="bench-gw",
             on_link_change=lambda connected: up.set() if connected else None,
         )
         task = asyncio.create_task(session.run())
@@ -119,7 +120,7 @@ async def _https(n: int, workdir: Path) -> dict[str, object]:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     http = CloudHttpClient(f"http://127.0.0.1:{port}", "bench-gw", token="bench")
     offline = MqttSession(
-        MqttSettings(host="127.0.0.1", port=free_port(), gateway_id="x"), _NoCommands()
+        MqttSettings(host="127.0.0.1", port=free_port()), _NoCommands(), gateway_id="x"
     )  # never connected: HTTPS is the only path
     dispatcher = OutboxDispatcher(journal, mqtt=offline, https=http, breakers={}, batch_size=500)
     try:

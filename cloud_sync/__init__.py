@@ -1,5 +1,5 @@
 """Cloud link of the gateway: command verification, the MQTT session, the signer, the
-outbox dispatcher with its HTTPS client and circuit breakers.
+outbox dispatcher with its HTTPS client and circuit breakers, and their retry backoff.
 
 Never imports ``gateway`` nor ``firmware_bridge`` (DESIGN.md, layout); the core hands
 in a :class:`~cloud_sync.mqtt_session.CommandSink` and an
@@ -12,6 +12,7 @@ Exceptions::
     CloudError(Exception)        the HTTPS client's tree, see cloud_sync/https_client.py
 """
 
+from cloud_sync.backoff import Backoff
 from cloud_sync.breaker import CircuitBreaker
 from cloud_sync.commands import CommandRejected, CommandVerifier, ExecuteCommand
 from cloud_sync.dispatcher import MqttPublisher, OutboxDispatcher
@@ -27,6 +28,7 @@ from cloud_sync.mqtt_session import CommandSink, MqttLinkDown, MqttSession, Mqtt
 from cloud_sync.outbox import DispatchRecord, MemoryOutboxStore, OutboxItem, OutboxStore
 
 __all__ = [
+    "Backoff",
     "CircuitBreaker",
     "CloudError",
     "CloudHttpClient",

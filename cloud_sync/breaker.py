@@ -18,11 +18,22 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["CLOSED", "HALF_OPEN", "OPEN", "CircuitBreaker"]
+__all__ = [
+    "CLOSED",
+    "FAILURE_THRESHOLD",
+    "HALF_OPEN",
+    "OPEN",
+    "RESET_TIMEOUT_S",
+    "CircuitBreaker",
+]
 
 CLOSED = "closed"
 OPEN = "open"
 HALF_OPEN = "half_open"
+#: Failures in a row that open a breaker.
+FAILURE_THRESHOLD = 5
+#: Seconds an open breaker waits before it lets one probe through (half-open).
+RESET_TIMEOUT_S = 30.0
 
 
 class CircuitBreaker:
@@ -30,8 +41,8 @@ class CircuitBreaker:
         self,
         name: str,
         *,
-        failure_threshold: int = 5,
-        reset_timeout_s: float = 30.0,
+        failure_threshold: int = FAILURE_THRESHOLD,
+        reset_timeout_s: float = RESET_TIMEOUT_S,
         half_open_max_calls: int = 1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

@@ -26,7 +26,7 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast, get_args
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -38,6 +38,9 @@ __all__ = [
     "CommandVerifier",
     "REJECT_REASONS",
     "EXECUTE_KEY_PATTERN",
+    "Algorithm",
+    "LEEWAY_S",
+    "SUPPORTED_ALGORITHMS",
 ]
 
 #: Stable machine-readable rejection codes (also published in rejected results).
@@ -55,7 +58,11 @@ REJECT_REASONS = frozenset(
 )
 
 EXECUTE_KEY_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-SUPPORTED_ALGORITHMS = ("EdDSA", "ES256")
+#: The JWS algorithms a command may be signed with (DESIGN.md promise 4).
+Algorithm = Literal["EdDSA", "ES256"]
+SUPPORTED_ALGORITHMS: tuple[Algorithm, ...] = get_args(Algorithm)
+#: Seconds of clock difference tolerated on ``exp``, ``iat`` and ``nbf``.
+LEEWAY_S = 30
 MAX_TEXT_CLAIM_CHARS = 256
 
 _B64URL = re.compile(rb"[A-Za-z0-9_-]*")
@@ -189,7 +196,7 @@ class CommandVerifier:
         audience: str,
         *,
         algorithms: Sequence[str] = SUPPORTED_ALGORITHMS,
-        leeway_s: int = 30,
+        leeway_s: int = LEEWAY_S,
         max_token_bytes: int = 4096,
         max_age_s: float | None = None,
     ) -> None:

@@ -45,11 +45,11 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from cloud_sync.backoff import Backoff
 from cloud_sync.breaker import OPEN, CircuitBreaker
 from cloud_sync.https_client import (
     CloudError,
@@ -57,17 +57,21 @@ from cloud_sync.https_client import (
     CloudRejected,
     CloudUnreachable,
 )
-from cloud_sync.mqtt_session import MqttLinkDown
+from cloud_sync.mqtt_session import COMPENSATION_TOPIC, MqttLinkDown
 from cloud_sync.outbox import OutboxItem, OutboxStore
 
 __all__ = [
+    "BACKOFF_BASE_S",
+    "BACKOFF_MAX_S",
+    "BATCH_SIZE",
     "BREAKER_COMPENSATION",
     "BREAKER_EVENTS",
     "BREAKER_MQTT",
-    "COMPENSATION_TOPIC",
+    "HTTPS_BULK_THRESHOLD",
+    "MAX_ATTEMPTS",
+    "SENDING_TIMEOUT_S",
     "MqttPublisher",
     "OutboxDispatcher",
-    "full_jitter_backoff",
 ]
 
 log = logging.getLogger(__name__)
@@ -76,7 +80,18 @@ log = logging.getLogger(__name__)
 BREAKER_MQTT = "mqtt"
 BREAKER_EVENTS = "https_events"
 BREAKER_COMPENSATION = "https_compensation"
-COMPENSATION_TOPIC = "compensation"
+# Defaults, which the gateway's [outbox] config section takes as its own.
+#: Attempts before an item goes to the dead-letter queue.
+MAX_ATTEMPTS = 10
+#: The payments runbook's rule: an item ``sending`` longer than this goes back to failed.
+SENDING_TIMEOUT_S = 300.0
+#: Items claimed and sent in one round.
+BATCH_SIZE = 500
+#: Retry backoff of a failed item (full jitter, Backoff).
+BACKOFF_BASE_S = 1.0
+BACKOFF_MAX_S = 300.0
+#: A backlog (pending + failed) this deep goes over HTTPS batches even with MQTT up.
+HTTPS_BULK_THRESHOLD = 1000
 #: How long :meth:`OutboxDispatcher.run` sleeps when idle unless :meth:`notify` wakes it.
 IDLE_POLL_S = 1.0
 MAX_ERROR_CHARS = 200
@@ -90,12 +105,6 @@ class MqttPublisher(Protocol):
         """QoS 1 publish of each ``(topic, payload)`` in order, pipelined; per item
         ``None`` once its PUBACK arrived, else the error."""
         ...
-
-
-def full_jitter_backoff(attempts: int, base_s: float, max_s: float) -> float:
-    """AWS "Exponential Backoff And Jitter", full jitter: uniform(0, min(max, base*2^n))."""
-    cap = min(max_s, base_s * (2 ** min(max(attempts - 1, 0), 32)))
-    return random.uniform(0.0, cap)
 
 
 def _error_text(exc: BaseException) -> str:
@@ -112,12 +121,12 @@ class OutboxDispatcher:
         https: CloudHttpClient | None,
         breakers: dict[str, CircuitBreaker],
         clock: Callable[[], float] = time.time,
-        max_attempts: int = 10,
-        sending_timeout_s: float = 300.0,
-        batch_size: int = 500,
-        backoff_base_s: float = 1.0,
-        backoff_max_s: float = 300.0,
-        https_bulk_threshold: int | None = 1000,
+        max_attempts: int = MAX_ATTEMPTS,
+        sending_timeout_s: float = SENDING_TIMEOUT_S,
+        batch_size: int = BATCH_SIZE,
+        backoff_base_s: float = BACKOFF_BASE_S,
+        backoff_max_s: float = BACKOFF_MAX_S,
+        https_bulk_threshold: int | None = HTTPS_BULK_THRESHOLD,
         idle_poll_s: float = IDLE_POLL_S,
     ) -> None:
         if max_attempts < 1 or batch_size < 1:
@@ -132,6 +141,8 @@ class OutboxDispatcher:
         self.batch_size = batch_size
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
+        # Full jitter: thousands of gateways back from one outage do not retry in step.
+        self._backoff = Backoff(backoff_base_s, backoff_max_s)
         self.https_bulk_threshold = https_bulk_threshold
         self.idle_poll_s = idle_poll_s
         self._wakeup = asyncio.Event()
@@ -390,8 +401,7 @@ class OutboxDispatcher:
             retryable=not rejected,
             channel=channel,
             now=now,
-            next_attempt_at=now
-            + full_jitter_backoff(attempts, self.backoff_base_s, self.backoff_max_s),
+            next_attempt_at=now + self._backoff.delay(attempts),
             max_attempts=self.max_attempts,
         )
         self._progress += 1

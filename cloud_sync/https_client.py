@@ -33,13 +33,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import httpx
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_random_exponential,
-)
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
+from cloud_sync.backoff import Backoff
 from cloud_sync.outbox import OutboxItem
 
 __all__ = [
@@ -50,6 +46,7 @@ __all__ = [
     "CloudServerError",
     "CloudUnreachable",
     "ENDPOINT_FAULT_STATUSES",
+    "TIMEOUT_S",
 ]
 
 #: Statuses that say "not now" without the request having been processed.
@@ -57,6 +54,8 @@ UNAVAILABLE_STATUSES = frozenset({429, 502, 503, 504})
 #: 4xx statuses that blame the endpoint or the configuration, not the request's events:
 #: bad/expired token, wrong URL or method, a batch too large for the server.
 ENDPOINT_FAULT_STATUSES = frozenset({401, 403, 404, 405, 413})
+#: Seconds for one request (connect, write, read).
+TIMEOUT_S = 10.0
 #: Attempts of one call (the first included) before the error goes to the dispatcher.
 DEFAULT_RETRY_ATTEMPTS = 3
 #: A rejection reason is stored in the DLQ and shown to technicians: keep it short.
@@ -144,7 +143,7 @@ class CloudHttpClient:
         gateway_id: str,
         *,
         token: str | None,
-        timeout_s: float = 10.0,
+        timeout_s: float = TIMEOUT_S,
         transport: httpx.AsyncBaseTransport | None = None,
         verify: bool | str = True,
         retry_attempts: int = DEFAULT_RETRY_ATTEMPTS,
@@ -164,8 +163,7 @@ class CloudHttpClient:
             verify=verify,
         )
         self._retry_attempts = max(1, retry_attempts)
-        self._retry_base_s = retry_base_s
-        self._retry_max_s = retry_max_s
+        self._retry_wait = Backoff(retry_base_s, retry_max_s).wait
         self._sleep = sleep
 
     async def __aenter__(self) -> CloudHttpClient:
@@ -193,7 +191,7 @@ class CloudHttpClient:
             kwargs["sleep"] = self._sleep
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self._retry_attempts),
-            wait=wait_random_exponential(multiplier=self._retry_base_s, max=self._retry_max_s),
+            wait=self._retry_wait,
             retry=retry_if_exception_type(CloudRetryable),
             reraise=True,
             **kwargs,

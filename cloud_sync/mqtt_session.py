@@ -24,25 +24,49 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Protocol, Self
 
 import aiomqtt
 import paho.mqtt.client as paho
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from cloud_sync.backoff import Backoff
 
 __all__ = [
+    "ALERTS_TOPIC",
+    "COMMANDS_TOPIC",
+    "COMPENSATION_TOPIC",
+    "CYCLES_TOPIC",
+    "EVENT_TOPICS",
+    "PRESENCE_TOPIC",
+    "RESULTS_TOPIC",
+    "TOPIC_PREFIX",
     "CommandSink",
     "MqttLinkDown",
     "MqttSettings",
     "MqttSession",
+    "base_topic",
 ]
 
 log = logging.getLogger(__name__)
+
+# The contract's topics, under P = base_topic(...) (docs/mqtt-contract.md "Topics");
+# the core publishes its events under these names.
+TOPIC_PREFIX = "metalav/v1"  # the default; configurable
+COMMANDS_TOPIC = "commands/execute"
+PRESENCE_TOPIC = "presence"
+RESULTS_TOPIC = "results"
+CYCLES_TOPIC = "cycles"
+COMPENSATION_TOPIC = "compensation"
+ALERTS_TOPIC = "alerts"
+#: Every topic an outbox item may have (OutboxItem.topic).
+EVENT_TOPICS = (RESULTS_TOPIC, CYCLES_TOPIC, COMPENSATION_TOPIC, ALERTS_TOPIC)
 
 #: A connection that lasted this long resets the reconnect backoff.
 STABLE_CONNECTION_S = 30.0
@@ -52,9 +76,11 @@ PUBLISH_TIMEOUT_S = 10.0
 PENDING_CALLS_WARNING = 10_000
 #: How long a clean stop waits for the broker to take the "offline" presence.
 OFFLINE_PUBLISH_TIMEOUT_S = 2.0
-#: Back-off between offers of a command the sink could not make durable.
-NOT_DURABLE_RETRY_MIN_S = 0.5
-NOT_DURABLE_RETRY_MAX_S = 30.0
+#: QoS 1 messages awaiting their PUBACK at once (mosquitto's default cap).
+MAX_INFLIGHT = 100
+#: Back-off between offers of a command the sink could not make durable: doubling,
+#: no jitter (one message of this gateway waits; nothing is sent to the broker).
+NOT_DURABLE_RETRY = Backoff(0.5, 30.0, jitter=False)
 
 
 class CommandSink(Protocol):
@@ -113,32 +139,51 @@ class _AckSlot:
         self._acks._settle(self._index, None)  # noqa: SLF001
 
 
-@dataclass(frozen=True)
-class MqttSettings:
-    host: str
-    gateway_id: str
-    port: int = 1883
-    client_id: str | None = None  # default: gateway_id (fixed, for the persistent session)
+class MqttSettings(BaseModel):
+    """How to reach the broker: the ``[mqtt]`` section of the gateway's config file
+    (config.example.toml documents each key). The one model of these settings, so
+    that ``metalav-gateway check-config`` refuses exactly what the session would.
+
+    The gateway id (client id and topic level) is not here: it is the gateway's own,
+    ``[gateway] id``, handed to :class:`MqttSession` on its own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = "localhost"
+    port: int = Field(default=1883, ge=1, le=65535)
     username: str | None = None
     password: str | None = None
-    keepalive: int = 30
-    topic_prefix: str = "metalav/v1"
-    tls_ca_file: str | None = None
-    tls_cert_file: str | None = None
-    tls_key_file: str | None = None
-    reconnect_min_s: float = 1.0
-    reconnect_max_s: float = 60.0
-    max_inflight: int = 100  # QoS 1 messages awaiting PUBACK (mosquitto's default cap)
+    # Seconds between pings; the broker declares the gateway gone after 1.5x this.
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    topic_prefix: str = TOPIC_PREFIX
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # Reconnect backoff: full jitter between these bounds (docs/mqtt-contract.md).
+    reconnect_min_s: float = Field(default=1.0, gt=0)
+    reconnect_max_s: float = Field(default=60.0, gt=0)
 
-    def __post_init__(self) -> None:
-        if not self.gateway_id or any(c in self.gateway_id for c in "/+#"):
-            raise ValueError("gateway_id must be non-empty and contain no '/', '+' or '#'")
-        if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
-            raise ValueError("need 0 < reconnect_min_s <= reconnect_max_s")
+    @model_validator(mode="after")
+    def _reconnect_bounds(self) -> Self:
+        if self.reconnect_min_s > self.reconnect_max_s:
+            # A ValidationError rather than a ValueError, so that the error names the
+            # key (mqtt.reconnect_min_s) and not only the section.
+            raise ValidationError.from_exception_data(
+                type(self).__name__,
+                [
+                    InitErrorDetails(
+                        type=PydanticCustomError("value_error", "must not exceed reconnect_max_s"),
+                        loc=("reconnect_min_s",),
+                        input=self.reconnect_min_s,
+                    )
+                ],
+            )
+        return self
 
-    @property
-    def base_topic(self) -> str:
-        return f"{self.topic_prefix}/gateways/{self.gateway_id}"
+
+def base_topic(topic_prefix: str, gateway_id: str) -> str:
+    """``P``, the level every topic of one gateway lives under."""
+    return f"{topic_prefix}/gateways/{gateway_id}"
 
 
 def _presence(state: str, gateway_id: str) -> bytes:
@@ -160,20 +205,29 @@ class MqttSession:
         settings: MqttSettings,
         sink: CommandSink | None = None,
         *,
+        gateway_id: str,
         on_link_change: Callable[[bool], None] | None = None,
         publish_timeout_s: float = PUBLISH_TIMEOUT_S,
     ) -> None:
+        if not gateway_id or any(c in gateway_id for c in "/+#"):
+            raise ValueError("gateway_id must be non-empty and contain no '/', '+' or '#'")
         self._settings = settings
+        self.gateway_id = gateway_id
         self._sink = sink
         self._on_link_change = on_link_change
         self._publish_timeout_s = publish_timeout_s
+        # Full jitter, floored at reconnect_min_s so one gateway never hammers the
+        # broker either.
+        self._reconnect = Backoff(
+            settings.reconnect_min_s, settings.reconnect_max_s, floor_s=settings.reconnect_min_s
+        )
         self._client: aiomqtt.Client | None = None
         self._connected = False
         self._link_down = asyncio.Event()
         self._link_down.set()
-        base = settings.base_topic
-        self.command_topic = f"{base}/commands/execute"
-        self.presence_topic = f"{base}/presence"
+        self.base_topic = base_topic(settings.topic_prefix, gateway_id)
+        self.command_topic = f"{self.base_topic}/{COMMANDS_TOPIC}"
+        self.presence_topic = f"{self.base_topic}/{PRESENCE_TOPIC}"
 
     @property
     def connected(self) -> bool:
@@ -189,7 +243,7 @@ class MqttSession:
         client = self._client
         if client is None or not self._connected:
             return [MqttLinkDown("not connected") for _ in items]
-        base = self._settings.base_topic
+        base = self.base_topic
         paho_client = self._paho(client)
         acks = _Acks(len(items))
         # aiomqtt's own publish() costs a task, a future and a timeout per message,
@@ -241,7 +295,7 @@ class MqttSession:
             return
         # paho's publish only queues the packet (no await needed); aiomqtt's
         # on_publish callback ignores mids it is not waiting for.
-        info = self._paho(client).publish(f"{self._settings.base_topic}/{topic}", payload, qos=1)
+        info = self._paho(client).publish(f"{self.base_topic}/{topic}", payload, qos=1)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             log.debug("best-effort publish to %s dropped (rc=%s)", topic, info.rc)
 
@@ -276,33 +330,33 @@ class MqttSession:
             await asyncio.sleep(delay)
 
     def _backoff(self, attempt: int) -> float:
-        # Full jitter (AWS architecture blog, "Exponential Backoff And Jitter"), floored
-        # at reconnect_min_s so one gateway never hammers the broker either.
-        s = self._settings
-        cap = min(s.reconnect_max_s, s.reconnect_min_s * (2 ** min(attempt, 32)))
-        return random.uniform(s.reconnect_min_s, cap)
+        """The delay after ``attempt`` reconnects in a row (0 for the first)."""
+        return self._reconnect.delay(attempt + 1)
 
     def _make_client(self) -> aiomqtt.Client:
         s = self._settings
         tls = None
         if s.tls_ca_file or s.tls_cert_file:
             tls = aiomqtt.TLSParameters(
-                ca_certs=s.tls_ca_file, certfile=s.tls_cert_file, keyfile=s.tls_key_file
+                ca_certs=_path(s.tls_ca_file),
+                certfile=_path(s.tls_cert_file),
+                keyfile=_path(s.tls_key_file),
             )
         client = aiomqtt.Client(
             s.host,
             s.port,
             username=s.username,
             password=s.password,
-            identifier=s.client_id or s.gateway_id,
+            # Fixed, the gateway id: the persistent session is found by it.
+            identifier=self.gateway_id,
             clean_session=False,
-            keepalive=s.keepalive,
+            keepalive=s.keepalive_s,
             tls_params=tls,
             # paho's default window is 20 unacked QoS 1 messages; publish_many's
             # pipeline needs a wider one (brokers cap it with their receive maximum).
-            max_inflight_messages=s.max_inflight,
+            max_inflight_messages=MAX_INFLIGHT,
             will=aiomqtt.Will(
-                self.presence_topic, _presence("offline", s.gateway_id), qos=1, retain=True
+                self.presence_topic, _presence("offline", self.gateway_id), qos=1, retain=True
             ),
         )
         # Before CONNACK: a persistent session's queued commands flow right after it,
@@ -326,7 +380,7 @@ class MqttSession:
             try:
                 await client.publish(
                     self.presence_topic,
-                    _presence("online", self._settings.gateway_id),
+                    _presence("online", self.gateway_id),
                     qos=1,
                     retain=True,
                 )
@@ -339,7 +393,7 @@ class MqttSession:
                 with contextlib.suppress(aiomqtt.MqttError):
                     await client.publish(
                         self.presence_topic,
-                        _presence("offline", self._settings.gateway_id),
+                        _presence("offline", self.gateway_id),
                         qos=1,
                         retain=True,
                         timeout=OFFLINE_PUBLISH_TIMEOUT_S,
@@ -363,12 +417,13 @@ class MqttSession:
         it stays with the broker (redelivered after a reconnect or a crash); later
         commands wait behind it. No reconnect is forced: that only hammers the broker
         (a fleet with full disks would stampede it) and redelivers nothing new."""
-        delay = NOT_DURABLE_RETRY_MIN_S
+        delays = NOT_DURABLE_RETRY.delays()
         while True:
             try:
                 await sink.handle_command(payload)
                 return
             except Exception as exc:
+                delay = next(delays)
                 # No payload and no exception text in the log: both may carry PII.
                 log.error(
                     "command mid=%d not durable (%s); not acknowledged, offered again in %.1f s",
@@ -377,7 +432,6 @@ class MqttSession:
                     delay,
                 )
             await asyncio.sleep(delay)
-            delay = min(delay * 2, NOT_DURABLE_RETRY_MAX_S)
 
     def _set_link(self, up: bool) -> None:
         if up == self._connected:
@@ -392,6 +446,10 @@ class MqttSession:
                 self._on_link_change(up)
             except Exception:
                 log.exception("on_link_change callback failed")
+
+
+def _path(path: Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 def _no_delay(sock: object) -> None:

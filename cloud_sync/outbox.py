@@ -32,6 +32,7 @@ from typing import Protocol
 __all__ = [
     "CHANNELS",
     "OUTCOMES",
+    "SENDING_TIMEOUT_ERROR",
     "STATES",
     "DispatchRecord",
     "MemoryOutboxStore",
@@ -39,6 +40,8 @@ __all__ = [
     "OutboxStore",
 ]
 
+#: The outbox states, in the order of the diagram above: the one list, for every
+#: OutboxStore (the journal's included; it may keep more, e.g. "archived").
 STATES = ("pending", "sending", "sent", "failed", "dead")
 #: Dispatch log outcomes. ``unreachable`` is a :meth:`OutboxStore.release`.
 OUTCOMES = ("sent", "failed", "dead", "timeout", "unreachable")
@@ -52,7 +55,7 @@ class OutboxItem:
     id: int
     event_id: str
     stream: str  # ordering domain: items of one stream are delivered in id order
-    topic: str  # suffix under the gateway's MQTT prefix: results, alerts, compensation, cycles
+    topic: str  # suffix under the gateway's MQTT prefix: one of mqtt_session.EVENT_TOPICS
     payload: bytes  # JSON object with an "event_id"
     attempts: int  # attempts that ended before this claim (0 on the first one)
 

@@ -20,14 +20,33 @@ from typing import Protocol, runtime_checkable
 
 from firmware_bridge.frames import Pong, QueryReply, ReleaseAck
 
-__all__ = ["BoardDriver", "InputState", "LevelHold", "Program", "PulseTrain", "ring_vouches"]
+__all__ = [
+    "MAX_CHANNELS",
+    "MAX_EDGE_MS",
+    "MAX_HOLD_MS",
+    "MAX_INPUTS",
+    "MAX_PULSES",
+    "MIN_EDGE_MS",
+    "MIN_HOLD_MS",
+    "BoardDriver",
+    "InputState",
+    "LevelHold",
+    "Program",
+    "PulseTrain",
+    "ring_vouches",
+]
 
-# Limits every driver enforces (the MCU board NACKs with bad_params outside them).
+# Limits every driver enforces (the MCU board NACKs with bad_params outside them,
+# docs/firmware-protocol.md): the one source, for the drivers and the config's cycles.
 MAX_PULSES = 50
 MIN_EDGE_MS = 10
 MAX_EDGE_MS = 5000
 MIN_HOLD_MS = 100
 MAX_HOLD_MS = 3_600_000
+# InputState, like the INPUTS frame, has one bit per input and per relay channel in a
+# u64 (docs/firmware-protocol.md, 0x86 INPUTS): inputs and channels are 1..64.
+MAX_INPUTS = 64
+MAX_CHANNELS = 64
 
 
 @dataclass(frozen=True)

@@ -254,8 +254,8 @@ class Ping:
 
 @dataclass(frozen=True, slots=True)
 class Release:
-    """Start a pulse train. Semantic ranges (channel 1..N, pulse_count 1..50,
-    on_ms/off_ms 10..5000) are the board's to check; here only field widths."""
+    """Start a pulse train. Semantic ranges (channel 1..N, and the limits of
+    firmware_bridge.driver) are the board's to check; here only field widths."""
 
     TYPE: ClassVar[FrameType] = FrameType.RELEASE
     FORMAT: ClassVar[str] = ">QBBHH"
@@ -295,7 +295,8 @@ class Query:
 @dataclass(frozen=True, slots=True)
 class ReleaseLevel:
     """Hold the contact closed for ``hold_ms`` ("RELEASE_LEVEL"); answered with
-    RELEASE_ACK exactly like RELEASE. The range 100..3600000 is the board's to check."""
+    RELEASE_ACK exactly like RELEASE. Its range (firmware_bridge.driver) is the board's
+    to check."""
 
     TYPE: ClassVar[FrameType] = FrameType.RELEASE_LEVEL
     FORMAT: ClassVar[str] = ">QBI"

@@ -26,7 +26,7 @@ from typing import Protocol
 from firmware_bridge.exceptions import BoardUnavailable
 from firmware_bridge.host_timed import HostTimedBoard, OutputFault
 
-__all__ = ["CONSUMER", "GpioBoard", "GpioChip", "GpioLines", "GpiodChip"]
+__all__ = ["CONSUMER", "GpioBoard", "GpioChip", "GpioLines", "GpiodChip", "check_lines"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -102,6 +102,21 @@ class _GpiodLines:
         self._request.release()
 
 
+def check_lines(outputs: Mapping[int, int], inputs: Mapping[int, int]) -> None:
+    """Raise ``ValueError`` unless ``outputs`` maps channels 1..N and ``inputs`` numbers
+    from 1, each to its own line. (The gateway's config asks too, so that a config check
+    refuses what this would.)"""
+    if not outputs:
+        raise ValueError("at least one output channel is needed")
+    if sorted(outputs) != list(range(1, len(outputs) + 1)):
+        raise ValueError(f"output channels must be 1..{len(outputs)}, got {sorted(outputs)}")
+    if any(n < 1 for n in inputs):
+        raise ValueError("input numbers start at 1")
+    offsets = list(outputs.values()) + list(inputs.values())
+    if len(set(offsets)) != len(offsets):
+        raise ValueError("a line offset is used twice")
+
+
 class GpioBoard(HostTimedBoard):
     """Relays and inputs on GPIO lines. Satisfies ``driver.BoardDriver``.
 
@@ -119,15 +134,7 @@ class GpioBoard(HostTimedBoard):
         chip: GpioChip | None = None,
         on_fault: Callable[[OutputFault], None] | None = None,
     ) -> None:
-        if not outputs:
-            raise ValueError("at least one output channel is needed")
-        if sorted(outputs) != list(range(1, len(outputs) + 1)):
-            raise ValueError(f"output channels must be 1..{len(outputs)}, got {sorted(outputs)}")
-        if any(n < 1 for n in inputs):
-            raise ValueError("input numbers start at 1")
-        offsets = list(outputs.values()) + list(inputs.values())
-        if len(set(offsets)) != len(offsets):
-            raise ValueError("a line offset is used twice")
+        check_lines(outputs, inputs)
         super().__init__(channels=len(outputs), active_low=active_low, on_fault=on_fault)
         self.chip_path = chip_path
         self._outputs = dict(outputs)

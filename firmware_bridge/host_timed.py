@@ -48,7 +48,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -66,7 +66,14 @@ from firmware_bridge.driver import (
 from firmware_bridge.exceptions import BoardError, BoardNack, BoardNoReply, BoardUnavailable
 from firmware_bridge.frames import FrameType, NackReason, Pong, QueryReply, ReleaseAck
 
-__all__ = ["RING_SIZE", "HostTimedBoard", "OutputFault", "program_edges", "validate_program"]
+__all__ = [
+    "RING_SIZE",
+    "HostTimedBoard",
+    "OutputFault",
+    "check_channels",
+    "program_edges",
+    "validate_program",
+]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -88,6 +95,16 @@ class OutputFault:
     channel: int
     command_id: int | None
     error: BaseException
+
+
+def check_channels(channels: int, active_low: Iterable[int]) -> None:
+    """Raise ``ValueError`` unless there is a channel and every active-low one exists.
+    (The gateway's config asks too, so that a config check refuses what this would.)"""
+    if channels < 1:
+        raise ValueError("channels must be >= 1")
+    bad = sorted(c for c in active_low if not 1 <= c <= channels)
+    if bad:
+        raise ValueError(f"active_low channels {bad} not in 1..{channels}")
 
 
 def validate_program(program: Program) -> str | None:
@@ -155,11 +172,7 @@ class HostTimedBoard(abc.ABC):
         active_low: frozenset[int] = frozenset(),
         on_fault: Callable[[OutputFault], None] | None = None,
     ) -> None:
-        if channels < 1:
-            raise ValueError("channels must be >= 1")
-        bad = sorted(c for c in active_low if not 1 <= c <= channels)
-        if bad:
-            raise ValueError(f"active_low channels {bad} not in 1..{channels}")
+        check_channels(channels, active_low)
         self.channels = channels
         self.active_low = frozenset(active_low)
         self.on_fault = on_fault

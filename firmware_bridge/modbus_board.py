@@ -54,9 +54,14 @@ from firmware_bridge.exceptions import BoardNack, BoardNoReply, BoardUnavailable
 from firmware_bridge.frames import FrameType, NackReason
 from firmware_bridge.host_timed import HostTimedBoard, OutputFault
 
-__all__ = ["ModbusBoard"]
+__all__ = ["MAX_UNIT_ID", "TIMEOUT_S", "ModbusBoard"]
 
 LOGGER = logging.getLogger(__name__)
+
+#: Seconds to wait for a board's answer to one request, before retransmitting it.
+TIMEOUT_S = 0.3
+#: Unit ids 1..247 address one device (Modbus over serial line v1.02, section 2.2).
+MAX_UNIT_ID = 247
 
 # Modbus exception codes that mean "refused before acting" (Modbus application
 # protocol v1.1b3, section 7) and the NACK reason the gateway understands.
@@ -84,13 +89,13 @@ class ModbusBoard(HostTimedBoard):
         input_offset: int = 0,
         relay_sense_offset: int | None = None,
         active_low: frozenset[int] = frozenset(),
-        timeout_s: float = 0.3,
+        timeout_s: float = TIMEOUT_S,
         retries: int = 2,
         on_fault: Callable[[OutputFault], None] | None = None,
     ) -> None:
         super().__init__(channels=channels, active_low=active_low, on_fault=on_fault)
-        if not 1 <= unit_id <= 247:
-            raise ValueError(f"unit_id {unit_id} not in 1..247")
+        if not 1 <= unit_id <= MAX_UNIT_ID:
+            raise ValueError(f"unit_id {unit_id} not in 1..{MAX_UNIT_ID}")
         if inputs < 0:
             raise ValueError("inputs must be >= 0")
         self.port = port

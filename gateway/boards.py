@@ -19,7 +19,7 @@ def build_driver(config: GatewayConfig, on_fault: Callable[[OutputFault], None])
     """``on_fault``: a write that failed after the release was acknowledged (host-timed
     drivers only; the MCU board times its own pulses)."""
     board = config.board
-    active_low = frozenset(m.channel for m in config.machines if m.polarity == "active_low")
+    active_low = config.active_low_channels
     if board.driver == "serial":
         return SerialBoard(
             board.port,

@@ -8,6 +8,12 @@ in the environment, e.g. a systemd ``EnvironmentFile``, not in the TOML file).
 
 An invalid configuration is reported as one line per problem, naming the key, and the
 daemon stops before it touches the journal, the board or the network.
+
+What a component owns is written there once and only used here: the ``[mqtt]`` section
+is the session's own model (``cloud_sync.mqtt_session.MqttSettings``), and the other
+sections take their defaults and limits from the drivers, the dispatcher, the breakers
+and the verifier, and ask the drivers' own checks, so ``check-config`` refuses what the
+daemon would.
 """
 
 from __future__ import annotations
@@ -28,14 +34,30 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
 
-from cloud_sync.commands import CommandVerifier
-from firmware_bridge.driver import LevelHold, PulseTrain
+from cloud_sync import breaker, dispatcher, https_client
+from cloud_sync.commands import LEEWAY_S, SUPPORTED_ALGORITHMS, Algorithm, CommandVerifier
+from cloud_sync.mqtt_session import MqttSettings
+from firmware_bridge import modbus_board, serial_board
+from firmware_bridge.driver import (
+    MAX_CHANNELS,
+    MAX_EDGE_MS,
+    MAX_HOLD_MS,
+    MAX_INPUTS,
+    MAX_PULSES,
+    MIN_EDGE_MS,
+    MIN_HOLD_MS,
+    LevelHold,
+    PulseTrain,
+)
+from firmware_bridge.gpio_board import check_lines
+from firmware_bridge.host_timed import check_channels
 
 __all__ = ["ConfigError", "GatewayConfig", "load_config", "config_from_dict"]
 
@@ -75,24 +97,10 @@ class JournalSection(_Section):
     path: Path = Path("/var/lib/metalav/journal.db")
 
 
-class MqttSection(_Section):
-    host: str = "localhost"
-    port: int = Field(default=1883, ge=1, le=65535)
-    username: str | None = None
-    password: str | None = None
-    keepalive_s: int = Field(default=30, ge=5, le=3600)
-    topic_prefix: str = "metalav/v1"
-    tls_ca_file: Path | None = None
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
-    reconnect_min_s: float = Field(default=1.0, gt=0)
-    reconnect_max_s: float = Field(default=60.0, gt=0)
-
-
 class CommandsSection(_Section):
     public_keys: list[str] = Field(min_length=1, description="PEM public keys of the cloud signer")
-    algorithms: list[Literal["EdDSA", "ES256"]] = ["EdDSA", "ES256"]
-    leeway_s: int = Field(default=30, ge=0, le=600)
+    algorithms: list[Algorithm] = list(SUPPORTED_ALGORITHMS)
+    leeway_s: int = Field(default=LEEWAY_S, ge=0, le=600)
 
     @model_validator(mode="after")
     def _keys_usable(self) -> CommandsSection:
@@ -103,13 +111,13 @@ class CommandsSection(_Section):
 
 
 class ModbusSettings(_Section):
-    unit_id: int = Field(default=1, ge=1, le=247)
-    channels: int = Field(default=8, ge=1, le=64)
-    inputs: int = Field(default=8, ge=0, le=64)
+    unit_id: int = Field(default=1, ge=1, le=modbus_board.MAX_UNIT_ID)
+    channels: int = Field(default=8, ge=1, le=MAX_CHANNELS)
+    inputs: int = Field(default=8, ge=0, le=MAX_INPUTS)
     coil_offset: int = Field(default=0, ge=0)
     input_offset: int = Field(default=0, ge=0)
     relay_sense_offset: int | None = Field(default=None, ge=0)
-    timeout_s: float = Field(default=0.3, gt=0, le=10)
+    timeout_s: float = Field(default=modbus_board.TIMEOUT_S, gt=0, le=10)
 
 
 class GpioSettings(_Section):
@@ -122,8 +130,9 @@ class BoardSection(_Section):
     driver: Literal["serial", "modbus", "gpio"] = "serial"
     port: str = "/dev/ttyACM0"
     baudrate: int = Field(default=115200, gt=0)
-    ack_timeout_s: float = Field(default=0.25, gt=0, le=10)
-    max_retries: int = Field(default=3, ge=0, le=20)
+    # The serial board's defaults are its protocol's (docs/firmware-protocol.md).
+    ack_timeout_s: float = Field(default=serial_board.ACK_TIMEOUT, gt=0, le=10)
+    max_retries: int = Field(default=serial_board.MAX_RETRIES, ge=0, le=20)
     reconnect_s: float = Field(default=2.0, gt=0)
     # Inputs (busy signals, sensed relay contacts) are sampled this often.
     poll_ms: int = Field(default=100, ge=20, le=5000)
@@ -139,7 +148,7 @@ class CloudSection(_Section):
     base_url: str | None = None
     # Bearer token of this gateway; set it through METALAV_CLOUD__TOKEN.
     token: str | None = None
-    timeout_s: float = Field(default=10.0, gt=0, le=120)
+    timeout_s: float = Field(default=https_client.TIMEOUT_S, gt=0, le=120)
     ca_file: Path | None = None
 
     @field_validator("base_url")
@@ -151,14 +160,13 @@ class CloudSection(_Section):
 
 
 class OutboxSection(_Section):
-    max_attempts: int = Field(default=10, ge=1, le=1000)
-    # The runbook's rule: an item "sending" longer than this goes back to failed.
-    sending_timeout_s: float = Field(default=300.0, gt=0)
-    batch_size: int = Field(default=500, ge=1, le=10_000)
-    backoff_base_s: float = Field(default=1.0, gt=0)
-    backoff_max_s: float = Field(default=300.0, gt=0)
-    # A backlog deeper than this goes over HTTPS batches even with MQTT up.
-    https_bulk_threshold: int = Field(default=1000, ge=1)
+    # The dispatcher's defaults (cloud_sync.dispatcher says what each one is).
+    max_attempts: int = Field(default=dispatcher.MAX_ATTEMPTS, ge=1, le=1000)
+    sending_timeout_s: float = Field(default=dispatcher.SENDING_TIMEOUT_S, gt=0)
+    batch_size: int = Field(default=dispatcher.BATCH_SIZE, ge=1, le=10_000)
+    backoff_base_s: float = Field(default=dispatcher.BACKOFF_BASE_S, gt=0)
+    backoff_max_s: float = Field(default=dispatcher.BACKOFF_MAX_S, gt=0)
+    https_bulk_threshold: int = Field(default=dispatcher.HTTPS_BULK_THRESHOLD, ge=1)
     # The integrations runbook: pending under 100 normal, 100-500 alert, over 500 critical.
     warn_depth: int = Field(default=100, ge=1)
     critical_depth: int = Field(default=500, ge=1)
@@ -167,21 +175,23 @@ class OutboxSection(_Section):
 
 
 class BreakerSection(_Section):
-    failure_threshold: int = Field(default=5, ge=1, le=1000)
-    reset_timeout_s: float = Field(default=30.0, gt=0)
+    failure_threshold: int = Field(default=breaker.FAILURE_THRESHOLD, ge=1, le=1000)
+    reset_timeout_s: float = Field(default=breaker.RESET_TIMEOUT_S, gt=0)
 
 
 class ApiSection(_Section):
     socket: Path = Path("/run/metalav/metalav.sock")
 
 
+# The limits are the drivers' (firmware_bridge.driver, the board's bad_params): a
+# program the config accepts is one every driver runs.
 class PulseProgram(_Section):
     """Coin emulation: ``pulses`` closures (Alliance controls count 15-130 ms as a coin)."""
 
     type: Literal["pulses"] = "pulses"
-    pulses: int = Field(ge=1, le=50)
-    on_ms: int = Field(default=100, ge=10, le=5000)
-    off_ms: int = Field(default=100, ge=10, le=5000)
+    pulses: int = Field(ge=1, le=MAX_PULSES)
+    on_ms: int = Field(default=100, ge=MIN_EDGE_MS, le=MAX_EDGE_MS)
+    off_ms: int = Field(default=100, ge=MIN_EDGE_MS, le=MAX_EDGE_MS)
 
     def train(self) -> PulseTrain:
         return PulseTrain(self.pulses, self.on_ms, self.off_ms)
@@ -191,7 +201,7 @@ class LevelProgram(_Section):
     """An "enable start" input held closed for ``hold_ms``."""
 
     type: Literal["level"]
-    hold_ms: int = Field(ge=100, le=3_600_000)
+    hold_ms: int = Field(ge=MIN_HOLD_MS, le=MAX_HOLD_MS)
 
     def train(self) -> LevelHold:
         return LevelHold(self.hold_ms)
@@ -204,9 +214,9 @@ class DryerTimeProgram(_Section):
     type: Literal["dryer_time"]
     minutes: int = Field(ge=1, le=240)
     minutes_per_pulse: int = Field(ge=1, le=60)
-    min_pulses: int = Field(default=1, ge=1, le=50)
-    on_ms: int = Field(default=100, ge=10, le=5000)
-    off_ms: int = Field(default=100, ge=10, le=5000)
+    min_pulses: int = Field(default=1, ge=1, le=MAX_PULSES)
+    on_ms: int = Field(default=100, ge=MIN_EDGE_MS, le=MAX_EDGE_MS)
+    off_ms: int = Field(default=100, ge=MIN_EDGE_MS, le=MAX_EDGE_MS)
     top_up: bool = False
 
     @property
@@ -218,8 +228,8 @@ class DryerTimeProgram(_Section):
 
     @model_validator(mode="after")
     def _fits(self) -> DryerTimeProgram:
-        if self.pulses > 50:
-            raise ValueError(f"{self.pulses} pulses needed, at most 50 in one train")
+        if self.pulses > MAX_PULSES:
+            raise ValueError(f"{self.pulses} pulses needed, at most {MAX_PULSES} in one train")
         return self
 
 
@@ -241,7 +251,7 @@ CycleProgram = Annotated[
 class BusyInput(_Section):
     """The machine's "running" signal wired to a board input."""
 
-    input: int = Field(ge=1, le=64)
+    input: int = Field(ge=1, le=MAX_INPUTS)
     active: Literal["high", "low"] = "high"
     debounce_ms: int = Field(default=200, ge=0, le=10_000)
 
@@ -250,7 +260,7 @@ class Machine(_Section):
     id: Identifier
     label: str = ""
     kind: Literal["washer", "dryer"]
-    channel: int = Field(ge=1, le=64)
+    channel: int = Field(ge=1, le=MAX_CHANNELS)
     polarity: Literal["active_high", "active_low"] = "active_high"
     busy_input: BusyInput | None = None
     # After the release, the machine must report busy within this window, else
@@ -268,7 +278,8 @@ class GatewayConfig(BaseSettings):
 
     gateway: GatewaySection
     journal: JournalSection = JournalSection()
-    mqtt: MqttSection = MqttSection()
+    # The session's own model (cloud_sync), so check-config refuses what it would.
+    mqtt: MqttSettings = MqttSettings()
     commands: CommandsSection
     board: BoardSection = BoardSection()
     cloud: CloudSection = CloudSection()
@@ -304,6 +315,28 @@ class GatewayConfig(BaseSettings):
                     )
         return self
 
+    @model_validator(mode="after")
+    def _board_takes_the_wiring(self) -> GatewayConfig:
+        # The driver's own checks, which it would make at start-up: asked here too, so
+        # that check-config refuses what the daemon would, under the key at fault.
+        board = self.board
+        try:
+            if board.driver == "gpio":
+                key: tuple[str, ...] = ("board", "gpio")
+                check_lines(board.gpio.outputs, board.gpio.inputs)
+                check_channels(len(board.gpio.outputs), self.active_low_channels)
+            elif board.driver == "modbus":
+                key = ("board", "modbus", "channels")
+                check_channels(board.modbus.channels, self.active_low_channels)
+        except ValueError as exc:
+            raise _error_at(key, str(exc)) from None
+        return self
+
+    @property
+    def active_low_channels(self) -> frozenset[int]:
+        """Relay channels whose machine is wired active-low (the driver inverts them)."""
+        return frozenset(m.channel for m in self.machines if m.polarity == "active_low")
+
     def machine(self, machine_id: str) -> Machine | None:
         return next((m for m in self.machines if m.id == machine_id), None)
 
@@ -319,6 +352,15 @@ class GatewayConfig(BaseSettings):
         # The environment wins over the file, so a deployment can override one key
         # (or inject a secret) without editing the TOML.
         return (env_settings, init_settings)
+
+
+def _error_at(loc: tuple[str, ...], message: str) -> ValidationError:
+    """A validation error under ``loc`` (a model validator's own errors would name only
+    the model), so that the line names the key at fault."""
+    return ValidationError.from_exception_data(
+        "GatewayConfig",
+        [InitErrorDetails(type=PydanticCustomError("value_error", message), loc=loc, input=None)],
+    )
 
 
 def _format_errors(exc: ValidationError) -> list[str]:

@@ -26,7 +26,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from cloud_sync.mqtt_session import MqttSession, MqttSettings
+from cloud_sync.mqtt_session import ALERTS_TOPIC, MqttSession
 
 from . import instance_lock
 from .api import LocalApi
@@ -66,22 +66,9 @@ class Daemon:
 
         # The cloud side: commands in (the session takes its command sink when it
         # runs), events out through the outbox dispatcher.
-        m = config.mqtt
         self.session = MqttSession(
-            MqttSettings(
-                host=m.host,
-                port=m.port,
-                gateway_id=config.gateway.id,
-                username=m.username,
-                password=m.password,
-                keepalive=m.keepalive_s,
-                topic_prefix=m.topic_prefix,
-                tls_ca_file=str(m.tls_ca_file) if m.tls_ca_file else None,
-                tls_cert_file=str(m.tls_cert_file) if m.tls_cert_file else None,
-                tls_key_file=str(m.tls_key_file) if m.tls_key_file else None,
-                reconnect_min_s=m.reconnect_min_s,
-                reconnect_max_s=m.reconnect_max_s,
-            ),
+            config.mqtt,
+            gateway_id=config.gateway.id,
             on_link_change=self._broker_link,
         )
         self.sync = CloudSync(config, self.journal, self.session)
@@ -125,7 +112,7 @@ class Daemon:
                 iso_utc(fault.since),
             )
             payload = json.dumps({"event_id": str(uuid.uuid4()), **event})
-            self.session.publish_best_effort("alerts", payload.encode())
+            self.session.publish_best_effort(ALERTS_TOPIC, payload.encode())
             return
         previous, self._journal_fault = self._journal_fault, None
         if previous is None:

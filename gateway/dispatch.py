@@ -25,11 +25,10 @@ import logging
 import os
 import signal
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 
-import tenacity
-
+from cloud_sync.backoff import Backoff
 from firmware_bridge.driver import Program, ring_vouches
 from firmware_bridge.exceptions import BoardError, BoardNack, BoardUnavailable
 
@@ -50,9 +49,9 @@ RECOVERY_RETRY_S = 1.0
 # rather than "unknown forever" (promise 2).
 DOUBT_GRACE_S = 600.0
 # While the journal cannot write, what must be recorded is tried again this often
-# (exponential, capped): each try is a probe of the disk, cheap but not free.
-JOURNAL_RETRY_MIN_S = 0.2
-JOURNAL_RETRY_MAX_S = 10.0
+# (doubling, capped): each try is a probe of the disk, cheap but not free. No jitter:
+# one process retrying its own disk stampedes nobody.
+JOURNAL_RETRY = Backoff(0.2, 10.0, jitter=False)
 
 # Fault injection for the crash tests: the daemon SIGKILLs itself at the named point,
 # the Nth time it gets there with ``point:N``. Read once at start-up; unset in production.
@@ -150,7 +149,7 @@ class Dispatch:
         """The one writer of releases: each in dispatch order, each settled in the
         journal before the next goes out (the invariant recovery relies on)."""
         await self._recovered.wait()
-        retry = _journal_backoff()
+        retry = JOURNAL_RETRY.delays()
         while not self._stopping:
             if not self._queue:
                 self._queue_changed.clear()
@@ -173,7 +172,7 @@ class Dispatch:
                 self._queue.appendleft((key, resend))
                 await asyncio.sleep(next(retry))
                 continue
-            retry = _journal_backoff()
+            retry = JOURNAL_RETRY.delays()
 
     def _doubt_pending(self) -> bool:
         """A release in doubt still waits for the board's answer (or a person's)."""
@@ -207,7 +206,7 @@ class Dispatch:
             self._idle.set()
 
     async def _until_durable(self, write: Callable[[], object], execute_key: str) -> None:
-        retry = _journal_backoff()
+        retry = JOURNAL_RETRY.delays()
         while True:
             try:
                 write()
@@ -366,7 +365,7 @@ class Dispatch:
     async def run_recovery(self) -> None:
         """Ask the board about releases in doubt whenever the link says so (connect,
         boot id change, a release without a reply); dispatch what waited for the board."""
-        retry = _journal_backoff()
+        retry = JOURNAL_RETRY.delays()
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
@@ -389,7 +388,7 @@ class Dispatch:
                 self._link.recovery_wanted.set()
                 await asyncio.sleep(next(retry))
                 continue
-            retry = _journal_backoff()
+            retry = JOURNAL_RETRY.delays()
 
     def _dispatch_waiting(self) -> None:
         """Executions accepted while the board was away: expire or dispatch them."""
@@ -437,15 +436,3 @@ class Dispatch:
         self._stopping = True
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), timeout_s)
-
-
-def _journal_backoff() -> Iterator[float]:
-    """Delays between tries of a journal write that failed: exponential with jitter,
-    capped (tenacity's wait strategy, rather than one more hand-written formula)."""
-    wait = tenacity.wait_exponential_jitter(
-        initial=JOURNAL_RETRY_MIN_S, max=JOURNAL_RETRY_MAX_S, jitter=JOURNAL_RETRY_MIN_S
-    )
-    state = tenacity.RetryCallState(tenacity.Retrying(), None, (), {})
-    while True:
-        yield wait(state)
-        state.attempt_number += 1

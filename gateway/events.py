@@ -15,7 +15,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from cloud_sync.dispatcher import COMPENSATION_TOPIC
+from cloud_sync.mqtt_session import (
+    ALERTS_TOPIC,
+    COMPENSATION_TOPIC,
+    CYCLES_TOPIC,
+    RESULTS_TOPIC,
+)
 
 from .lifecycle import COMPENSATED, is_final
 
@@ -35,11 +40,8 @@ __all__ = [
     "result_payload",
 ]
 
-# Topic suffixes under the gateway's MQTT prefix (docs/mqtt-contract.md, "Topics").
-# COMPENSATION_TOPIC is the dispatcher's: it routes that topic to the HTTPS endpoint too.
-RESULTS_TOPIC = "results"
-ALERTS_TOPIC = "alerts"
-CYCLES_TOPIC = "cycles"
+# The topic suffixes (docs/mqtt-contract.md, "Topics") are the session's, re-exported
+# here beside the events they carry.
 
 #: The payment fields of a command, carried by every result and compensation (issue 4).
 PAYMENT_FIELDS = ("provider_ref", "idempotency_key", "amount_cents")

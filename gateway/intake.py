@@ -20,6 +20,7 @@ from cloud_sync.commands import CommandRejected, CommandVerifier, ExecuteCommand
 from .config import DryerTimeProgram, GatewayConfig, Machine
 from .confirmation import StartConfirmation
 from .dispatch import Dispatch, command_id_for
+from .events import RESULTS_TOPIC
 from .journal import DispatchStamp, Execution, Journal, JournalUnwritable, iso_utc, result_payload
 
 __all__ = ["Availability", "Intake"]
@@ -198,7 +199,7 @@ class Intake:
         log.info(
             "execution %s duplicate; re-sending stored result (%s)", known.execute_key, known.state
         )
-        self._publish("results", known.last_result.encode())
+        self._publish(RESULTS_TOPIC, known.last_result.encode())
 
     def _reject_unjournaled(self, rej: CommandRejected, now: float) -> None:
         """A command we cannot tie to a journal row: forged, malformed or not ours.
@@ -225,4 +226,4 @@ class Intake:
             seq=0,
             authentic=False,
         )
-        self._publish("results", payload.encode())
+        self._publish(RESULTS_TOPIC, payload.encode())

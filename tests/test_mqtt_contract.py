@@ -24,7 +24,7 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from cloud_sync.commands import EXECUTE_KEY_PATTERN, MAX_INTEGER_CLAIM, MAX_TEXT_CLAIM_CHARS
-from cloud_sync.mqtt_session import _presence
+from cloud_sync.mqtt_session import COMMANDS_TOPIC, EVENT_TOPICS, PRESENCE_TOPIC, _presence
 from cloud_sync.signing import generate_demo_keypair, sign_command
 from gateway.events import Alert, result_payload
 from gateway.journal import DispatchStamp, Journal, NewExecution
@@ -371,3 +371,10 @@ def test_cloud_api_compensation_event_is_the_mqtt_one(tmp_path: Path) -> None:
         assert not errors, (event, errors)
     errors = [e.message for e in validator("EventBatch").iter_errors({"events": events})]
     assert not errors
+
+
+def test_the_topic_table_names_exactly_the_topics_the_code_uses() -> None:
+    # The code's names (cloud_sync.mqtt_session) against the contract's "Topics" table.
+    table = re.findall(r"^\| `P/([a-z/]+)` \|", CONTRACT.read_text(), re.M)
+    assert sorted(table) == sorted([COMMANDS_TOPIC, PRESENCE_TOPIC, *EVENT_TOPICS])
+    assert set(SCHEMA_OF_TOPIC) == set(EVENT_TOPICS)

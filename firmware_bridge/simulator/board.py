@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from firmware_bridge.driver import (
     MAX_EDGE_MS,
     MAX_HOLD_MS,
+    MAX_INPUTS,
     MAX_PULSES,
     MIN_EDGE_MS,
     MIN_HOLD_MS,
@@ -66,13 +67,9 @@ __all__ = [
     "SimulatedBoard",
 ]
 
-# "Board behaviour": limits a v1 board enforces (shared with every driver).
 # Recent command ids remembered per boot ("De-duplication"): 32 is the minimum
 # real firmware may keep; --ring-size goes lower only to make forgetting testable.
 RING_SIZE = 32
-MAX_PULSE_COUNT = MAX_PULSES
-MIN_PULSE_MS = MIN_EDGE_MS
-MAX_PULSE_MS = MAX_EDGE_MS
 FW_MAJOR, FW_MINOR = 1, 2  # 1.1: RELEASE_LEVEL, ALL_OFF, READ_INPUTS; 1.2: exec_count
 FIRMWARES = ("1.1", "1.2")  # what --firmware can answer as
 _HOST_TYPES = (
@@ -213,8 +210,8 @@ class SimulatedBoard:
         """Force input ``n``'s raw level (True = high) whatever its machines do,
         or hand it back to them (None). A forced level survives a reboot: it is
         the wire, not the board."""
-        if not 1 <= n <= 64:
-            raise ValueError("input must be 1..64")
+        if not 1 <= n <= MAX_INPUTS:
+            raise ValueError(f"input must be 1..{MAX_INPUTS}")
         if level is None:
             self._forced.pop(n, None)
         else:
@@ -382,9 +379,9 @@ class SimulatedBoard:
             return self._nack(frame, NackReason.BAD_CHANNEL)
         if isinstance(release, Release):
             valid = (
-                1 <= release.pulse_count <= MAX_PULSE_COUNT
-                and MIN_PULSE_MS <= release.on_ms <= MAX_PULSE_MS
-                and MIN_PULSE_MS <= release.off_ms <= MAX_PULSE_MS
+                1 <= release.pulse_count <= MAX_PULSES
+                and MIN_EDGE_MS <= release.on_ms <= MAX_EDGE_MS
+                and MIN_EDGE_MS <= release.off_ms <= MAX_EDGE_MS
             )
         else:
             valid = MIN_HOLD_MS <= release.hold_ms <= MAX_HOLD_MS

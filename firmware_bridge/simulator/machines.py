@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from firmware_bridge.driver import MIN_EDGE_MS
+from firmware_bridge.driver import MAX_INPUTS, MIN_EDGE_MS
 from firmware_bridge.simulator.records import Edge
 
 __all__ = ["LEVEL_START_MS", "MachineSpec", "SimulatedMachine"]
@@ -67,7 +67,7 @@ class MachineSpec:
         if "channel" not in kwargs or "input" not in kwargs:
             raise ValueError("a machine needs channel= and input=")
         spec = cls(**kwargs)
-        if not (1 <= spec.channel <= 255 and 1 <= spec.input <= 64):
+        if not (1 <= spec.channel <= 255 and 1 <= spec.input <= MAX_INPUTS):
             raise ValueError("machine channel must be 1..255 and input 1..64")
         if spec.coins < 1 or min(spec.start_ms, spec.run_ms, spec.late_ms or 0) < 0:
             raise ValueError("machine coins must be >= 1 and timings >= 0")

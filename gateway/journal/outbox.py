@@ -9,7 +9,7 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
-from cloud_sync.outbox import STATES, OutboxItem
+from cloud_sync.outbox import SENDING_TIMEOUT_ERROR, STATES, OutboxItem
 
 from ..events import encode, iso_utc, new_event_id
 from .database import Database
@@ -103,11 +103,11 @@ class Outbox(Database):
         with self._tx() as c:
             rows = c.execute(
                 "UPDATE outbox SET state = 'failed', attempts = attempts + 1,"
-                " last_error = 'sending_timeout', next_attempt_at = ?, updated_at = ?"
+                " last_error = ?, next_attempt_at = ?, updated_at = ?"
                 " WHERE state = 'sending' AND sending_since < ? RETURNING id",
-                (now, iso_utc(now), now - older_than_s),
+                (SENDING_TIMEOUT_ERROR, now, iso_utc(now), now - older_than_s),
             ).fetchall()
-            _log_dispatch(c, [r["id"] for r in rows], now, None, "timeout", "sending_timeout")
+            _log_dispatch(c, [r["id"] for r in rows], now, None, "timeout", SENDING_TIMEOUT_ERROR)
         return len(rows)
 
     def mark_sent(self, ids: Sequence[int], *, channel: str, now: float) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..events import COMPENSATION_TOPIC
 from ..lifecycle import COMPENSATED, FINAL, PENDING_START, ExecutionState, ordered
 from .database import Database, placeholders
 
@@ -32,11 +33,11 @@ class Retention(Database):
             "SELECT e.execute_key, e.payment_id, e.provider_ref, e.idempotency_key,"
             " e.amount_cents, e.machine_id, e.state, e.reason, e.updated_at,"
             " (SELECT o.state FROM outbox o WHERE o.stream = e.execute_key"
-            "   AND o.topic = 'compensation' ORDER BY o.id DESC LIMIT 1) AS compensation_event"
+            "   AND o.topic = ? ORDER BY o.id DESC LIMIT 1) AS compensation_event"
             " FROM executions e WHERE e.received_at >= ?"
             f" AND e.state IN ({placeholders(compensated)})"
             " AND e.kind = 'payment' ORDER BY e.received_at",
-            (since_iso, *compensated),
+            (COMPENSATION_TOPIC, since_iso, *compensated),
         ).fetchall()
         return {
             "not_acknowledged": [dict(r) for r in unacked],

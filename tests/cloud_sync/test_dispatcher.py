@@ -76,15 +76,15 @@ def assert_in_order_once(events: list[dict[str, Any]], expected: int) -> None:
         assert ns == sorted(ns)
 
 
-def settings_for(broker: LocalBroker) -> MqttSettings:
-    return MqttSettings(
+def session_for(broker: LocalBroker) -> MqttSession:
+    settings = MqttSettings(
         host=broker.host,
         port=broker.port,
-        gateway_id=f"gw-test-{uuid.uuid4().hex[:10]}",
-        keepalive=5,
+        keepalive_s=5,
         reconnect_min_s=0.05,
         reconnect_max_s=0.3,
     )
+    return MqttSession(settings, NullSink(), gateway_id=f"gw-test-{uuid.uuid4().hex[:10]}")
 
 
 async def wait_until(predicate: Callable[[], bool], within: float = 15.0) -> None:
@@ -114,7 +114,7 @@ def broker_down_with_1000_queued_then_delivered(store: Any, fresh_broker: LocalB
     """Reused by the gateway's tests with the SQLite journal as the store."""
 
     async def scenario() -> None:
-        session = MqttSession(settings_for(fresh_broker), NullSink())
+        session = session_for(fresh_broker)
         dispatcher = OutboxDispatcher(
             store, mqtt=session, https=None, breakers={}, batch_size=200, idle_poll_s=0.05
         )
@@ -161,7 +161,7 @@ def test_5000_items_pipelined_to_mosquitto_in_order(mqtt_broker: LocalBroker) ->
     async def scenario() -> None:
         store = MemoryOutboxStore()
         add_events(store, 5000, streams=1)
-        session = MqttSession(settings_for(mqtt_broker), NullSink())
+        session = session_for(mqtt_broker)
         dispatcher = OutboxDispatcher(store, mqtt=session, https=None, breakers={})
         base = session.presence_topic.rsplit("/", 1)[0]
         received: list[int] = []
@@ -195,7 +195,7 @@ def test_5000_items_pipelined_to_mosquitto_in_order(mqtt_broker: LocalBroker) ->
 
 def test_publish_many_when_not_connected_reports_link_down(mqtt_broker: LocalBroker) -> None:
     async def scenario() -> None:
-        session = MqttSession(settings_for(mqtt_broker), NullSink())
+        session = session_for(mqtt_broker)
         results = await session.publish_many([("results", b"{}"), ("alerts", b"{}")])
         assert [type(r) for r in results] == [MqttLinkDown, MqttLinkDown]
 
@@ -423,8 +423,7 @@ def seventy_two_hours_offline_then_drained(store: Any) -> None:
         mqtt_breaker = CircuitBreaker(BREAKER_MQTT, clock=clock)
         # The MQTT session exists but never connects (the store's internet is down).
         session = MqttSession(
-            MqttSettings(host="127.0.0.1", port=free_port(), gateway_id="gw-offline"),
-            NullSink(),
+            MqttSettings(host="127.0.0.1", port=free_port()), NullSink(), gateway_id="gw-offline"
         )
         async with https_client(f"http://127.0.0.1:{port}") as http:
             d = OutboxDispatcher(
@@ -724,7 +723,7 @@ def test_publish_many_does_not_leak_registered_ids_when_paho_raises(
     mqtt_broker: LocalBroker,
 ) -> None:
     async def scenario() -> None:
-        session = MqttSession(settings_for(mqtt_broker), NullSink())
+        session = session_for(mqtt_broker)
         task = asyncio.create_task(session.run())
         try:
             await wait_until(lambda: session.connected)

@@ -51,15 +51,20 @@ class RecordingSink:
         self.durable.append(payload)
 
 
-def settings_for(broker: LocalBroker, gateway_id: str) -> MqttSettings:
+def settings_for(broker: LocalBroker) -> MqttSettings:
     return MqttSettings(
         host=broker.host,
         port=broker.port,
-        gateway_id=gateway_id,
-        keepalive=5,
+        keepalive_s=5,
         reconnect_min_s=0.05,
         reconnect_max_s=0.3,
     )
+
+
+def session_for(
+    broker: LocalBroker, gateway_id: str, sink: RecordingSink, **kwargs: Any
+) -> MqttSession:
+    return MqttSession(settings_for(broker), sink, gateway_id=gateway_id, **kwargs)
 
 
 def new_gateway_id() -> str:
@@ -103,18 +108,14 @@ async def retained(broker: LocalBroker, topic: str) -> dict[str, Any]:
 async def connected_session(
     broker: LocalBroker, gateway_id: str, sink: RecordingSink
 ) -> MqttSession:
-    return MqttSession(settings_for(broker, gateway_id), sink)
+    return session_for(broker, gateway_id, sink)
 
 
 def test_command_reaches_the_sink_once_and_is_acked_after_handling(mqtt_broker: LocalBroker):
     async def scenario() -> None:
         sink = RecordingSink()
         links: list[bool] = []
-        session = MqttSession(
-            settings_for(mqtt_broker, new_gateway_id()),
-            sink,
-            on_link_change=links.append,
-        )
+        session = session_for(mqtt_broker, new_gateway_id(), sink, on_link_change=links.append)
         async with running(session):
             await wait_until(lambda: session.connected)
             await publish_command(mqtt_broker, session.command_topic, b"token-1")
@@ -136,11 +137,7 @@ def test_sink_failure_means_no_puback_and_the_same_command_is_offered_again(
     async def scenario() -> None:
         sink = RecordingSink(fail_first=2)
         links: list[bool] = []
-        session = MqttSession(
-            settings_for(mqtt_broker, new_gateway_id()),
-            sink,
-            on_link_change=links.append,
-        )
+        session = session_for(mqtt_broker, new_gateway_id(), sink, on_link_change=links.append)
         async with running(session):
             await wait_until(lambda: session.connected)
             await publish_command(mqtt_broker, session.command_topic, b"token-A")
@@ -161,7 +158,7 @@ def test_a_command_never_made_durable_stays_with_the_broker(mqtt_broker: LocalBr
     async def scenario() -> None:
         gateway_id = new_gateway_id()
         failing = RecordingSink(fail_first=1000)
-        session = MqttSession(settings_for(mqtt_broker, gateway_id), failing)
+        session = session_for(mqtt_broker, gateway_id, failing)
         async with running(session):
             await wait_until(lambda: session.connected)
             await publish_command(mqtt_broker, session.command_topic, b"token-A")
@@ -172,7 +169,7 @@ def test_a_command_never_made_durable_stays_with_the_broker(mqtt_broker: LocalBr
         assert failing.durable == []
         # The journal works again after a restart: the broker still had the command.
         healthy = RecordingSink()
-        async with running(MqttSession(settings_for(mqtt_broker, gateway_id), healthy)):
+        async with running(session_for(mqtt_broker, gateway_id, healthy)):
             await wait_until(lambda: healthy.durable == [b"token-A"])
 
     run(scenario())
@@ -245,9 +242,10 @@ class BlockingSink:
 def on_link(up):
     print("UP" if up else "DOWN", flush=True)
 
-settings = MqttSettings(host=sys.argv[1], port=int(sys.argv[2]), gateway_id=sys.argv[3],
-                        keepalive=5, reconnect_min_s=0.05, reconnect_max_s=0.3)
-asyncio.run(MqttSession(settings, BlockingSink(), on_link_change=on_link).run())
+settings = MqttSettings(host=sys.argv[1], port=int(sys.argv[2]),
+                        keepalive_s=5, reconnect_min_s=0.05, reconnect_max_s=0.3)
+asyncio.run(MqttSession(settings, BlockingSink(), gateway_id=sys.argv[3],
+                        on_link_change=on_link).run())
 """
 
 
@@ -269,7 +267,7 @@ def test_killed_gateway_gets_last_will_offline_and_its_unacked_command_back(
         try:
             assert proc.stdout is not None
             assert await asyncio.wait_for(proc.stdout.readline(), 10) == b"UP\n"
-            probe = MqttSession(settings_for(mqtt_broker, gateway_id), RecordingSink())
+            probe = session_for(mqtt_broker, gateway_id, RecordingSink())
             await publish_command(mqtt_broker, probe.command_topic, b"token-K")
             assert await asyncio.wait_for(proc.stdout.readline(), 10) == b"RECEIVED\n"
             online = await retained(mqtt_broker, probe.presence_topic)
@@ -289,7 +287,7 @@ def test_killed_gateway_gets_last_will_offline_and_its_unacked_command_back(
                 await asyncio.sleep(0.05)
 
         sink = RecordingSink()
-        async with running(MqttSession(settings_for(mqtt_broker, gateway_id), sink)):
+        async with running(session_for(mqtt_broker, gateway_id, sink)):
             assert await asyncio.wait_for(sink.arrived.get(), 5) == b"token-K"
 
     run(scenario())
@@ -298,13 +296,9 @@ def test_killed_gateway_gets_last_will_offline_and_its_unacked_command_back(
 def test_reconnect_backoff_is_jittered_within_bounds() -> None:
     async def scenario() -> None:
         session = MqttSession(
-            MqttSettings(
-                host="127.0.0.1",
-                gateway_id="gw-x",
-                reconnect_min_s=1.0,
-                reconnect_max_s=60.0,
-            ),
+            MqttSettings(host="127.0.0.1", reconnect_min_s=1.0, reconnect_max_s=60.0),
             RecordingSink(),
+            gateway_id="gw-x",
         )
         first = {session._backoff(0) for _ in range(50)}  # noqa: SLF001
         assert first == {1.0}
@@ -318,9 +312,9 @@ def test_reconnect_backoff_is_jittered_within_bounds() -> None:
 
 def test_settings_reject_wildcards_in_gateway_id() -> None:
     with pytest.raises(ValueError):
-        MqttSettings(host="h", gateway_id="gw/+")
-    with pytest.raises(ValueError):
-        MqttSettings(host="h", gateway_id="gw", reconnect_min_s=5, reconnect_max_s=1)
+        MqttSession(MqttSettings(host="h"), RecordingSink(), gateway_id="gw/+")
+    with pytest.raises(ValueError, match="reconnect_min_s"):
+        MqttSettings(host="h", reconnect_min_s=5, reconnect_max_s=1)
 
 
 @pytest.mark.broker_semantics
@@ -328,7 +322,7 @@ def test_best_effort_publish_goes_out_when_connected_and_is_dropped_when_not(
     mqtt_broker: LocalBroker,
 ) -> None:
     async def scenario() -> None:
-        session = MqttSession(settings_for(mqtt_broker, new_gateway_id()), RecordingSink())
+        session = session_for(mqtt_broker, new_gateway_id(), RecordingSink())
         session.publish_best_effort("results", b"dropped")  # not connected: no error
         base = session.command_topic.rsplit("/commands/", 1)[0]
         async with aiomqtt.Client(mqtt_broker.host, mqtt_broker.port) as cloud:
