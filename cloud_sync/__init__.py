@@ -1,4 +1,6 @@
-"""Cloud link of the gateway: command verification, the MQTT session, the signer, the
+"""Cloud link of the gateway: commands in, events out, and what keeps them flowing.
+
+Cloud link of the gateway: command verification, the MQTT session, the signer, the
 outbox dispatcher with its HTTPS client and circuit breakers, and their retry backoff.
 
 Never imports ``gateway`` nor ``firmware_bridge`` (DESIGN.md, layout); the core hands

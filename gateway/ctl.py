@@ -1,4 +1,6 @@
-"""``metalavctl``: the technician's CLI. It talks to the running daemon over its local
+"""``metalavctl``: the technician's command line, talking to the running daemon.
+
+``metalavctl``: the technician's CLI. It talks to the running daemon over its local
 unix socket; text for people is in Portuguese (the store's technicians), ``--json``
 output is for scripts.
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import hashlib
 import logging
 import os
@@ -31,6 +32,7 @@ from functools import partial
 from cloud_sync.backoff import Backoff
 from firmware_bridge.driver import Program, ring_vouches
 from firmware_bridge.exceptions import BoardError, BoardNack, BoardUnavailable
+from firmware_bridge.frames import QueryReply
 
 from .board_link import BoardLink
 from .config import GatewayConfig
@@ -38,7 +40,7 @@ from .confirmation import StartConfirmation
 from .journal import DispatchStamp, Execution, Journal, JournalUnwritable
 from .outcomes import Outcomes
 
-__all__ = ["DOUBT_GRACE_S", "Dispatch", "command_id_for"]
+__all__ = ["DOUBT_GRACE_S", "Dispatch", "Verdict", "command_id_for", "query_verdict"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,35 @@ def command_id_for(execute_key: str) -> int:
     """The board's 64-bit command id for an execution: stable across restarts, so a
     re-sent release is recognised by the board's de-duplication ring."""
     return int.from_bytes(hashlib.sha256(execute_key.encode()).digest()[:8], "big")
+
+
+class Verdict(enum.Enum):
+    """What a QUERY answer proves about a release in doubt."""
+
+    EXECUTED = "executed"  # the board acted, once: released
+    NEVER_RAN = "never_ran"  # same boot, within what its ring remembers: send it now
+    BOARD_RESET = "board_reset"  # the ring that could tell is gone: a person decides
+    MAY_BE_FORGOTTEN = "may_be_forgotten"  # more releases since than the ring holds
+
+
+def query_verdict(row: Execution, reply: QueryReply, *, ring_size: int | None) -> Verdict:
+    """The rule of docs/firmware-protocol.md, "What 'not executed' proves"."""
+    if reply.executed:
+        return Verdict.EXECUTED
+    if reply.boot_id != row.dispatch_boot_id:
+        # The board reset since the release was written: it may or may not have
+        # pulsed. Never pulse again automatically (runbook incident A).
+        return Verdict.BOARD_RESET
+    if not ring_vouches(
+        reply_exec_count=reply.exec_count,
+        dispatch_exec_count=row.dispatch_exec_count,
+        ring_size=ring_size,
+    ):
+        # Same boot, but the board executed more releases since this one than its ring
+        # of recent ids holds (or cannot say how many): "not executed" may mean
+        # "forgotten".
+        return Verdict.MAY_BE_FORGOTTEN
+    return Verdict.NEVER_RAN
 
 
 class Dispatch:
@@ -241,7 +272,7 @@ class Dispatch:
             if boot_id is None or not self._link.connected:
                 self._link.recovery_wanted.set()
                 return None if resend else self._back_to_accepted(execute_key)
-            if row.dispatch_boot_id != boot_id:
+            if not self._same_boot(row, boot_id):
                 if resend:
                     # Cleared by recovery on another boot: ask again, never guess.
                     self._link.recovery_wanted.set()
@@ -280,6 +311,13 @@ class Dispatch:
             self._outcomes.released, row, reason, ack.boot_id, ack.exec_count, released_at
         )
 
+    @staticmethod
+    def _same_boot(row: Execution, boot_id: int) -> bool:
+        """The board has not reset since this release was decided (or cleared by
+        recovery): a release in doubt is sent again only to the boot that said it
+        never ran it."""
+        return row.dispatch_boot_id == boot_id
+
     def _mark_in_doubt(self, execute_key: str, detail: str) -> None:
         self._journal.mark_in_doubt(execute_key, now=self._clock(), detail=detail)
         self._doubt.add(execute_key)
@@ -317,27 +355,19 @@ class Dispatch:
             except BoardError as exc:
                 log.warning("recovery of %s postponed: %s", row.execute_key, exc)
                 return False
-            if reply.executed:
+            verdict = query_verdict(row, reply, ring_size=self._board.ring_size)
+            if verdict is Verdict.EXECUTED:
                 self._outcomes.released(
                     row, "confirmed_by_board_query", reply.boot_id, reply.exec_count
                 )
-            elif reply.boot_id != row.dispatch_boot_id:
-                # The board reset since the release was written: it may or may not have
-                # pulsed. Never pulse again automatically (runbook incident A).
+            elif verdict is Verdict.BOARD_RESET:
                 self._outcomes.needs_review(
                     row,
                     "board_reset_during_dispatch",
                     reply.boot_id,
                     "board reset while a release was in doubt; check the machine",
                 )
-            elif not ring_vouches(
-                reply_exec_count=reply.exec_count,
-                dispatch_exec_count=row.dispatch_exec_count,
-                ring_size=self._board.ring_size,
-            ):
-                # Same boot, but the board executed more releases since this one than its
-                # ring of recent ids holds (or cannot say how many): "not executed" may
-                # mean "forgotten". A person decides.
+            elif verdict is Verdict.MAY_BE_FORGOTTEN:
                 self._outcomes.needs_review(
                     row,
                     "board_cannot_vouch",

@@ -1,4 +1,6 @@
-"""The events the gateway sends to the cloud, as docs/mqtt-contract.md defines them:
+"""The events the gateway sends to the cloud (docs/mqtt-contract.md), as exact JSON.
+
+The events the gateway sends to the cloud, as docs/mqtt-contract.md defines them:
 their topics, their bodies and their exact JSON.
 
 Pure: no storage, no I/O. The journal stores what these functions produce, in the same

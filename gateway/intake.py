@@ -108,7 +108,7 @@ class Intake:
             self._reject_unjournaled(rej, now)
             return
 
-        known = self._journal.get(cmd.execute_key)
+        known = self._stored(cmd.execute_key)
         if known is not None:
             self._answer_duplicate(cmd, known)
             return
@@ -188,6 +188,10 @@ class Intake:
         )
         if notify:
             self._outbox_changed()
+
+    def _stored(self, execute_key: str) -> Execution | None:
+        """The journaled execution of this key: a duplicate never reaches the board."""
+        return self._journal.get(execute_key)
 
     def _answer_duplicate(self, cmd: ExecuteCommand, known: Execution) -> None:
         if (cmd.payment_id, cmd.machine_id) != (known.payment_id, known.machine_id):

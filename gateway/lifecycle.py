@@ -1,4 +1,6 @@
-"""The execution lifecycle as data: its states, the moves between them, and what each
+"""The execution lifecycle as data: its states, the allowed moves, what each state means.
+
+The execution lifecycle as data: its states, the moves between them, and what each
 state means to the cloud and to the machine (DESIGN.md, "The execution lifecycle").
 
 A command refused before it was journaled (the verifier's rejections) has no state

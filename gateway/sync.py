@@ -1,4 +1,6 @@
-"""Store and forward, the gateway's side: the outbox dispatcher over MQTT and HTTPS,
+"""Store and forward, the gateway's side: outbox dispatcher, breakers, DLQ, retention.
+
+Store and forward, the gateway's side: the outbox dispatcher over MQTT and HTTPS,
 the circuit breakers, the dead-letter queue, outbox depth alerts and retention.
 
 The dispatcher itself (cloud_sync.dispatcher) knows nothing of SQLite; the journal is

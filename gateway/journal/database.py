@@ -1,4 +1,6 @@
-"""The journal file: one SQLite connection, its transactions, and what happens when a
+"""The journal file: its SQLite connection, its transactions, and failed commits.
+
+The journal file: one SQLite connection, its transactions, and what happens when a
 commit fails.
 
 The database runs in WAL mode with ``synchronous=FULL``: when a transaction opened
@@ -43,14 +45,13 @@ def _is_storage_error(exc: sqlite3.Error) -> bool:
     return isinstance(exc, sqlite3.OperationalError) or type(exc) is sqlite3.DatabaseError
 
 
-def _inject_fault(label: str) -> None:
+def _faults_from_file(label: str) -> bool:
     try:
         with open(_FAULTS_FILE) as f:
             patterns = [line.strip() for line in f if line.strip()]
     except FileNotFoundError:
-        return
-    if any(p == "*" or label.startswith(p) for p in patterns):
-        raise sqlite3.OperationalError(f"database or disk is full (injected at {label})")
+        return False
+    return any(p == "*" or label.startswith(p) for p in patterns)
 
 
 class Database:
@@ -64,6 +65,9 @@ class Database:
         self.fault: JournalFault | None = None
         #: Called with the new fault (or None) whenever it appears or clears.
         self.on_fault_change: Callable[[JournalFault | None], None] | None = None
+        #: Tests only: a commit whose label this answers True for fails as on a full
+        #: disk (``METALAV_TEST_JOURNAL_FAULTS`` sets it for a whole process).
+        self.fail_commit: Callable[[str], bool] | None = _faults_from_file if _FAULTS_FILE else None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE in _tx),
@@ -97,8 +101,8 @@ class Database:
         hook of the tests."""
         conn = self._conn
         try:
-            if _FAULTS_FILE:
-                _inject_fault(label)
+            if self.fail_commit is not None and self.fail_commit(label):
+                raise sqlite3.OperationalError(f"database or disk is full (injected at {label})")
             if not durable:
                 conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("BEGIN IMMEDIATE")

@@ -1,4 +1,6 @@
-"""The dead-letter queue: outbox events the dispatcher gave up on, which a technician
+"""The dead-letter queue: events the dispatcher gave up on, for a technician to act on.
+
+The dead-letter queue: outbox events the dispatcher gave up on, which a technician
 lists, inspects, retries or archives (``metalavctl dlq``); every decision audited.
 """
 

@@ -1,4 +1,6 @@
-"""Executions: one row per ``execute_key`` and its history, moved along the lifecycle
+"""Executions: one row per execute_key, moved along the lifecycle one commit at a time.
+
+Executions: one row per ``execute_key`` and its history, moved along the lifecycle
 (gateway/lifecycle.py), each move committed with the result, compensation, alert and
 cycle events that report it.
 """

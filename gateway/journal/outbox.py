@@ -1,4 +1,6 @@
-"""The outbox in the journal: events queued in the same transaction as the change they
+"""The outbox in the journal: events queued with the change they report, until delivered.
+
+The outbox in the journal: events queued in the same transaction as the change they
 report, and the dispatcher's side of it (cloud_sync.outbox.OutboxStore) with its
 dispatch log.
 """

@@ -1,4 +1,6 @@
-"""What the gateway keeps for the people who run it: the audit log (the runbook's
+"""Records for the people who run the store: audit log, out-of-service flags, alerts.
+
+What the gateway keeps for the people who run it: the audit log (the runbook's
 "registro obrigatório de operação"), out-of-service flags, refused commands, alerts,
 and the last known state of the board.
 """

@@ -1,4 +1,6 @@
-"""Reconciliation and retention: the runbooks' diagnostic queries, and the cleanup
+"""Reconciliation and retention: what awaits the cloud, and deleting only what is done.
+
+Reconciliation and retention: the runbooks' diagnostic queries, and the cleanup
 that deletes only what is old, done and acknowledged by the cloud.
 """
 
