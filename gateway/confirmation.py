@@ -18,6 +18,7 @@ from firmware_bridge.host_timed import OutputFault
 
 from .config import GatewayConfig
 from .journal import Alert, Journal, JournalUnwritable
+from .lifecycle import ExecutionState
 from .machines import BusyChange, MachineMonitor, StuckRelay
 from .outcomes import Outcomes
 
@@ -90,15 +91,17 @@ class StartConfirmation:
         assert machine is not None
         rows = [
             r
-            for r in self._journal.in_states(("released", "not_started", "started"))
+            for r in self._journal.in_states(
+                (ExecutionState.RELEASED, ExecutionState.NOT_STARTED, ExecutionState.STARTED)
+            )
             if r.machine_id == machine.id
         ]
         if change.busy:
-            waiting = [r for r in rows if r.state == "released" and r.awaits_start]
+            waiting = [r for r in rows if r.state == ExecutionState.RELEASED and r.awaits_start]
             late = [
                 r
                 for r in rows
-                if r.state == "not_started"
+                if r.state == ExecutionState.NOT_STARTED
                 and r.confirm_deadline is not None
                 and change.at <= r.confirm_deadline + machine.late_start_grace_s
             ]
@@ -106,9 +109,9 @@ class StartConfirmation:
                 row = waiting[-1]
                 self._outcomes.finish(
                     row,
-                    "started",
+                    ExecutionState.STARTED,
                     None,
-                    from_states=("released",),
+                    from_states=(ExecutionState.RELEASED,),
                     times={"started_at": change.at},
                     cycle_event={"machine_id": machine.id, "cycle": row.cycle},
                 )
@@ -116,9 +119,9 @@ class StartConfirmation:
                 row = late[-1]
                 self._outcomes.finish(
                     row,
-                    "started",
+                    ExecutionState.STARTED,
                     "late_start",
-                    from_states=("not_started",),
+                    from_states=(ExecutionState.NOT_STARTED,),
                     times={"started_at": change.at},
                     cycle_event={"machine_id": machine.id, "cycle": row.cycle},
                     alert=Alert(
@@ -138,13 +141,13 @@ class StartConfirmation:
                 self._outcomes.outbox_changed()
         else:
             for row in rows:
-                if row.state == "started":
+                if row.state == ExecutionState.STARTED:
                     duration = change.at - (row.started_at or change.at)
                     self._outcomes.finish(
                         row,
-                        "completed",
+                        ExecutionState.COMPLETED,
                         None,
-                        from_states=("started",),
+                        from_states=(ExecutionState.STARTED,),
                         times={"completed_at": change.at},
                         cycle_event={
                             "machine_id": machine.id,
@@ -192,7 +195,7 @@ class StartConfirmation:
         """Released executions past their confirm window, judged on fresh readings."""
         if self._unapplied:
             return  # a start the journal has not taken yet must not read as "no start"
-        for row in self._journal.in_states(("released",)):
+        for row in self._journal.in_states((ExecutionState.RELEASED,)):
             machine = self._config.machine(row.machine_id)
             if not (row.awaits_start and row.confirm_deadline and machine and machine.busy_input):
                 continue
@@ -206,9 +209,9 @@ class StartConfirmation:
             ):
                 self._outcomes.finish(
                     row,
-                    "not_started",
+                    ExecutionState.NOT_STARTED,
                     "no_start_in_confirm_window",
-                    from_states=("released",),
+                    from_states=(ExecutionState.RELEASED,),
                     alert=Alert(
                         "not_started",
                         "critical",

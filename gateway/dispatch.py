@@ -38,6 +38,7 @@ from .board_link import BoardLink
 from .config import GatewayConfig
 from .confirmation import StartConfirmation
 from .journal import DispatchStamp, Execution, Journal, JournalUnwritable
+from .lifecycle import ExecutionState
 from .outcomes import Outcomes
 
 __all__ = ["DOUBT_GRACE_S", "Dispatch", "Verdict", "command_id_for", "query_verdict"]
@@ -209,7 +210,7 @@ class Dispatch:
         """A release in doubt still waits for the board's answer (or a person's)."""
         for key in list(self._doubt):
             row = self._journal.get(key)
-            if row is None or row.state != "dispatching":
+            if row is None or row.state != ExecutionState.DISPATCHING:
                 self._doubt.discard(key)
         return bool(self._doubt)
 
@@ -259,7 +260,7 @@ class Dispatch:
             # Read under the lock: while this waited, recovery or a timer may have
             # settled the execution (needs_review, expired, released); then nothing is sent.
             row = self._journal.get(execute_key)
-            if row is None or row.state != "dispatching":
+            if row is None or row.state != ExecutionState.DISPATCHING:
                 return None
             if row.in_doubt and not resend:
                 return None  # only recovery, having asked the board, may send it again
@@ -267,7 +268,9 @@ class Dispatch:
             never_sent = not (row.in_doubt or execute_key == self._suspect)
             if row.expires_at <= now and (resend or never_sent):
                 # Nothing of it reached the board (that is how it got here): too late.
-                return partial(self._outcomes.finish, row, "expired", "command_expired")
+                return partial(
+                    self._outcomes.finish, row, ExecutionState.EXPIRED, "command_expired"
+                )
             boot_id = self._link.state.boot_id
             if boot_id is None or not self._link.connected:
                 self._link.recovery_wanted.set()
@@ -290,7 +293,10 @@ class Dispatch:
                 ack = await self._board.release(row.command_id, machine.channel, program)
             except BoardNack as exc:
                 return partial(
-                    self._outcomes.finish, row, "failed", f"board_nack:{exc.reason.name.lower()}"
+                    self._outcomes.finish,
+                    row,
+                    ExecutionState.FAILED,
+                    f"board_nack:{exc.reason.name.lower()}",
                 )
             except BoardUnavailable as exc:
                 # Proved not sent: the execution waits for the board (or its expiry).
@@ -328,8 +334,8 @@ class Dispatch:
         return partial(
             self._journal.transition,
             execute_key,
-            from_states=("dispatching",),
-            to_state="accepted",
+            from_states=(ExecutionState.DISPATCHING,),
+            to_state=ExecutionState.ACCEPTED,
             reason="board_unavailable",
             now=self._clock(),
             report=False,
@@ -375,14 +381,14 @@ class Dispatch:
                     "the board no longer remembers enough releases to rule this one out",
                 )
             elif row.expires_at <= self._clock():
-                self._outcomes.finish(row, "expired", "command_expired")
+                self._outcomes.finish(row, ExecutionState.EXPIRED, "command_expired")
             else:
                 # Same boot, still within what the board remembers, never seen: nothing
                 # was pulsed, so sending it now is the first and only release.
                 self._journal.note(
                     row.execute_key,
                     now=self._clock(),
-                    state="dispatching",
+                    state=ExecutionState.DISPATCHING,
                     detail="board never received it (same boot, within its memory);"
                     " dispatching again",
                 )
@@ -422,18 +428,23 @@ class Dispatch:
 
     def _dispatch_waiting(self) -> None:
         """Executions accepted while the board was away: expire or dispatch them."""
-        for row in self._journal.in_states(("accepted",)):
+        for row in self._journal.in_states((ExecutionState.ACCEPTED,)):
             now = self._clock()
             if row.expires_at <= now:
-                self._outcomes.finish(row, "expired", "command_expired", from_states=("accepted",))
+                self._outcomes.finish(
+                    row,
+                    ExecutionState.EXPIRED,
+                    "command_expired",
+                    from_states=(ExecutionState.ACCEPTED,),
+                )
                 continue
             stamp = self.stamp()
             if stamp is None:
                 return
             if self._journal.transition(
                 row.execute_key,
-                from_states=("accepted",),
-                to_state="dispatching",
+                from_states=(ExecutionState.ACCEPTED,),
+                to_state=ExecutionState.DISPATCHING,
                 now=now,
                 dispatch=stamp,
                 report=False,
@@ -442,15 +453,20 @@ class Dispatch:
 
     def sweep(self, now: float) -> None:
         """Deadlines of releases not yet settled (promise 2: never "unknown forever")."""
-        for row in self._journal.in_states(("accepted",)):
+        for row in self._journal.in_states((ExecutionState.ACCEPTED,)):
             if row.expires_at <= now:
-                self._outcomes.finish(row, "expired", "command_expired", from_states=("accepted",))
+                self._outcomes.finish(
+                    row,
+                    ExecutionState.EXPIRED,
+                    "command_expired",
+                    from_states=(ExecutionState.ACCEPTED,),
+                )
         for row in self._journal.dispatching_in_order():
             if row.execute_key in self._inflight:
                 continue
             if not (row.in_doubt or row.execute_key == self._suspect):
                 if row.expires_at <= now:  # waiting in line, never sent: too late now
-                    self._outcomes.finish(row, "expired", "command_expired")
+                    self._outcomes.finish(row, ExecutionState.EXPIRED, "command_expired")
             elif row.expires_at + DOUBT_GRACE_S < now:
                 self._outcomes.needs_review(
                     row,

@@ -21,7 +21,16 @@ from .config import DryerTimeProgram, GatewayConfig, Machine
 from .confirmation import StartConfirmation
 from .dispatch import Dispatch, command_id_for
 from .events import RESULTS_TOPIC
-from .journal import DispatchStamp, Execution, Journal, JournalUnwritable, iso_utc, result_payload
+from .journal import (
+    DispatchStamp,
+    Execution,
+    Journal,
+    JournalUnwritable,
+    NewExecution,
+    iso_utc,
+    result_payload,
+)
+from .lifecycle import ExecutionState
 
 __all__ = ["Availability", "Intake"]
 
@@ -113,17 +122,17 @@ class Intake:
             self._answer_duplicate(cmd, known)
             return
         machine = self._config.machine(cmd.machine_id)
-        refusal: tuple[str, str | None] | None = None
+        refusal: tuple[ExecutionState, str | None] | None = None
         if machine is None:
-            refusal = ("rejected", "unknown_machine")
+            refusal = (ExecutionState.REJECTED, "unknown_machine")
         elif cmd.cycle not in machine.cycles:
-            refusal = ("rejected", "unknown_cycle")
+            refusal = (ExecutionState.REJECTED, "unknown_cycle")
         elif cmd.is_expired(now):
-            refusal = ("expired", "command_expired")
+            refusal = (ExecutionState.EXPIRED, "command_expired")
         else:
             unavailable = self._availability.unavailable(machine, cmd.cycle)
             if unavailable is not None:
-                refusal = ("rejected", unavailable)
+                refusal = (ExecutionState.REJECTED, unavailable)
 
         if refusal is not None:
             state, reason = refusal
@@ -133,7 +142,7 @@ class Intake:
 
         assert machine is not None  # no refusal: the machine exists
         stamp = self._dispatch.stamp()
-        state = "dispatching" if stamp is not None else "accepted"
+        state = ExecutionState.DISPATCHING if stamp is not None else ExecutionState.ACCEPTED
         self._record(
             cmd,
             state=state,
@@ -162,14 +171,14 @@ class Intake:
         self,
         cmd: ExecuteCommand,
         *,
-        state: str,
+        state: ExecutionState,
         reason: str | None,
         now: float,
         dispatch: DispatchStamp | None = None,
         notify: bool = True,
         awaits_start: bool = False,
     ) -> None:
-        self._journal.record_new(
+        new = NewExecution(
             execute_key=cmd.execute_key,
             command_id=command_id_for(cmd.execute_key),
             payment_id=cmd.payment_id,
@@ -180,12 +189,9 @@ class Intake:
             provider_ref=cmd.provider_ref,
             idempotency_key=cmd.idempotency_key,
             amount_cents=cmd.amount_cents,
-            state=state,
-            reason=reason,
-            now=now,
-            dispatch=dispatch,
             awaits_start=awaits_start,
         )
+        self._journal.record(new, state, reason=reason, now=now, dispatch=dispatch)
         if notify:
             self._outbox_changed()
 
@@ -224,7 +230,7 @@ class Intake:
             execute_key=rej.execute_key,
             payment_id=None,
             machine_id=None,
-            state="rejected",
+            state=ExecutionState.REJECTED,
             reason=rej.reason,
             at=iso_utc(now),
             seq=0,

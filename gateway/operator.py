@@ -12,7 +12,8 @@ from collections.abc import Callable
 from .config import GatewayConfig
 from .confirmation import StartConfirmation
 from .dispatch import Dispatch, command_id_for
-from .journal import Alert, Journal
+from .journal import Alert, Journal, NewExecution
+from .lifecycle import ExecutionState
 from .outcomes import Outcomes
 
 __all__ = ["OperatorActions", "OperatorRefusal"]
@@ -77,7 +78,7 @@ class OperatorActions:
         if stamp is None:
             raise OperatorRefusal("board_unavailable", "placa desconectada")
         key = f"tech-{uuid.uuid4().hex[:16]}"
-        self._journal.record_new(
+        new = NewExecution(
             execute_key=key,
             command_id=command_id_for(key),
             payment_id="technical-service",
@@ -88,13 +89,16 @@ class OperatorActions:
             provider_ref=None,
             idempotency_key=None,
             amount_cents=None,
-            state="dispatching",
-            reason=None,
-            now=now,
-            dispatch=stamp,
             kind="technical_service",
             requested_by=f"{actor} ({os_user}): {reason}",
             awaits_start=machine.busy_input is not None,
+        )
+        self._journal.record(
+            new,
+            ExecutionState.DISPATCHING,
+            reason=None,
+            now=now,
+            dispatch=stamp,
             audit={
                 "action": "relay.test",
                 "target": machine_id,

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from .config import GatewayConfig
 from .journal import Alert, Execution, Journal, JournalUnwritable
+from .lifecycle import ExecutionState
 
 __all__ = ["Outcomes", "UNSAVED_ALERTS_MAX"]
 
@@ -47,7 +48,7 @@ class Outcomes:
         reason: str | None,
         *,
         board_boot_id: int | None = None,
-        from_states: tuple[str, ...] = ("dispatching",),
+        from_states: tuple[str, ...] = (ExecutionState.DISPATCHING,),
         alert: Alert | None = None,
         times: dict[str, float] | None = None,
         cycle_event: dict[str, object] | None = None,
@@ -86,8 +87,8 @@ class Outcomes:
             times["confirm_deadline"] = now + machine.confirm_window_s
         if self._journal.transition(
             row.execute_key,
-            from_states=("dispatching",),
-            to_state="released",
+            from_states=(ExecutionState.DISPATCHING,),
+            to_state=ExecutionState.RELEASED,
             reason=reason,
             now=now,
             board_boot_id=boot_id,
@@ -101,7 +102,7 @@ class Outcomes:
         """A release whose outcome nobody can tell: a person decides (runbook incident A)."""
         self.finish(
             row,
-            "needs_review",
+            ExecutionState.NEEDS_REVIEW,
             reason,
             board_boot_id=boot_id,
             alert=Alert("needs_review", "critical", row.machine_id, row.execute_key, detail),

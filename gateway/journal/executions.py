@@ -289,49 +289,6 @@ class Executions(Database):
             if audit is not None:  # an operator's action and its execution: one commit
                 write_audit(c, at=at, before=None, **{"after": None, **audit})
 
-    def record_new(
-        self,
-        *,
-        execute_key: str,
-        command_id: int,
-        payment_id: str,
-        machine_id: str,
-        cycle: str,
-        issued_at: int,
-        expires_at: int,
-        provider_ref: str | None,
-        idempotency_key: str | None,
-        amount_cents: int | None,
-        state: str,
-        reason: str | None,
-        now: float,
-        dispatch: DispatchStamp | None = None,
-        kind: str = "payment",
-        requested_by: str | None = None,
-        awaits_start: bool = False,
-        audit: dict[str, Any] | None = None,
-    ) -> None:
-        """:meth:`record` with the command's fields spelled out (the former entry point,
-        kept until its callers pass a :class:`NewExecution`)."""
-        new = NewExecution(
-            execute_key=execute_key,
-            command_id=command_id,
-            payment_id=payment_id,
-            machine_id=machine_id,
-            cycle=cycle,
-            issued_at=issued_at,
-            expires_at=expires_at,
-            provider_ref=provider_ref,
-            idempotency_key=idempotency_key,
-            amount_cents=amount_cents,
-            kind=kind,
-            requested_by=requested_by,
-            awaits_start=awaits_start,
-        )
-        self.record(
-            new, check_initial(state), reason=reason, now=now, dispatch=dispatch, audit=audit
-        )
-
     def transition(
         self,
         execute_key: str,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import time
 from pathlib import Path
@@ -202,59 +201,3 @@ def test_releases_left_dispatching_by_an_older_gateway_are_in_doubt(tmp_path: Pa
     assert [(r.execute_key, r.in_doubt, r.dispatch_exec_count) for r in rows] == [
         ("old", True, None)
     ]
-
-
-def test_record_new_is_record_with_the_command_spelled_out(tmp_path: Path) -> None:
-    """The former entry point writes exactly what record writes."""
-    rows = []
-    for i, kind in enumerate(("record", "record_new")):
-        journal = Journal(tmp_path / f"{i}.db", "gw")
-        stamp = DispatchStamp(7, 3, 1)
-        new = NewExecution(
-            execute_key="k1",
-            command_id=0xABC,
-            payment_id="technical-service",
-            machine_id="W1",
-            cycle="normal",
-            issued_at=100,
-            expires_at=160,
-            provider_ref=None,
-            idempotency_key=None,
-            amount_cents=None,
-            kind="technical_service",
-            requested_by="ana (root): teste",
-            awaits_start=True,
-        )
-        audit = {
-            "action": "relay.test",
-            "target": "W1",
-            "actor": "ana",
-            "os_user": "root",
-            "reason": "teste",
-            "outcome": "dispatched",
-            "after": {"execute_key": "k1"},
-        }
-        if kind == "record":
-            journal.record(new, DISPATCHING, reason=None, now=100.0, dispatch=stamp, audit=audit)
-        else:
-            journal.record_new(
-                **vars(new),
-                state="dispatching",
-                reason=None,
-                now=100.0,
-                dispatch=stamp,
-                audit=audit,
-            )
-        conn = journal._conn  # noqa: SLF001 - compare what was written, column by column
-        written = {
-            table: [dict(r) for r in conn.execute(f"SELECT * FROM {table} ORDER BY rowid")]
-            for table in ("executions", "execution_events", "audit_log")
-        }
-        for row in written["executions"]:
-            result = json.loads(row.pop("last_result"))
-            row["last_result"] = {k: v for k, v in result.items() if k != "event_id"}
-        rows.append(written)
-        journal.close()
-    assert rows[0] == rows[1]
-    assert len(rows[0]["audit_log"]) == 1
-    assert [e["state"] for e in rows[0]["execution_events"]] == ["accepted", "dispatching"]
