@@ -262,3 +262,18 @@ def test_decoder_buffer_stays_bounded_under_garbage() -> None:
     decoder.feed(b"\x7e\x01" + b"\x00" * 10_000)
     assert decoder.feed(encode(Ping(), 1)) == [Frame(0x01, 1)]
     assert len(decoder._buffer) == 0
+
+
+def _crc16_as_the_protocol_page_spells_it(data: bytes) -> int:
+    crc = 0xFFFF
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else (crc << 1)
+            crc &= 0xFFFF
+    return crc
+
+
+@given(st.binary(max_size=80))
+def test_crc16_is_the_one_the_protocol_page_defines(data: bytes) -> None:
+    assert crc16(data) == _crc16_as_the_protocol_page_spells_it(data)
