@@ -178,12 +178,9 @@ def test_a_release_the_board_may_have_forgotten_is_never_sent_again(
     store.cloud.wait_event("alerts", code="needs_review", execute_key=a)
 
 
-def test_old_firmware_without_a_count_cannot_vouch_for_an_unanswered_release(
-    store_factory,
-) -> None:  # type: ignore[no-untyped-def]
-    """Firmware 1.1 reports no execution count: a release in doubt it says it never
-    saw may have been forgotten, so it goes to needs_review rather than out again."""
-    store: Store = store_factory("--firmware", "1.1")
+def _crash_before_the_first_byte_and_restart(store: Store) -> str:
+    """A paid command whose daemon dies between its dispatching commit and the first
+    byte to the board; the daemon restarts and the cloud re-sends the command."""
     store.daemon.start(METALAV_TEST_KILL_AT="after_dispatching_commit")
     key = store.new_key()
     token = store.cloud.sign(key)
@@ -193,6 +190,16 @@ def test_old_firmware_without_a_count_cannot_vouch_for_an_unanswered_release(
     store.daemon.start()
     store.daemon.wait_ready()
     store.cloud.publish(token)
+    return key
+
+
+def test_old_firmware_without_a_count_cannot_vouch_for_an_unanswered_release(
+    store_factory,
+) -> None:  # type: ignore[no-untyped-def]
+    """Firmware 1.1 reports no execution count: a release in doubt it says it never
+    saw may have been forgotten, so it goes to needs_review rather than out again."""
+    store: Store = store_factory("--firmware", "1.1")
+    key = _crash_before_the_first_byte_and_restart(store)
     assert store.cloud.wait_for(key, state="needs_review")[-1]["reason"] == "board_cannot_vouch"
     assert store.actuations() == []
 
@@ -201,15 +208,7 @@ def test_with_a_count_a_release_that_never_reached_the_board_goes_out_once(
     store_factory,
 ) -> None:  # type: ignore[no-untyped-def]
     store: Store = store_factory()
-    store.daemon.start(METALAV_TEST_KILL_AT="after_dispatching_commit")
-    key = store.new_key()
-    token = store.cloud.sign(key)
-    _wait(lambda: (s := store.daemon.status()) and s["board"]["connected"], what="ready")
-    store.cloud.publish(token)
-    assert store.daemon.wait_exit() == -signal.SIGKILL
-    store.daemon.start()
-    store.daemon.wait_ready()
-    store.cloud.publish(token)
+    key = _crash_before_the_first_byte_and_restart(store)
     store.cloud.wait_for(key, state="released")
     time.sleep(0.5)
     assert _pulses_by_key(store, [key]) == Counter({key: 1})
