@@ -165,8 +165,12 @@ class OutboxDispatcher:
                 handled = 0
             if handled:  # something was sent, failed or dead: there may be more to do
                 continue
+            # asyncio.timeout, not wait_for: in Python 3.11 wait_for swallows a
+            # cancellation that arrives as the event fires (gh-86296); the dispatcher
+            # would then never stop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), self.idle_poll_s)
+                async with asyncio.timeout(self.idle_poll_s):
+                    await self._wakeup.wait()
 
     async def run_once(self) -> int:
         """One round; returns how many items made progress: ``sent``, ``failed`` or

@@ -191,10 +191,7 @@ class Dispatch:
                 # Recovery first; it wakes us when it has asked the board.
                 self._link.recovery_wanted.set()
                 self._doubt_settled.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        self._doubt_settled.wait(), self._config.board.health_ping_s
-                    )
+                await _wait(self._doubt_settled, self._config.board.health_ping_s)
                 continue
             key, resend = self._queue.popleft()
             try:
@@ -403,10 +400,7 @@ class Dispatch:
         boot id change, a release without a reply); dispatch what waited for the board."""
         retry = JOURNAL_RETRY.delays()
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._link.recovery_wanted.wait(), self._config.board.health_ping_s
-                )
+            await _wait(self._link.recovery_wanted, self._config.board.health_ping_s)
             if not self._link.connected:
                 self._link.recovery_wanted.clear()
                 continue
@@ -480,5 +474,13 @@ class Dispatch:
         and be journaled (bounded: an outcome the journal refuses stays in doubt and
         recovery settles it at the next start)."""
         self._stopping = True
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        await _wait(self._idle, timeout_s)
+
+
+async def _wait(event: asyncio.Event, timeout_s: float) -> None:
+    """Until ``event`` is set or ``timeout_s`` passed. Not ``asyncio.wait_for``: in
+    Python 3.11 it swallows a cancellation that arrives as the event fires (gh-86296),
+    and a loop waiting with it then never stops (a daemon that hangs on SIGTERM)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            await event.wait()

@@ -119,3 +119,24 @@ def test_no_start_in_the_confirm_window_then_a_late_start(tmp_path: Path) -> Non
         assert rig.pulses("exec-1") == 1
 
     run(tmp_path, scenario, machines=WIRED)
+
+
+def test_the_core_stops_when_cancelled_even_as_it_is_woken(tmp_path: Path) -> None:
+    """Python 3.11's asyncio.wait_for swallows a cancellation that arrives as the
+    awaited event fires (gh-86296): a loop waiting that way never stops, and the daemon
+    hangs on SIGTERM. Found by the model (tests/model): a crash that never finished."""
+
+    async def scenario(rig: CoreRig) -> None:
+        core = await rig.start()
+        await rig.settle()
+        for _ in range(20):
+            core.link.recovery_wanted.set()  # wakes run_recovery ...
+            task = asyncio.get_running_loop().create_task(core.dispatch.run_recovery())
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            core.link.recovery_wanted.set()
+            task.cancel()  # ... in the same turn as it is cancelled
+            done, _ = await asyncio.wait({task}, timeout=1.0)
+            assert done, "run_recovery ignored its cancellation"
+
+    run(tmp_path, scenario, machines=WIRED)
