@@ -89,13 +89,7 @@ class StartConfirmation:
     def _on_busy_change(self, change: BusyChange) -> None:
         machine = self._config.machine(change.machine_id)
         assert machine is not None
-        rows = [
-            r
-            for r in self._journal.in_states(
-                (ExecutionState.RELEASED, ExecutionState.NOT_STARTED, ExecutionState.STARTED)
-            )
-            if r.machine_id == machine.id
-        ]
+        rows = self._journal.awaiting_start(machine.id)
         if change.busy:
             waiting = [r for r in rows if r.state == ExecutionState.RELEASED and r.awaits_start]
             late = [
@@ -195,7 +189,9 @@ class StartConfirmation:
         """Released executions past their confirm window, judged on fresh readings."""
         if self._unapplied:
             return  # a start the journal has not taken yet must not read as "no start"
-        for row in self._journal.in_states((ExecutionState.RELEASED,)):
+        for row in self._journal.awaiting_start():
+            if row.state != ExecutionState.RELEASED:
+                continue
             machine = self._config.machine(row.machine_id)
             if not (row.awaits_start and row.confirm_deadline and machine and machine.busy_input):
                 continue

@@ -36,6 +36,7 @@ from ..lifecycle import (
 from .database import Database, placeholders
 from .outbox import append_event, append_payload
 from .records import write_alert, write_audit
+from .schema import AWAITING_START_WHERE
 
 __all__ = ["DispatchStamp", "Execution", "Executions", "NewExecution"]
 
@@ -152,6 +153,19 @@ class Executions(Database):
             f"SELECT * FROM executions WHERE state IN ({placeholders(wanted)})"
             " ORDER BY received_at",
             wanted,
+        ).fetchall()
+        return [Execution.from_row(r) for r in rows]
+
+    def awaiting_start(self, machine_id: str | None = None) -> list[Execution]:
+        """Executions start confirmation still watches (released, not_started and
+        started, on machines with a busy input), oldest first. Served by a partial
+        index: the cost does not grow with the journal's final rows."""
+        machine = "" if machine_id is None else " AND machine_id = ?"
+        rows = self._conn.execute(
+            # INDEXED BY: never a scan of the state index, whatever the planner guesses.
+            "SELECT * FROM executions INDEXED BY idx_executions_awaiting_start"
+            f" WHERE {AWAITING_START_WHERE}{machine} ORDER BY received_at",
+            () if machine_id is None else (machine_id,),
         ).fetchall()
         return [Execution.from_row(r) for r in rows]
 

@@ -169,7 +169,21 @@ def _migration_4(db: sqlite_utils.Database) -> None:
 
 
 # Append-only: a released gateway's journal is migrated forward, never rewritten.
-MIGRATIONS = [_migration_1, _migration_2, _migration_3, _migration_4]
+# What start confirmation watches (Executions.awaiting_start). Final rows pile up for
+# months (a store makes ~100k releases a year); this partial index holds only the
+# few that are still watched, so the 4-per-second sweep never reads the others.
+AWAITING_START_WHERE = "awaits_start = 1 AND state IN ('released', 'not_started', 'started')"
+
+
+def _migration_5(db: sqlite_utils.Database) -> None:
+    """Issue 9: start confirmation reads only what it watches."""
+    db.execute(
+        "CREATE INDEX idx_executions_awaiting_start ON executions(received_at)"
+        f" WHERE {AWAITING_START_WHERE}"
+    )
+
+
+MIGRATIONS = [_migration_1, _migration_2, _migration_3, _migration_4, _migration_5]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -192,6 +192,7 @@ def test_releases_left_dispatching_by_an_older_gateway_are_in_doubt(tmp_path: Pa
         " VALUES ('old', '01', 'p', 'W1', 'normal', 0, 'dispatching', 7, '', '', '')"
     )
     conn.execute("DROP INDEX idx_executions_dispatch_seq")
+    conn.execute("DROP INDEX idx_executions_awaiting_start")  # schema 5
     for column in ("dispatch_seq", "dispatch_exec_count", "board_exec_count", "in_doubt"):
         conn.execute(f"ALTER TABLE executions DROP COLUMN {column}")
     conn.execute("PRAGMA user_version=3")
@@ -201,3 +202,43 @@ def test_releases_left_dispatching_by_an_older_gateway_are_in_doubt(tmp_path: Pa
     assert [(r.execute_key, r.in_doubt, r.dispatch_exec_count) for r in rows] == [
         ("old", True, None)
     ]
+
+
+def test_start_confirmation_reads_only_what_it_watches(tmp_path: Path) -> None:
+    """Final releases pile up for months; the sweep that runs four times a second must
+    neither load them nor scan them (a partial index holds only the watched rows)."""
+    journal = Journal(tmp_path / "j.db", "gw")
+    for i, (state, awaits) in enumerate(
+        [("released", False), ("released", True), ("released", True), ("expired", False)]
+    ):
+        new = NewExecution(
+            execute_key=f"k{i}",
+            command_id=i,
+            payment_id="p",
+            machine_id="W1" if i != 2 else "W2",
+            cycle="normal",
+            issued_at=0,
+            expires_at=60,
+            provider_ref=None,
+            idempotency_key=None,
+            amount_cents=None,
+            awaits_start=awaits,
+        )
+        initial = "dispatching" if state == "released" else state
+        stamp = DispatchStamp(1, 0, i + 1) if initial == "dispatching" else None
+        journal.record(new, initial, reason=None, now=0.0, dispatch=stamp)  # type: ignore[arg-type]
+        if state == "released":
+            journal.transition(
+                f"k{i}", from_states=("dispatching",), to_state="released", now=0.0
+            )
+    assert [r.execute_key for r in journal.awaiting_start()] == ["k1", "k2"]
+    assert [r.execute_key for r in journal.awaiting_start("W1")] == ["k1"]
+    plan = " ".join(
+        str(row[-1])
+        for row in journal._conn.execute(  # noqa: SLF001 - the plan of this very query
+            "EXPLAIN QUERY PLAN SELECT * FROM executions"
+            " INDEXED BY idx_executions_awaiting_start WHERE awaits_start = 1 AND"
+            " state IN ('released', 'not_started', 'started') ORDER BY received_at"
+        )
+    )
+    assert "idx_executions_awaiting_start" in plan, plan
