@@ -9,6 +9,10 @@ measured across processes without timing any test.
 
 Prints one JSON document: closed loop (publish, wait for the result, next) p50/p90/p99,
 and an open-loop burst (all commands published back to back) in commands per second.
+
+Not what a store sees: the closed loop waits for each result and the daemon logs only
+warnings here. bench/store_view.py measures the daemon as shipped, back to back and in
+bursts, beside a minimal durable gateway (docs/performance.md).
 """
 
 from __future__ import annotations
