@@ -3,8 +3,9 @@ with its own SQLite journal, and the cloud stand-in on the session's real broker
 
 from __future__ import annotations
 
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,18 @@ import pytest
 
 from devtools.broker import LocalBroker
 from devtools.stack import CloudStandIn, DaemonProcess, SimulatorProcess, demo_config
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something true (and return it). Polling is
+    the honest way to watch state owned by another process."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 @dataclass

@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,19 +22,9 @@ import pytest
 import gateway
 from devtools.stack import DaemonProcess
 
-from .conftest import Store
+from .conftest import Store, wait_until
 
 TEST_OPERATOR = "metalav-test-op"
-
-
-def _wait(predicate, timeout: float = 15.0, what: str = "condition"):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_a_stopping_daemon_never_deletes_a_socket_it_did_not_create(
@@ -60,7 +49,7 @@ def test_a_stopping_daemon_never_deletes_a_socket_it_did_not_create(
     try:
         assert other.proc is not None
         pid = other.proc.pid
-        _wait(
+        wait_until(
             lambda: (other.status() or {}).get("daemon", {}).get("pid") == pid,
             what=f"the second daemon on the shared socket\n{other.log_tail()}",
         )

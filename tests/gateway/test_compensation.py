@@ -10,14 +10,14 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from tests.cloud_sync.cloud_server import CloudServer
 
-from .conftest import Store
+from .conftest import Store, wait_until
 from .test_machines import FAST, ctl, start, washer
 
 COMPENSATION_ALERT_PATH = "/api/payments/compensation/alert"
@@ -27,16 +27,6 @@ COMPENSATION_ALERT_PATH = "/api/payments/compensation/alert"
 def cloud_api() -> Iterator[CloudServer]:
     with CloudServer() as server:
         yield server
-
-
-def _wait(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _journal_rows(store: Store, sql: str, *args: object) -> list[tuple[Any, ...]]:
@@ -113,7 +103,7 @@ def test_paid_rejection_is_compensated(store_factory, cloud_api: CloudServer) ->
             f"idem-{n}",
         )
         # The payments runbook's alert endpoint gets the very same event.
-        alert = _wait(lambda key=key: _compensation_alerts(cloud_api, key), what="HTTPS alert")
+        alert = wait_until(lambda key=key: _compensation_alerts(cloud_api, key), what="HTTPS alert")
         assert alert[0]["event_id"] == event["event_id"]
 
     # A duplicate gets the stored result again, and no second compensation.
@@ -216,7 +206,7 @@ def test_unreadable_token_is_answered_without_a_key_and_never_compensated(store:
     assert len({a["event_id"] for a in answers}) == len(unreadable)
 
     # Logged for the technician, never journaled as an execution nor sent from the outbox.
-    status = _wait(
+    status = wait_until(
         lambda: (s := store.daemon.status()) and s["rejected_unauthenticated"] >= 4 and s
     )
     assert status["rejected_unauthenticated"] == len(unreadable)

@@ -26,17 +26,7 @@ from firmware_bridge.driver import PulseTrain
 from firmware_bridge.serial_board import SerialBoard
 from gateway.dispatch import command_id_for
 
-from .conftest import Store
-
-
-def _wait(predicate, timeout: float = 10.0, what: str = "condition"):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+from .conftest import Store, wait_until
 
 
 def _pulses_by_key(store: Store, keys: list[str]) -> Counter[str]:
@@ -70,9 +60,9 @@ def test_a_release_the_journal_could_not_record_is_recorded_without_restart(
 
     faults.write_text("transition:released\n")
     store.cloud.publish(token_a)
-    _wait(lambda: len(store.actuations()) == 1, what="A pulsed")
+    wait_until(lambda: len(store.actuations()) == 1, what="A pulsed")
     faults.write_text("*\n")  # now the whole disk is full
-    journal = _wait(lambda: (j := _journal_status(store)) and not j["writable"] and j)
+    journal = wait_until(lambda: (j := _journal_status(store)) and not j["writable"] and j)
     assert "disk is full" in journal["error"]
 
     # Intake stopped: B is not taken (no PUBACK, no row, nothing to the board), and
@@ -159,7 +149,7 @@ def test_a_release_the_board_may_have_forgotten_is_never_sent_again(
     token = store.cloud.sign(a, machine_id="W1")
     faults.write_text("transition:released\n")
     store.cloud.publish(token)
-    _wait(lambda: len(store.actuations()) == 1, what="A pulsed")
+    wait_until(lambda: len(store.actuations()) == 1, what="A pulsed")
     time.sleep(0.3)
     store.daemon.kill9()
     faults.unlink()
@@ -184,7 +174,7 @@ def _crash_before_the_first_byte_and_restart(store: Store) -> str:
     store.daemon.start(METALAV_TEST_KILL_AT="after_dispatching_commit")
     key = store.new_key()
     token = store.cloud.sign(key)
-    _wait(lambda: (s := store.daemon.status()) and s["board"]["connected"], what="ready")
+    wait_until(lambda: (s := store.daemon.status()) and s["board"]["connected"], what="ready")
     store.cloud.publish(token)
     assert store.daemon.wait_exit() == -signal.SIGKILL
     store.daemon.start()
@@ -252,9 +242,7 @@ def test_crash_and_board_reset_send_only_the_release_on_the_wire_to_review(
     assert all(n == 1 for n in _pulses_by_key(store, keys).values())
 
 
-def test_a_full_disk_stops_intake_and_it_resumes_by_itself(
-    store_factory, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+def test_a_full_disk_stops_intake_and_it_resumes_by_itself(store_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """A real full filesystem under the journal (tmpfs): no PUBACK, nothing to the
     board, the status says why; freeing space resumes without a restart."""
     mnt = tmp_path / "small-fs"
@@ -271,7 +259,7 @@ def test_a_full_disk_stops_intake_and_it_resumes_by_itself(
         _fill(filler)
         key = store.new_key()
         store.cloud.publish(store.cloud.sign(key, machine_id="W1"))
-        journal = _wait(lambda: (j := _journal_status(store)) and not j["writable"] and j)
+        journal = wait_until(lambda: (j := _journal_status(store)) and not j["writable"] and j)
         assert "full" in journal["error"]
         time.sleep(1.0)
         assert store.cloud.results_for(key) == []

@@ -10,17 +10,7 @@ import pytest
 
 from cloud_sync.signing import generate_demo_keypair, sign_command
 
-from .conftest import Store
-
-
-def _wait(predicate, timeout: float = 10.0, what: str = "condition"):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+from .conftest import Store, wait_until
 
 
 def test_one_command_releases_exactly_once_and_reports_it(store: Store) -> None:
@@ -40,7 +30,7 @@ def test_one_command_releases_exactly_once_and_reports_it(store: Store) -> None:
     assert row is not None and row["state"] == "released"
     assert [h["state"] for h in row["history"]] == ["accepted", "dispatching", "released"]
     # Every result event left the outbox only after the broker acknowledged it.
-    _wait(
+    wait_until(
         lambda: all(o["state"] == "sent" for o in store.daemon.execution(key)["outbox"]),
         what="outbox sent",
     )
@@ -109,7 +99,7 @@ def test_bad_commands_never_release_and_daemon_keeps_running(store: Store) -> No
     assert store.daemon.execution(wrong_aud) is None
     assert store.daemon.execution(stale) is None  # never journaled, never compensated
     assert store.daemon.execution(unknown_machine)["state"] == "rejected"  # type: ignore[index]
-    status = _wait(
+    status = wait_until(
         lambda: (s := store.daemon.status()) and s["rejected_unauthenticated"] >= 5 and s
     )
     assert status["daemon"]["up"] is True
@@ -191,7 +181,9 @@ def test_busy_machine_rejects_a_second_payment_while_the_first_is_open(store_fac
     store: Store = store_factory()
     store.sim.stop()
     store.daemon.start()
-    _wait(lambda: (s := store.daemon.status()) and s["broker"]["connected"], what="broker link")
+    wait_until(
+        lambda: (s := store.daemon.status()) and s["broker"]["connected"], what="broker link"
+    )
     first, second = store.new_key(), store.new_key()
     store.cloud.publish(store.cloud.sign(first, machine_id="W1"))
     store.cloud.wait_for(first, state="accepted", final=False)
