@@ -3,6 +3,26 @@
 Migrations are append-only: a released gateway's journal is migrated forward, never
 rewritten, and a migration once released is never edited (its SQL, string states
 included, is history).
+
+Rollback (issue 10): an upgrade that goes wrong switches back to the previous release,
+which must then run on the journal the newer one migrated, without losing a row written
+since. So every migration says what it does to older builds:
+
+- ``@additive``: a build that does not know it keeps running correctly on the journal:
+  new tables, new nullable (or defaulted) columns, new indexes that constrain nothing
+  an older build writes. Nothing an older build reads changes meaning (no new states
+  in an existing column, no new NOT NULL column without a default, no new UNIQUE or
+  CHECK on an existing table), and the newer build reads NULL in its new columns, on
+  rows an older build wrote meanwhile, as "not known".
+- ``@breaking``: anything else; builds older than it refuse the journal.
+
+An unmarked migration counts as breaking (tests/gateway/test_schema_compat.py fails on
+it, so the choice is made on purpose). ``migrate()`` records, in the ``schema_meta``
+table beside the numbered migrations, the schema version it wrote and the oldest schema
+version able to run the journal; a build whose :data:`SCHEMA_VERSION` is older than
+the journal's runs on it unmigrated if it is at least that oldest version, and refuses
+it otherwise. The installer asks the previous release the same question before a
+rollback (``metalav-release`` in gateway/release.py).
 """
 
 from __future__ import annotations
@@ -10,15 +30,53 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 
 import sqlite_utils
 
 from .errors import JournalError
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "migrate"]
+__all__ = [
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "JournalCompat",
+    "additive",
+    "breaking",
+    "compat_of",
+    "journal_compat",
+    "migrate",
+    "oldest_reader",
+]
+
+Migration = Callable[[sqlite_utils.Database], None]
+
+ADDITIVE = "additive"
+BREAKING = "breaking"
+#: Outside the numbered migrations, so that every build (older or newer) finds it:
+#: ``schema_version`` (the user_version it describes) and ``oldest_reader``.
+META_TABLE = "schema_meta"
 
 
+def additive(migration: Migration) -> Migration:
+    """Older builds can keep running on a journal this migration brought forward."""
+    migration.compat = ADDITIVE  # type: ignore[attr-defined]
+    return migration
+
+
+def breaking(migration: Migration) -> Migration:
+    """Builds older than this migration must refuse the journal."""
+    migration.compat = BREAKING  # type: ignore[attr-defined]
+    return migration
+
+
+def compat_of(migration: Migration) -> str | None:
+    """``additive``, ``breaking``, or None when unmarked (then treated as breaking)."""
+    value = getattr(migration, "compat", None)
+    return value if isinstance(value, str) else None
+
+
+@breaking
 def _migration_1(db: sqlite_utils.Database) -> None:
     db["executions"].create(  # type: ignore[union-attr]
         {
@@ -84,6 +142,7 @@ def _migration_1(db: sqlite_utils.Database) -> None:
     db["board_state"].create({"key": str, "value": str}, pk="key")  # type: ignore[union-attr]
 
 
+@breaking
 def _migration_2(db: sqlite_utils.Database) -> None:
     """Issue 3: start confirmation, machines, alerts, technician actions."""
     executions = db["executions"]
@@ -135,6 +194,7 @@ def _migration_2(db: sqlite_utils.Database) -> None:
     )
 
 
+@breaking
 def _migration_3(db: sqlite_utils.Database) -> None:
     """Issue 4: the dispatcher's outbox (cloud_sync.outbox.OutboxStore) and the DLQ."""
     outbox = db["outbox"]
@@ -152,6 +212,7 @@ def _migration_3(db: sqlite_utils.Database) -> None:
     db["dispatch_log"].create_index(["item_id"])  # type: ignore[union-attr]
 
 
+@breaking
 def _migration_4(db: sqlite_utils.Database) -> None:
     """Issue 7: what recovery needs to never re-send a release the board forgot."""
     executions = db["executions"]
@@ -175,6 +236,7 @@ def _migration_4(db: sqlite_utils.Database) -> None:
 AWAITING_START_WHERE = "awaits_start = 1 AND state IN ('released', 'not_started', 'started')"
 
 
+@additive
 def _migration_5(db: sqlite_utils.Database) -> None:
     """Issue 9: start confirmation reads only what it watches."""
     db.execute(
@@ -187,21 +249,83 @@ MIGRATIONS = [_migration_1, _migration_2, _migration_3, _migration_4, _migration
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+def oldest_reader(version: int) -> int:
+    """The oldest schema version whose build can run a journal at ``version``: the
+    newest breaking (or unmarked) migration up to it."""
+    floor = 1
+    for number in range(1, version + 1):
+        if compat_of(MIGRATIONS[number - 1]) != ADDITIVE:
+            floor = number
+    return floor
+
+
+@dataclass(frozen=True)
+class JournalCompat:
+    """What a journal file says about the builds able to run it."""
+
+    version: int  # PRAGMA user_version
+    #: From schema_meta, when it describes ``version``; None when absent or stale
+    #: (written for another version: nothing vouches for older builds then).
+    oldest_reader: int | None
+
+    def runnable_by(self, schema_version: int) -> bool:
+        if self.version <= schema_version:
+            return True  # older or equal: migrated forward
+        return self.oldest_reader is not None and self.oldest_reader <= schema_version
+
+
+def journal_compat(conn: sqlite3.Connection) -> JournalCompat:
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    has_meta = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (META_TABLE,)
+    ).fetchone()
+    if not has_meta:
+        return JournalCompat(version, None)
+    meta = dict(conn.execute(f"SELECT key, value FROM {META_TABLE}").fetchall())
+    if meta.get("schema_version") != version or not isinstance(meta.get("oldest_reader"), int):
+        return JournalCompat(version, None)
+    return JournalCompat(version, meta["oldest_reader"])
+
+
+def _write_meta(conn: sqlite3.Connection, version: int) -> None:
+    conn.execute(
+        f"CREATE TABLE IF NOT EXISTS {META_TABLE} (key TEXT PRIMARY KEY, value INTEGER NOT NULL)"
+    )
+    conn.executemany(
+        f"INSERT INTO {META_TABLE} (key, value) VALUES (?, ?)"
+        " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        [("schema_version", version), ("oldest_reader", oldest_reader(version))],
+    )
+
+
 def migrate(
     conn: sqlite3.Connection,
     path: Path,
     transaction: Callable[[], AbstractContextManager[sqlite3.Connection]],
 ) -> None:
     """Bring the file at ``path`` to :data:`SCHEMA_VERSION`, one migration per
-    ``transaction``; refuse a file written by a newer gateway."""
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version > SCHEMA_VERSION:
-        raise JournalError(
-            f"{path}: schema version {version} is newer than this gateway "
-            f"({SCHEMA_VERSION}); refusing to touch it"
-        )
+    ``transaction`` (the meta table in the same one); run unmigrated on a journal a
+    newer build migrated when its meta says this build can, else refuse it."""
+    compat = journal_compat(conn)
+    if compat.version > SCHEMA_VERSION:
+        if not compat.runnable_by(SCHEMA_VERSION):
+            needs = compat.oldest_reader or compat.version
+            raise JournalError(
+                f"{path}: schema version {compat.version} is newer than this gateway "
+                f"({SCHEMA_VERSION}) and needs a gateway of schema {needs} or newer; "
+                "refusing to touch it"
+            )
+        # A rollback: the newer build's additions are ignored, never undone, and the
+        # meta stays the newer build's (it describes the file's real version).
+        return
     db = sqlite_utils.Database(conn)
-    for number in range(version + 1, SCHEMA_VERSION + 1):
+    for number in range(compat.version + 1, SCHEMA_VERSION + 1):
         with transaction():
             MIGRATIONS[number - 1](db)
             conn.execute(f"PRAGMA user_version={number}")
+            _write_meta(conn, number)
+    if compat.version == SCHEMA_VERSION and compat.oldest_reader != oldest_reader(SCHEMA_VERSION):
+        # A journal from before schema_meta existed, or whose meta went stale.
+        with transaction():
+            _write_meta(conn, SCHEMA_VERSION)
+
