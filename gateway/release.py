@@ -13,6 +13,7 @@ temporary folder)::
     /etc/metalav/gateway.toml          from config.example.toml if absent, never overwritten
     /var/lib/metalav/                  the journal; backups/ before each switch
     /etc/systemd/system/metalav-gateway.service
+    /usr/local/bin/{metalavctl,metalav-release,metalav-gateway} -> current's
 
 ``install`` is idempotent: run again with the same release it only makes sure of the
 accounts, folders, config, unit and service. With another release it is an upgrade:
@@ -116,6 +117,10 @@ class Layout:
         return self.state / "backups"
 
     @property
+    def bin(self) -> Path:
+        return self.root / "usr/local/bin"
+
+    @property
     def unit(self) -> Path:
         return self.root / "etc/systemd/system" / UNIT
 
@@ -161,8 +166,12 @@ class Systemctl:
         if done.returncode != 0:
             raise ReleaseError(f"systemctl {' '.join(args)} failed: {done.stderr.strip()}")
 
+    def state(self) -> str:
+        """``active``, ``activating`` (starting, or waiting to restart), ``failed``..."""
+        return self("is-active", UNIT).stdout.strip() or "unknown"
+
     def is_active(self) -> bool:
-        return self("is-active", UNIT).stdout.strip() == "active"
+        return self.state() == "active"
 
 
 # -- steps ------------------------------------------------------------------------
@@ -211,18 +220,31 @@ def _chown(path: Path, user: str, group: str, mode: int, layout: Layout) -> None
         shutil.chown(path, user, group)
 
 
-def _ensure_dirs_and_config(layout: Layout, source: Path) -> None:
-    for folder in (layout.releases, layout.etc, layout.state, layout.backups):
+def _ensure_dirs_and_config(layout: Layout, source: Path) -> bool:
+    """True when the config was just created (from the example: not this Loja's yet)."""
+    for folder in (layout.releases, layout.etc, layout.state, layout.backups, layout.bin):
         folder.mkdir(parents=True, exist_ok=True)
     _chown(layout.etc, "root", "metalav-tech", 0o750, layout)
     _chown(layout.state, SERVICE_USER, "metalav-tech", 0o750, layout)
     _chown(layout.backups, "root", "root", 0o700, layout)
-    if not layout.config.exists():
-        shutil.copyfile(source / "config.example.toml", layout.config)
-        _chown(layout.config, "root", "metalav-tech", 0o640, layout)
-        _say(f"{layout.config} created from config.example.toml: edit it for this Loja")
-    else:
+    if layout.config.exists():
         _say(f"{layout.config} kept as it is")
+        return False
+    shutil.copyfile(source / "config.example.toml", layout.config)
+    _chown(layout.config, "root", "metalav-tech", 0o640, layout)
+    _say(f"{layout.config} created from config.example.toml")
+    return True
+
+
+def _ensure_commands(layout: Layout) -> None:
+    """metalavctl and metalav-release on PATH, through ``current``."""
+    for name in ("metalavctl", "metalav-release", "metalav-gateway"):
+        link = layout.bin / name
+        target = layout.current / "bin" / name
+        if not (link.is_symlink() and Path(os.readlink(link)) == target):
+            with contextlib.suppress(FileNotFoundError):
+                link.unlink()
+            link.symlink_to(target)
 
 
 def _ensure_unit(layout: Layout, source: Path, systemctl: Systemctl) -> None:
@@ -267,14 +289,17 @@ def _install_release(
     if target.exists():
         shutil.rmtree(target)  # a half-built venv from an interrupted install
     _say(f"installing release {version} into {target}")
-    _run([sys.executable, "-m", "venv", str(target)], "creating the venv")
-    pip = [str(target / "bin/python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    # No pip inside: this pip installs into it (--python), which saves ensurepip's
+    # seconds per release and keeps the release to what the lock names.
+    _run([sys.executable, "-m", "venv", "--without-pip", str(target)], "creating the venv")
+    pip = [sys.executable, "-m", "pip", "--python", str(target / "bin/python")]
+    install = [*pip, "install", "-q", "--disable-pip-version-check"]
     source = ["--no-index", "--find-links", str(wheelhouse)] if wheelhouse else []
     # Exactly the locked versions, checked against their hashes; then the gateway
     # itself without resolving anything again.
-    _run([*pip, *source, "--require-hashes", "-r", str(constraints)], "installing locked deps")
-    _run([*pip, "--no-deps", str(wheel)], "installing the gateway")
-    _run([str(target / "bin/python"), "-m", "pip", "check"], "pip check")
+    _run([*install, *source, "--require-hashes", "-r", str(constraints)], "installing locked deps")
+    _run([*install, "--no-deps", str(wheel)], "installing the gateway")
+    _run([*pip, "check"], "pip check")
     shutil.copyfile(constraints, target / "constraints.txt")
     marker.write_text(json.dumps({"version": version, "installed_at": time.time()}) + "\n")
     return target
@@ -348,22 +373,27 @@ def _can_run_journal(layout: Layout, version: str) -> tuple[bool, str]:
     return done.returncode == 0, (done.stdout or done.stderr).strip()
 
 
-def _status(layout: Layout, version: str) -> dict[str, object] | None:
+def _status(layout: Layout, version: str) -> tuple[dict[str, object] | None, str]:
+    """``metalavctl status --json`` of ``version``: its ``daemon`` part, or why not."""
     ctl = layout.release(version) / "bin/metalavctl"
-    done = subprocess.run(
-        [str(ctl), "status", "--json", "--config", str(layout.config)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=15,
-    )
-    if done.returncode != 0:
-        return None
     try:
-        status = json.loads(done.stdout)
-    except ValueError:
-        return None
-    return status if isinstance(status, dict) else None
+        done = subprocess.run(
+            [str(ctl), "status", "--json", "--config", str(layout.config)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=15,
+        )
+    except subprocess.TimeoutExpired:
+        return None, "metalavctl status: no answer in 15 s"
+    if done.returncode != 0:
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        return None, f"metalavctl status: {lines[-1] if lines else done.returncode}"
+    try:
+        daemon = json.loads(done.stdout).get("daemon")
+    except (ValueError, AttributeError):
+        return None, "metalavctl status: not JSON"
+    return (daemon, "") if isinstance(daemon, dict) else (None, "metalavctl status: no daemon")
 
 
 def _healthy(
@@ -372,13 +402,20 @@ def _healthy(
     """Restarted ``version`` reaches READY and stays healthy for ``window`` seconds."""
     deadline = time.monotonic() + ready_timeout
     pid: object = None
-    while pid is None:
+    why = "not started"
+    while True:
         if time.monotonic() > deadline:
-            return False, f"not READY within {ready_timeout:.0f} s"
-        if systemctl.is_active():
-            status = _status(layout, version)
-            daemon = status.get("daemon") if status else None
-            if isinstance(daemon, dict):
+            return False, f"not READY within {ready_timeout:.0f} s ({why})"
+        state = systemctl.state()
+        if state in ("inactive", "failed"):
+            # Not on its way up (systemd says "activating" until READY, and while it
+            # waits to restart a crashed daemon): no use waiting for it.
+            return False, f"the service is {state} before READY ({why})"
+        if state != "active":
+            why = f"the service is {state}"
+        else:
+            daemon, why = _status(layout, version)
+            if daemon is not None:
                 if daemon.get("version") != version:
                     return False, f"running version {daemon.get('version')}, not {version}"
                 pid = daemon.get("pid")
@@ -391,12 +428,11 @@ def _healthy(
         time.sleep(POLL_S)
         if not systemctl.is_active():
             return False, "the service stopped being active"
-        status = _status(layout, version)
-        daemon = status.get("daemon") if status else None
-        if not isinstance(daemon, dict):
+        daemon, why = _status(layout, version)
+        if daemon is None:
             misses += 1
             if misses >= STATUS_MISSES:
-                return False, "metalavctl status stopped answering"
+                return False, why
             continue
         misses = 0
         if daemon.get("pid") != pid:
@@ -426,7 +462,7 @@ def cmd_install(args: argparse.Namespace, layout: Layout, systemctl: Systemctl) 
             raise ReleaseError(f"{needed} not found (--source is a checkout or release folder)", 2)
     with _exclusive(layout):
         _ensure_accounts(layout)
-        _ensure_dirs_and_config(layout, source)
+        fresh_config = _ensure_dirs_and_config(layout, source)
         _ensure_unit(layout, source, systemctl)
         build = layout.opt / ".build"
         if args.wheel:
@@ -439,9 +475,17 @@ def cmd_install(args: argparse.Namespace, layout: Layout, systemctl: Systemctl) 
         shutil.rmtree(build, ignore_errors=True)
         _check_config(layout, release)
         running = layout.version_of(layout.current)
+        if running is None:
+            _switch(layout.current, version)
+        _ensure_commands(layout)
+        if fresh_config:
+            _say(
+                f"release {version} installed. Now edit {layout.config} for this Loja"
+                " (gateway id, broker, keys, board, machines), then run the same command"
+                " again to check it and start the service"
+            )
+            return 0
         if args.no_start:
-            if running is None:
-                _switch(layout.current, version)
             _say(f"release {version} installed; service not (re)started (--no-start)")
             return 0
         if running == version:
@@ -454,7 +498,6 @@ def cmd_install(args: argparse.Namespace, layout: Layout, systemctl: Systemctl) 
             _say(f"release {version} is current and running")
             return 0
         if running is None:
-            _switch(layout.current, version)
             ok, why = _start_and_watch(
                 layout, version, systemctl, args.health_window, args.ready_timeout
             )

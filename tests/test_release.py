@@ -101,7 +101,7 @@ def start():
 
 verb = sys.argv[1]
 with open(STATE / "systemctl.log", "a") as journal:
-    journal.write(" ".join(sys.argv[1:]) + "\\n")
+    journal.write(f"{{time.time():.1f}} " + " ".join(sys.argv[1:]) + "\\n")
 if verb == "restart":
     stop()
     start()
@@ -279,7 +279,15 @@ def test_failed_upgrade_rolls_back_by_itself_and_keeps_every_journal_row(
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        wait_until(lambda: box.version() == NEW_VERSION, timeout=120, what="the newer release")
+        assert upgrade.stdout is not None
+        seen = []
+        for line in upgrade.stdout:  # until the installer has seen the new release READY
+            seen.append(line)
+            if f"release {NEW_VERSION} READY" in line:
+                break
+        else:
+            pytest.fail("".join(seen))
+        assert box.version() == NEW_VERSION
         # ... migrates the journal, and releases a machine: rows only it wrote.
         box.release_once("during-upgrade")
         new_pid = box.api.status()["daemon"]["pid"]  # type: ignore[index]
@@ -290,7 +298,9 @@ def test_failed_upgrade_rolls_back_by_itself_and_keeps_every_journal_row(
         if upgrade.poll() is None:
             upgrade.kill()
             upgrade.communicate()
+    out = "".join(seen) + out
     assert upgrade.returncode == 1, out
+    assert "the service stopped being active" in out
     assert f"rolled back to {old_version}" in out
 
     # 4. The old release runs again, on the journal the newer one migrated.
