@@ -255,7 +255,6 @@ def _ensure_unit(layout: Layout, source: Path, systemctl: Systemctl) -> None:
         layout.unit.chmod(0o644)
         systemctl.must("daemon-reload")
         _say(f"unit installed: {layout.unit}")
-    systemctl.must("enable", UNIT)
 
 
 def _build_wheel(source: Path, into: Path) -> Path:
@@ -443,6 +442,8 @@ def _healthy(
 def _start_and_watch(
     layout: Layout, version: str, systemctl: Systemctl, window: float, ready_timeout: float
 ) -> tuple[bool, str]:
+    # Enabled only once a checked config is there: a box must not boot into the example.
+    systemctl.must("enable", UNIT)
     systemctl.must("restart", UNIT)
     return _healthy(layout, version, systemctl, window, ready_timeout)
 
@@ -512,6 +513,9 @@ def _upgrade(
     args: argparse.Namespace, layout: Layout, systemctl: Systemctl, old: str, new: str
 ) -> int:
     _say(f"upgrade {old} -> {new}")
+    can, why = _can_run_journal(layout, new)
+    if not can:  # e.g. "upgrading" to an older release than the journal allows
+        raise ReleaseError(f"release {new} cannot run on the journal ({why}); nothing changed", 2)
     backup_journal(_journal_path(layout), layout.backups, f"before-{new}")
     _switch(layout.previous, old)
     _switch(layout.current, new)

@@ -332,3 +332,16 @@ def test_failed_upgrade_rolls_back_by_itself_and_keeps_every_journal_row(
         "previous": NEW_VERSION,
         "installed": sorted([old_version, NEW_VERSION]),
     }
+
+    # 5. Manual rollback is one command, both ways: forward to the newer release (now
+    # healthy), then back to the previous one, each on the same journal.
+    for target in (NEW_VERSION, old_version):
+        back = subprocess.run(
+            box.release("rollback", "--health-window", "1"),
+            capture_output=True, text=True, timeout=120,
+        )
+        assert back.returncode == 0, back.stdout + back.stderr
+        assert box.version() == target
+        assert os.readlink(box.root / "opt/metalav/current") == f"releases/{target}"
+    final = box.api.execution("during-upgrade")
+    assert final is not None and final["state"] == "released", final
