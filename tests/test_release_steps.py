@@ -133,3 +133,28 @@ def test_the_current_link_is_replaced_in_one_rename(tmp_path: Path) -> None:
     release._switch(layout.current, "1.1.0")  # noqa: SLF001
     assert layout.version_of(layout.current) == "1.1.0"
     assert sorted(p.name for p in layout.opt.iterdir()) == ["current", "releases"]  # no leftovers
+
+
+def _systemctl_saying(tmp_path: Path, state: str) -> release.Systemctl:
+    """A systemctl whose is-active always answers ``state``."""
+    program = tmp_path / "systemctl"
+    program.write_text(f"#!/bin/sh\necho {state}\n")
+    program.chmod(0o755)
+    return release.Systemctl(str(program))
+
+
+def test_a_release_whose_unit_fails_before_ready_is_unhealthy_at_once(tmp_path: Path) -> None:
+    layout = release.Layout(tmp_path)
+    ok, why = release._healthy(  # noqa: SLF001
+        layout, "9.9.9", _systemctl_saying(tmp_path, "failed"), window=60, ready_timeout=600
+    )
+    # Not "not READY within 600 s": it did not sit out the timeout.
+    assert not ok and why == "the service is failed before READY (not started)"
+
+
+def test_a_release_that_never_reaches_ready_is_unhealthy(tmp_path: Path) -> None:
+    layout = release.Layout(tmp_path)
+    ok, why = release._healthy(  # noqa: SLF001
+        layout, "9.9.9", _systemctl_saying(tmp_path, "activating"), window=60, ready_timeout=1
+    )
+    assert not ok and why == "not READY within 1 s (the service is activating)"
