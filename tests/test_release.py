@@ -6,7 +6,9 @@ The newer release is this checkout with another version and one more migration, 
 additive one, as the next release would have it. It reaches READY, migrates the
 journal, releases a machine, and then dies inside its health window: the installer
 must go back to the old release by itself, and the old release must run on the
-migrated journal with every row, the newer release's included.
+migrated journal with every row, the newer release's included. Then the same upgrade
+again with a release that fails to start at all (back at once, rows intact), and the
+manual rollback both ways.
 
 systemd cannot run here: ``--systemctl`` points at a stand-in with the same verbs
 (restart, stop, is-active, enable, daemon-reload) that runs ``current``'s
@@ -91,9 +93,12 @@ def stop():
 
 
 def start():
+    # FAKE_BROKEN_RELEASE: that release fails to start (here: a config it cannot read).
+    current = Path(os.readlink(ROOT / "opt/metalav/current")).name
+    config = "/nonexistent.toml" if current == os.environ.get("FAKE_BROKEN_RELEASE") else CONFIG
     with open(STATE / "daemon.log", "ab") as log:
         proc = subprocess.Popen(
-            [str(ROOT / "opt/metalav/current/bin/metalav-gateway"), "run", "--config", CONFIG],
+            [str(ROOT / "opt/metalav/current/bin/metalav-gateway"), "run", "--config", config],
             stdout=log, stderr=log, start_new_session=True,
         )
     PIDFILE.write_text(str(proc.pid))
@@ -333,7 +338,23 @@ def test_failed_upgrade_rolls_back_by_itself_and_keeps_every_journal_row(
         "installed": sorted([old_version, NEW_VERSION]),
     }
 
-    # 5. Manual rollback is one command, both ways: forward to the newer release (now
+    # 5. An upgrade whose release fails to start at all: back by itself, at once.
+    failed_start = subprocess.run(
+        box.release(
+            "install", "--source", str(releases["new_src"]), "--wheel", str(releases["new_wheel"]),
+            "--wheelhouse", str(releases["wheelhouse"]), "--health-window", "60",
+            "--rollback-window", "1",
+        ),
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "FAKE_BROKEN_RELEASE": NEW_VERSION},
+    )
+    assert failed_start.returncode == 1, failed_start.stdout + failed_start.stderr
+    assert "before READY" in failed_start.stderr
+    assert f"rolled back to {old_version}" in failed_start.stderr
+    assert box.version() == old_version
+    assert box.api.execution("during-upgrade")["state"] == "released"  # type: ignore[index]
+
+    # 6. Manual rollback is one command, both ways: forward to the newer release (now
     # healthy), then back to the previous one, each on the same journal.
     for target in (NEW_VERSION, old_version):
         back = subprocess.run(
