@@ -11,7 +11,8 @@ temporary folder)::
     /opt/metalav/current -> releases/<version>     what the unit runs
     /opt/metalav/previous -> releases/<version>    what a rollback goes back to
     /etc/metalav/gateway.toml          from config.example.toml if absent, never overwritten
-    /var/lib/metalav/                  the journal; backups/ before each switch
+    /var/lib/metalav/                  the journal
+    /var/backups/metalav/              online copies of the journal, before each switch
     /etc/systemd/system/metalav-gateway.service
     /usr/local/bin/{metalavctl,metalav-release,metalav-gateway} -> current's
 
@@ -114,7 +115,9 @@ class Layout:
 
     @property
     def backups(self) -> Path:
-        return self.state / "backups"
+        # Outside the daemon's state directory: its sandbox cannot write there, and
+        # systemd does not hand it to the service user.
+        return self.root / "var/backups/metalav"
 
     @property
     def bin(self) -> Path:

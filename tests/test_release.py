@@ -327,7 +327,7 @@ def test_failed_upgrade_rolls_back_by_itself_and_keeps_every_journal_row(
     # Each command pulsed its machine exactly once, across the upgrade and the rollback.
     ids = [a.get("command_id") for a in box.sim.actuation_records()]
     assert len(ids) == 3 and len(set(ids)) == 3, ids
-    assert list((box.root / "var/lib/metalav/backups").glob(f"journal-*-before-{NEW_VERSION}.db"))
+    assert list((box.root / "var/backups/metalav").glob(f"journal-*-before-{NEW_VERSION}.db"))
 
     status = subprocess.run(
         box.release("status", "--json"), capture_output=True, text=True, timeout=30, check=True
