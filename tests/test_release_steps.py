@@ -5,6 +5,7 @@ the journal check a rollback asks the previous release for, and refusals."""
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -158,3 +159,28 @@ def test_a_release_that_never_reaches_ready_is_unhealthy(tmp_path: Path) -> None
         layout, "9.9.9", _systemctl_saying(tmp_path, "activating"), window=60, ready_timeout=1
     )
     assert not ok and why == "not READY within 1 s (the service is activating)"
+
+
+def test_the_lock_pins_every_dependency_within_what_pyproject_allows() -> None:
+    # A dependency added to pyproject.toml without `scripts/lock.sh` fails here, not
+    # in a store's `pip check` halfway through an upgrade.
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = {
+        canonicalize_name(name): version
+        for name, version in re.findall(
+            r"^([A-Za-z0-9_.-]+)==([^\s;\\]+)", (ROOT / "constraints.txt").read_text(), re.M
+        )
+    }
+    wanted = [*project["dependencies"], *project["optional-dependencies"]["gpio"]]
+    wrong = []
+    for line in wanted:
+        req = Requirement(line)
+        pinned = pins.get(canonicalize_name(req.name))
+        if pinned is None or not req.specifier.contains(pinned, prereleases=True):
+            wrong.append(f"{req}: locked {pinned}")
+    assert wrong == [], f"run scripts/lock.sh: {wrong}"
