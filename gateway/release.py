@@ -44,6 +44,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -559,9 +560,13 @@ def cmd_rollback(args: argparse.Namespace, layout: Layout, systemctl: Systemctl)
         target = args.to or layout.version_of(layout.previous)
         if target is None:
             raise ReleaseError("no previous release to go back to (name one with --to)", 2)
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+_-]*", target):
+            raise ReleaseError(f"{target!r} is not a release version (metalav-release status)", 2)
         current = layout.version_of(layout.current)
         if target == current:
             raise ReleaseError(f"release {target} is already current", 2)
+        if not (layout.release(target) / ".installed").exists():
+            raise ReleaseError(f"release {target} is not installed in {layout.releases}", 2)
         backup_journal(_journal_path(layout), layout.backups, f"before-rollback-{target}")
         _rollback_to(layout, systemctl, target, args.health_window, args.ready_timeout)
     return 0

@@ -184,3 +184,13 @@ def test_the_lock_pins_every_dependency_within_what_pyproject_allows() -> None:
         if pinned is None or not req.specifier.contains(pinned, prereleases=True):
             wrong.append(f"{req}: locked {pinned}")
     assert wrong == [], f"run scripts/lock.sh: {wrong}"
+
+
+@pytest.mark.parametrize("target", ["../../etc", "9.9.9"])
+def test_rollback_to_a_release_that_is_not_installed_is_one_clear_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], target: str
+) -> None:
+    assert release.main(["--root", str(tmp_path), "rollback", "--to", target]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert ("not a release version" in err) if "/" in target else ("not installed" in err)
