@@ -33,6 +33,9 @@ is not done.
 This module imports only the standard library at the top: the first install runs it
 with the system's python3 (``scripts/install.sh``), before any venv exists.
 
+Messages to the person at the terminal are in Portuguese (the store's technicians);
+``status --json`` and ``journal-check`` answer in JSON.
+
 Exit status: 0 done (and healthy), 1 failed (after an upgrade that failed: rolled back),
 2 bad usage, a config that check-config refuses, or a rollback the journal forbids.
 """
@@ -149,7 +152,8 @@ def _run(cmd: list[str], what: str, *, quiet: bool = True) -> subprocess.Complet
     done = subprocess.run(cmd, capture_output=quiet, text=True, check=False)
     if done.returncode != 0:
         detail = (done.stderr or done.stdout or "").strip().splitlines()
-        raise ReleaseError(f"{what} failed: {detail[-1] if detail else f'exit {done.returncode}'}")
+        last = detail[-1] if detail else f"status {done.returncode}"
+        raise ReleaseError(f"{what} falhou: {last}")
     return done
 
 
@@ -168,7 +172,7 @@ class Systemctl:
     def must(self, *args: str) -> None:
         done = self(*args)
         if done.returncode != 0:
-            raise ReleaseError(f"systemctl {' '.join(args)} failed: {done.stderr.strip()}")
+            raise ReleaseError(f"systemctl {' '.join(args)} falhou: {done.stderr.strip()}")
 
     def state(self) -> str:
         """``active``, ``activating`` (starting, or waiting to restart), ``failed``..."""
@@ -189,13 +193,13 @@ def _exclusive(layout: Layout) -> Iterator[None]:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ReleaseError("another metalav-release is running; wait for it", 2) from None
+            raise ReleaseError("outro metalav-release está rodando; espere-o terminar", 2) from None
         yield
 
 
 def _ensure_accounts(layout: Layout) -> None:
     if not layout.is_system:
-        _say(f"root {layout.root}: user and groups left alone (a system's accounts live in /)")
+        _say(f"raiz {layout.root}: usuário e grupos não alterados (as contas ficam em /)")
         return
     for group in GROUPS:
         if subprocess.run(["getent", "group", group], capture_output=True).returncode != 0:
@@ -232,11 +236,11 @@ def _ensure_dirs_and_config(layout: Layout, source: Path) -> bool:
     _chown(layout.state, SERVICE_USER, "metalav-tech", 0o750, layout)
     _chown(layout.backups, "root", "root", 0o700, layout)
     if layout.config.exists():
-        _say(f"{layout.config} kept as it is")
+        _say(f"{layout.config} mantido como está")
         return False
     shutil.copyfile(source / "config.example.toml", layout.config)
     _chown(layout.config, "root", "metalav-tech", 0o640, layout)
-    _say(f"{layout.config} created from config.example.toml")
+    _say(f"{layout.config} criado a partir de config.example.toml")
     return True
 
 
@@ -258,25 +262,25 @@ def _ensure_unit(layout: Layout, source: Path, systemctl: Systemctl) -> None:
         layout.unit.write_bytes(shipped)
         layout.unit.chmod(0o644)
         systemctl.must("daemon-reload")
-        _say(f"unit installed: {layout.unit}")
+        _say(f"unit instalada: {layout.unit}")
 
 
 def _build_wheel(source: Path, into: Path) -> Path:
-    _say(f"building the wheel from {source}")
+    _say(f"construindo o wheel a partir de {source}")
     _run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(into), str(source)],
-        "building the wheel",
+        "construção do wheel",
     )
     wheels = sorted(into.glob(f"{WHEEL_PREFIX}*.whl"))
     if not wheels:
-        raise ReleaseError(f"no {WHEEL_PREFIX}*.whl built from {source}")
+        raise ReleaseError(f"nenhum {WHEEL_PREFIX}*.whl construído a partir de {source}")
     return wheels[-1]
 
 
 def _wheel_version(wheel: Path) -> str:
     name = wheel.name
     if not (name.startswith(WHEEL_PREFIX) and name.endswith(".whl")):
-        raise ReleaseError(f"{wheel}: not a metalav-gateway wheel", 2)
+        raise ReleaseError(f"{wheel}: não é um wheel do metalav-gateway", 2)
     return name[len(WHEEL_PREFIX) :].split("-")[0]
 
 
@@ -287,21 +291,21 @@ def _install_release(
     target = layout.release(version)
     marker = target / ".installed"
     if marker.exists():
-        _say(f"release {version} already installed in {target}")
+        _say(f"versão {version} já instalada em {target}")
         return target
     if target.exists():
         shutil.rmtree(target)  # a half-built venv from an interrupted install
-    _say(f"installing release {version} into {target}")
+    _say(f"instalando a versão {version} em {target}")
     # No pip inside: this pip installs into it (--python), which saves ensurepip's
     # seconds per release and keeps the release to what the lock names.
-    _run([sys.executable, "-m", "venv", "--without-pip", str(target)], "creating the venv")
+    _run([sys.executable, "-m", "venv", "--without-pip", str(target)], "criação do venv")
     pip = [sys.executable, "-m", "pip", "--python", str(target / "bin/python")]
     install = [*pip, "install", "-q", "--disable-pip-version-check"]
     source = ["--no-index", "--find-links", str(wheelhouse)] if wheelhouse else []
     # Exactly the locked versions, checked against their hashes; then the gateway
     # itself without resolving anything again.
-    _run([*install, *source, "--require-hashes", "-r", str(constraints)], "installing locked deps")
-    _run([*install, "--no-deps", str(wheel)], "installing the gateway")
+    _run([*install, *source, "--require-hashes", "-r", str(constraints)], "instalação do lock")
+    _run([*install, "--no-deps", str(wheel)], "instalação do gateway")
     _run([*pip, "check"], "pip check")
     shutil.copyfile(constraints, target / "constraints.txt")
     marker.write_text(json.dumps({"version": version, "installed_at": time.time()}) + "\n")
@@ -319,7 +323,7 @@ def _check_config(layout: Layout, release: Path) -> None:
         for line in (done.stderr or done.stdout).strip().splitlines():
             print(f"  {line}", file=sys.stderr)
         raise ReleaseError(
-            f"check-config refused {layout.config}: fix it, then run the same command again", 2
+            f"check-config recusou {layout.config}: corrija e rode o mesmo comando de novo", 2
         )
     _say(done.stdout.strip())
 
@@ -337,7 +341,7 @@ def _journal_path(layout: Layout) -> Path:
     try:
         data = tomllib.loads(layout.config.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ReleaseError(f"{layout.config}: cannot read it ({exc})", 2) from None
+        raise ReleaseError(f"{layout.config}: não foi possível ler ({exc})", 2) from None
     raw = data.get("journal", {}).get("path", "/var/lib/metalav/journal.db")
     path = Path(raw)
     return path if path.is_absolute() else layout.config.parent / path
@@ -358,7 +362,7 @@ def backup_journal(journal: Path, backups: Path, label: str) -> Path | None:
     finally:
         src.close()
     dest.chmod(0o600)
-    _say(f"journal backed up to {dest}")
+    _say(f"diário copiado para {dest}")
     return dest
 
 
@@ -388,15 +392,15 @@ def _status(layout: Layout, version: str) -> tuple[dict[str, object] | None, str
             timeout=15,
         )
     except subprocess.TimeoutExpired:
-        return None, "metalavctl status: no answer in 15 s"
+        return None, "metalavctl status: sem resposta em 15 s"
     if done.returncode != 0:
         lines = (done.stderr or done.stdout).strip().splitlines()
         return None, f"metalavctl status: {lines[-1] if lines else done.returncode}"
     try:
         daemon = json.loads(done.stdout).get("daemon")
     except (ValueError, AttributeError):
-        return None, "metalavctl status: not JSON"
-    return (daemon, "") if isinstance(daemon, dict) else (None, "metalavctl status: no daemon")
+        return None, "metalavctl status: resposta não é JSON"
+    return (daemon, "") if isinstance(daemon, dict) else (None, "metalavctl status: sem daemon")
 
 
 def _healthy(
@@ -405,32 +409,32 @@ def _healthy(
     """Restarted ``version`` reaches READY and stays healthy for ``window`` seconds."""
     deadline = time.monotonic() + ready_timeout
     pid: object = None
-    why = "not started"
+    why = "não iniciado"
     while True:
         if time.monotonic() > deadline:
-            return False, f"not READY within {ready_timeout:.0f} s ({why})"
+            return False, f"não ficou READY em {ready_timeout:.0f} s ({why})"
         state = systemctl.state()
         if state in ("inactive", "failed"):
             # Not on its way up (systemd says "activating" until READY, and while it
             # waits to restart a crashed daemon): no use waiting for it.
-            return False, f"the service is {state} before READY ({why})"
+            return False, f"o serviço está {state} antes do READY ({why})"
         if state != "active":
-            why = f"the service is {state}"
+            why = f"o serviço está {state}"
         else:
             daemon, why = _status(layout, version)
             if daemon is not None:
                 if daemon.get("version") != version:
-                    return False, f"running version {daemon.get('version')}, not {version}"
+                    return False, f"rodando a versão {daemon.get('version')}, não {version}"
                 pid = daemon.get("pid")
                 break
         time.sleep(POLL_S)
-    _say(f"release {version} READY (pid {pid}); watching it for {window:.0f} s")
+    _say(f"versão {version} READY (pid {pid}); observando por {window:.0f} s")
     until = time.monotonic() + window
     misses = 0
     while time.monotonic() < until:
         time.sleep(POLL_S)
         if not systemctl.is_active():
-            return False, "the service stopped being active"
+            return False, "o serviço deixou de estar ativo"
         daemon, why = _status(layout, version)
         if daemon is None:
             misses += 1
@@ -439,8 +443,8 @@ def _healthy(
             continue
         misses = 0
         if daemon.get("pid") != pid:
-            return False, f"the daemon restarted (pid {pid} -> {daemon.get('pid')})"
-    return True, "healthy"
+            return False, f"o daemon reiniciou (pid {pid} -> {daemon.get('pid')})"
+    return True, "saudável"
 
 
 def _start_and_watch(
@@ -464,7 +468,9 @@ def cmd_install(args: argparse.Namespace, layout: Layout, systemctl: Systemctl) 
     constraints: Path = args.constraints or source / "constraints.txt"
     for needed in (constraints, source / "config.example.toml", source / "systemd" / UNIT):
         if not needed.exists():
-            raise ReleaseError(f"{needed} not found (--source is a checkout or release folder)", 2)
+            raise ReleaseError(
+                f"{needed} não encontrado (--source é a pasta de uma versão do gateway)", 2
+            )
     with _exclusive(layout):
         _ensure_accounts(layout)
         fresh_config = _ensure_dirs_and_config(layout, source)
@@ -485,13 +491,13 @@ def cmd_install(args: argparse.Namespace, layout: Layout, systemctl: Systemctl) 
         _ensure_commands(layout)
         if fresh_config:
             _say(
-                f"release {version} installed. Now edit {layout.config} for this Loja"
-                " (gateway id, broker, keys, board, machines), then run the same command"
-                " again to check it and start the service"
+                f"versão {version} instalada. Agora edite {layout.config} para esta Loja"
+                " (id do gateway, broker, chaves, placa, máquinas) e rode o mesmo comando"
+                " de novo para verificar a configuração e iniciar o serviço"
             )
             return 0
         if args.no_start:
-            _say(f"release {version} installed; service not (re)started (--no-start)")
+            _say(f"versão {version} instalada; serviço não (re)iniciado (--no-start)")
             return 0
         if running == version:
             if not systemctl.is_active():
@@ -499,16 +505,16 @@ def cmd_install(args: argparse.Namespace, layout: Layout, systemctl: Systemctl) 
                     layout, version, systemctl, args.health_window, args.ready_timeout
                 )
                 if not ok:
-                    raise ReleaseError(f"release {version} is not healthy: {why}")
-            _say(f"release {version} is current and running")
+                    raise ReleaseError(f"versão {version} não está saudável: {why}")
+            _say(f"versão {version} é a atual e está rodando")
             return 0
         if running is None:
             ok, why = _start_and_watch(
                 layout, version, systemctl, args.health_window, args.ready_timeout
             )
             if not ok:
-                raise ReleaseError(f"release {version} is not healthy: {why}")
-            _say(f"release {version} installed and running")
+                raise ReleaseError(f"versão {version} não está saudável: {why}")
+            _say(f"versão {version} instalada e rodando")
             return 0
         return _upgrade(args, layout, systemctl, running, version)
 
@@ -516,10 +522,10 @@ def cmd_install(args: argparse.Namespace, layout: Layout, systemctl: Systemctl) 
 def _upgrade(
     args: argparse.Namespace, layout: Layout, systemctl: Systemctl, old: str, new: str
 ) -> int:
-    _say(f"upgrade {old} -> {new}")
+    _say(f"atualização {old} -> {new}")
     can, why = _can_run_journal(layout, new)
     if not can:  # e.g. "upgrading" to an older release than the journal allows
-        raise ReleaseError(f"release {new} cannot run on the journal ({why}); nothing changed", 2)
+        raise ReleaseError(f"versão {new} não roda com este diário ({why}); nada mudou", 2)
     backup_journal(_journal_path(layout), layout.backups, f"before-{new}")
     _switch(layout.previous, old)
     _switch(layout.current, new)
@@ -528,22 +534,22 @@ def _upgrade(
     except ReleaseError as exc:
         ok, why = False, str(exc)
     if ok:
-        _say(f"upgrade to {new} done; `metalav-release rollback` goes back to {old}")
+        _say(f"atualização para {new} concluída; `metalav-release rollback` volta para {old}")
         return 0
-    _say(f"release {new} failed: {why}; rolling back to {old}")
+    _say(f"versão {new} falhou: {why}; voltando para {old}")
     _rollback_to(layout, systemctl, old, args.rollback_window, args.ready_timeout)
-    raise ReleaseError(f"upgrade to {new} failed ({why}); rolled back to {old}, which runs")
+    raise ReleaseError(f"atualização para {new} falhou ({why}); voltou para {old}, que roda")
 
 
 def _rollback_to(
     layout: Layout, systemctl: Systemctl, target: str, window: float, ready_timeout: float
 ) -> None:
     if not (layout.release(target) / ".installed").exists():
-        raise ReleaseError(f"release {target} is not installed in {layout.releases}", 2)
+        raise ReleaseError(f"versão {target} não está instalada em {layout.releases}", 2)
     can, why = _can_run_journal(layout, target)
     if not can:
         raise ReleaseError(
-            f"release {target} cannot run on the journal ({why}); not rolled back", 2
+            f"versão {target} não roda com este diário ({why}); rollback não feito", 2
         )
     current = layout.version_of(layout.current)
     if current and current != target:
@@ -551,22 +557,22 @@ def _rollback_to(
     _switch(layout.current, target)
     ok, why = _start_and_watch(layout, target, systemctl, window, ready_timeout)
     if not ok:
-        raise ReleaseError(f"rolled back to {target}, but it is not healthy: {why}")
-    _say(f"release {target} is current and running")
+        raise ReleaseError(f"voltou para {target}, mas ela não está saudável: {why}")
+    _say(f"versão {target} é a atual e está rodando")
 
 
 def cmd_rollback(args: argparse.Namespace, layout: Layout, systemctl: Systemctl) -> int:
     with _exclusive(layout):
         target = args.to or layout.version_of(layout.previous)
         if target is None:
-            raise ReleaseError("no previous release to go back to (name one with --to)", 2)
+            raise ReleaseError("não há versão anterior para voltar (indique uma com --to)", 2)
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+_-]*", target):
-            raise ReleaseError(f"{target!r} is not a release version (metalav-release status)", 2)
+            raise ReleaseError(f"{target!r} não é uma versão (veja metalav-release status)", 2)
         current = layout.version_of(layout.current)
         if target == current:
-            raise ReleaseError(f"release {target} is already current", 2)
+            raise ReleaseError(f"versão {target} já é a atual", 2)
         if not (layout.release(target) / ".installed").exists():
-            raise ReleaseError(f"release {target} is not installed in {layout.releases}", 2)
+            raise ReleaseError(f"versão {target} não está instalada em {layout.releases}", 2)
         backup_journal(_journal_path(layout), layout.backups, f"before-rollback-{target}")
         _rollback_to(layout, systemctl, target, args.health_window, args.ready_timeout)
     return 0
@@ -583,9 +589,11 @@ def cmd_status(args: argparse.Namespace, layout: Layout) -> int:
     }
     if args.json:
         print(json.dumps(info))
-    else:
-        for key, value in info.items():
-            print(f"{key}: {', '.join(value) if isinstance(value, list) else value or '-'}")
+        return 0
+    labels = {"current": "atual", "previous": "anterior", "installed": "instaladas"}
+    for key, value in info.items():
+        shown = ", ".join(value) if isinstance(value, list) else value
+        print(f"{labels[key]}: {shown or '-'}")
     return 0
 
 
@@ -600,7 +608,7 @@ def cmd_journal_check(args: argparse.Namespace) -> int:
         finally:
             conn.close()
     except sqlite3.Error as exc:
-        print(f"error: {args.journal}: cannot read the journal ({exc})", file=sys.stderr)
+        print(f"erro: {args.journal}: não foi possível ler o diário ({exc})", file=sys.stderr)
         return 2
     can_run = compat.runnable_by(SCHEMA_VERSION)
     print(
@@ -679,10 +687,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_status(args, layout)
         return cmd_journal_check(args)
     except ReleaseError as exc:
-        print(f"metalav-release: error: {exc}", file=sys.stderr)
+        print(f"metalav-release: erro: {exc}", file=sys.stderr)
         return exc.status
     except OSError as exc:
-        print(f"metalav-release: error: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
+        print(f"metalav-release: erro: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
         return 1
 
 

@@ -15,7 +15,7 @@ ensure_python
 # The first install runs on the system's python3: it needs venv (and pip to build the
 # wheel from this folder), which Debian ships apart.
 if ! "$PY" -c 'import ensurepip' 2>/dev/null || ! "$PY" -m pip --version >/dev/null 2>&1; then
-    apt_install python3-venv python3-pip || { echo "error: install python3-venv and python3-pip" >&2; exit 1; }
+    apt_install python3-venv python3-pip || { echo "erro: instale python3-venv e python3-pip (apt-get install python3-venv python3-pip)" >&2; exit 1; }
 fi
 [ $# -gt 0 ] || set -- install
 exec "$PY" -m gateway.release "$@"

@@ -260,7 +260,7 @@ def test_failed_upgrade_rolls_back_by_itself_and_keeps_every_journal_row(
     old_version = box.version()
     assert old_version is not None and old_version != NEW_VERSION
     assert os.readlink(box.root / "opt/metalav/current") == f"releases/{old_version}"
-    assert "gateway.toml kept as it is" in first.stdout
+    assert "gateway.toml mantido como está" in first.stdout
     box.release_once("before-upgrade")
 
     # Idempotent: the same command again changes nothing and rebuilds nothing.
@@ -272,7 +272,7 @@ def test_failed_upgrade_rolls_back_by_itself_and_keeps_every_journal_row(
         capture_output=True, text=True, timeout=60,
     )
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "already installed" in again.stdout and "is current and running" in again.stdout
+    assert "já instalada" in again.stdout and "é a atual e está rodando" in again.stdout
 
     # 2. The upgrade, with a long health window: the newer release comes up...
     upgrade = subprocess.Popen(
@@ -288,7 +288,7 @@ def test_failed_upgrade_rolls_back_by_itself_and_keeps_every_journal_row(
         seen = []
         for line in upgrade.stdout:  # until the installer has seen the new release READY
             seen.append(line)
-            if f"release {NEW_VERSION} READY" in line:
+            if f"versão {NEW_VERSION} READY" in line:
                 break
         else:
             pytest.fail("".join(seen))
@@ -305,8 +305,8 @@ def test_failed_upgrade_rolls_back_by_itself_and_keeps_every_journal_row(
             upgrade.communicate()
     out = "".join(seen) + out
     assert upgrade.returncode == 1, out
-    assert "the service stopped being active" in out
-    assert f"rolled back to {old_version}" in out
+    assert "o serviço deixou de estar ativo" in out
+    assert f"voltou para {old_version}" in out
 
     # 4. The old release runs again, on the journal the newer one migrated.
     assert os.readlink(box.root / "opt/metalav/current") == f"releases/{old_version}"
@@ -349,8 +349,8 @@ def test_failed_upgrade_rolls_back_by_itself_and_keeps_every_journal_row(
         env={**os.environ, "FAKE_BROKEN_RELEASE": NEW_VERSION},
     )
     assert failed_start.returncode == 1, failed_start.stdout + failed_start.stderr
-    assert "before READY" in failed_start.stderr
-    assert f"rolled back to {old_version}" in failed_start.stderr
+    assert "antes do READY" in failed_start.stderr
+    assert f"voltou para {old_version}" in failed_start.stderr
     assert box.version() == old_version
     assert box.api.execution("during-upgrade")["state"] == "released"  # type: ignore[index]
 

@@ -114,7 +114,7 @@ def test_rollback_without_a_previous_release_is_one_clear_line(
 ) -> None:
     assert release.main(["--root", str(tmp_path), "rollback"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "no previous release" in err and "Traceback" not in err
+    assert err.count("\n") == 1 and "não há versão anterior" in err and "Traceback" not in err
 
 
 def test_install_from_a_folder_that_is_no_release_is_one_clear_line(
@@ -123,7 +123,7 @@ def test_install_from_a_folder_that_is_no_release_is_one_clear_line(
     code = release.main(["--root", str(tmp_path / "root"), "install", "--source", str(tmp_path)])
     assert code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "constraints.txt not found" in err
+    assert err.count("\n") == 1 and "constraints.txt não encontrado" in err
     assert not (tmp_path / "root").exists()  # refused before touching anything
 
 
@@ -149,8 +149,8 @@ def test_a_release_whose_unit_fails_before_ready_is_unhealthy_at_once(tmp_path: 
     ok, why = release._healthy(  # noqa: SLF001
         layout, "9.9.9", _systemctl_saying(tmp_path, "failed"), window=60, ready_timeout=600
     )
-    # Not "not READY within 600 s": it did not sit out the timeout.
-    assert not ok and why == "the service is failed before READY (not started)"
+    # Not "não ficou READY em 600 s": it did not sit out the timeout.
+    assert not ok and why == "o serviço está failed antes do READY (não iniciado)"
 
 
 def test_a_release_that_never_reaches_ready_is_unhealthy(tmp_path: Path) -> None:
@@ -158,7 +158,7 @@ def test_a_release_that_never_reaches_ready_is_unhealthy(tmp_path: Path) -> None
     ok, why = release._healthy(  # noqa: SLF001
         layout, "9.9.9", _systemctl_saying(tmp_path, "activating"), window=60, ready_timeout=1
     )
-    assert not ok and why == "not READY within 1 s (the service is activating)"
+    assert not ok and why == "não ficou READY em 1 s (o serviço está activating)"
 
 
 def test_the_lock_pins_every_dependency_within_what_pyproject_allows() -> None:
@@ -193,4 +193,4 @@ def test_rollback_to_a_release_that_is_not_installed_is_one_clear_line(
     assert release.main(["--root", str(tmp_path), "rollback", "--to", target]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert ("not a release version" in err) if "/" in target else ("not installed" in err)
+    assert ("não é uma versão" in err) if "/" in target else ("não está instalada" in err)
