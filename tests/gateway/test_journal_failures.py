@@ -297,12 +297,13 @@ def _tmpfs(path: Path, size: str) -> Iterator[None]:
 
 
 def _fill(path: Path) -> None:
-    with open(path, "wb") as f:
+    # Unbuffered: a buffered file would raise ENOSPC again when closed if bytes were
+    # left in its buffer, which depends on how much space the journal left free.
+    with open(path, "wb", buffering=0) as f:
         chunk = b"\0" * 65536
         with contextlib.suppress(OSError):
             while True:
                 f.write(chunk)
-                f.flush()
         with contextlib.suppress(OSError):
             os.fsync(f.fileno())
 
