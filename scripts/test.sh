@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Quickstart, step 2 (and CI): install into .venv, make sure a broker exists
-# (mosquitto, else amqtt), lint, and run the whole test suite.
+# (mosquitto, else amqtt), lint, check the systemd unit, and run the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -9,4 +9,5 @@ ensure_broker
 "$VENV/bin/python" -m pip install -q -e ".[dev${BROKER_EXTRA}]"
 "$VENV/bin/ruff" check gateway firmware_bridge cloud_sync devtools tests bench
 "$VENV/bin/mypy"
+./scripts/check-unit.sh
 exec "$VENV/bin/python" -m pytest "$@"
