@@ -225,6 +225,9 @@ class MqttSession:
         self._connected = False
         self._link_down = asyncio.Event()
         self._link_down.set()
+        #: Set once the first connection was tried, whatever came of it (the daemon's
+        #: READY=1 to systemd waits for it).
+        self.tried = asyncio.Event()
         self.base_topic = base_topic(settings.topic_prefix, gateway_id)
         self.command_topic = f"{self.base_topic}/{COMMANDS_TOPIC}"
         self.presence_topic = f"{self.base_topic}/{PRESENCE_TOPIC}"
@@ -323,6 +326,7 @@ class MqttSession:
             finally:
                 self._client = None
                 self._set_link(False)
+                self.tried.set()
             if time.monotonic() - started >= STABLE_CONNECTION_S:
                 attempt = 0
             delay = self._backoff(attempt)
@@ -438,6 +442,7 @@ class MqttSession:
             return
         self._connected = up
         if up:
+            self.tried.set()
             self._link_down.clear()
         else:
             self._link_down.set()

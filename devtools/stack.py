@@ -246,6 +246,11 @@ class DaemonProcess:
         assert self.proc is not None
         return self.proc.wait(timeout=timeout)
 
+    def send_signal(self, sig: int) -> None:
+        """E.g. ``signal.SIGHUP`` (what ``systemctl reload`` sends) or ``SIGTERM``."""
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
     def kill9(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -71,6 +72,11 @@ class BoardLink:
         self._down = asyncio.Event()
         self._down.set()
         self._started_up = False  # outputs are forced off once, at the first connect
+        #: ``time.monotonic()`` of the input poll's last round (the systemd watchdog
+        #: stops its pings when the board supervision stops ticking; supervision.py).
+        self.ticked_at = time.monotonic()
+        #: Set once the first connect was tried, whatever came of it (READY=1 waits).
+        self.tried = asyncio.Event()
 
     @property
     def connected(self) -> bool:
@@ -98,7 +104,9 @@ class BoardLink:
             if self.state.connected:
                 await self._down.wait()
                 continue
-            if not await self._connect():
+            connected = await self._connect()
+            self.tried.set()
+            if not connected:
                 await asyncio.sleep(self._config.board.reconnect_s)
 
     async def run_inputs(self) -> None:
@@ -112,6 +120,7 @@ class BoardLink:
         period = board.poll_ms / 1000 if wired else board.health_ping_s
         while True:
             await asyncio.sleep(period)
+            self.ticked_at = time.monotonic()
             if not self.state.connected:
                 continue
             try:
@@ -120,6 +129,7 @@ class BoardLink:
             except BoardError as exc:
                 await self.drop(str(exc))
                 continue
+            self.ticked_at = time.monotonic()
             if snapshot.boot_id != self.state.boot_id:
                 self._up(snapshot.boot_id)
             self._inputs.sample(snapshot, self._clock())

@@ -18,6 +18,7 @@ daemon would.
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -58,6 +59,8 @@ from firmware_bridge.driver import (
 )
 from firmware_bridge.gpio_board import check_lines
 from firmware_bridge.host_timed import check_channels
+
+from .credentials import CredentialError, apply_credentials
 
 __all__ = ["ConfigError", "GatewayConfig", "load_config", "config_from_dict"]
 
@@ -179,6 +182,11 @@ class BreakerSection(_Section):
     reset_timeout_s: float = Field(default=breaker.RESET_TIMEOUT_S, gt=0)
 
 
+class LoggingSection(_Section):
+    # Unset: METALAV_LOG_LEVEL, else INFO. Changes live on SIGHUP (gateway/reload.py).
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] | None = None
+
+
 class ApiSection(_Section):
     socket: Path = Path("/run/metalav/metalav.sock")
 
@@ -286,6 +294,7 @@ class GatewayConfig(BaseSettings):
     outbox: OutboxSection = OutboxSection()
     breakers: BreakerSection = BreakerSection()
     api: ApiSection = ApiSection()
+    logging: LoggingSection = LoggingSection()
     machines: list[Machine] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -401,4 +410,9 @@ def load_config(path: Path) -> GatewayConfig:
         value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
         if isinstance(value, str) and not Path(value).is_absolute():
             data[section][key] = str(path.parent / value)
+    # Secrets systemd hands over (LoadCredential=, gateway/credentials.py).
+    try:
+        apply_credentials(data, os.environ.get("CREDENTIALS_DIRECTORY"))
+    except CredentialError as exc:
+        raise ConfigError([str(exc)]) from None
     return config_from_dict(data)

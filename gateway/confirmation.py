@@ -60,6 +60,10 @@ class StartConfirmation:
         until = self._clock() + duration_ms / 1000 + RELAY_SETTLE_S
         self._driven_until[channel] = max(until, self._driven_until.get(channel, 0.0))
 
+    def driven_until(self) -> float:
+        """When the last program driving a relay ends (0 if none ever ran)."""
+        return max(self._driven_until.values(), default=0.0)
+
     # -- board_link.InputSink ----------------------------------------------------
 
     def sample(self, state: InputState, now: float) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ from firmware_bridge.host_timed import OutputFault
 
 from .board_link import BoardLink
 from .config import GatewayConfig
-from .confirmation import StartConfirmation
+from .confirmation import RELAY_SETTLE_S, StartConfirmation
 from .dispatch import Dispatch
 from .intake import Availability, Intake
 from .journal import Journal, JournalUnwritable
@@ -28,6 +29,8 @@ from .operator import OperatorActions
 from .outcomes import Outcomes
 
 __all__ = ["Core", "DEADLINE_SWEEP_S", "build_core", "verifier_for"]
+
+log = logging.getLogger(__name__)
 
 # How often the deadlines of unsettled executions are checked.
 DEADLINE_SWEEP_S = 0.25
@@ -43,6 +46,8 @@ class Core:
     intake: Intake
     operator: OperatorActions
     clock: Callable[[], float]
+    #: The longest relay program the config holds, in seconds (settling included).
+    longest_program_s: float = 0.0
 
     async def run(self) -> None:
         """The core's loops; cancel to stop (after :meth:`drain`)."""
@@ -69,9 +74,20 @@ class Core:
             self.dispatch.sweep(now)
             self.confirmation.sweep(now)
 
-    async def drain(self) -> None:
-        """Clean shutdown: let the release on its way finish and be journaled."""
+    async def drain(self, on_wait: Callable[[float], None] | None = None) -> None:
+        """Clean shutdown: let the release on its way finish and be journaled, then let
+        the pulse trains the board is running end (the next start's ALL_OFF would cut
+        their remaining pulses, which are never made up: a paid cycle half credited).
+        ``on_wait(seconds)`` is told how long that wait will be (systemd is asked for
+        that much more time)."""
         await self.dispatch.drain()
+        # Bounded by the longest program of the config, should the wall clock jump.
+        remaining = min(self.confirmation.driven_until() - self.clock(), self.longest_program_s)
+        if remaining > 0:
+            log.info("stopping: waiting %.1f s for the relay programs running to end", remaining)
+            if on_wait is not None:
+                on_wait(remaining)
+            await asyncio.sleep(remaining)
 
 
 def verifier_for(config: GatewayConfig) -> CommandVerifier:
@@ -113,4 +129,18 @@ def build_core(
         clock=clock,
     )
     operator = OperatorActions(config, journal, confirmation, dispatch, outcomes, clock=clock)
-    return Core(journal, outcomes, confirmation, link, dispatch, intake, operator, clock)
+    longest = max(
+        (p.train().duration_ms / 1000 for m in config.machines for p in m.cycles.values()),
+        default=0.0,
+    )
+    return Core(
+        journal,
+        outcomes,
+        confirmation,
+        link,
+        dispatch,
+        intake,
+        operator,
+        clock,
+        longest_program_s=longest + RELAY_SETTLE_S,
+    )

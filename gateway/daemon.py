@@ -41,6 +41,8 @@ from .journal import (
     alert_event,
     iso_utc,
 )
+from .reload import plan_reload
+from .supervision import Notifier, Progress, Watchdog, run_stall_hook, watchdog_timeout
 from .sync import CloudSync
 
 __all__ = ["Daemon", "main"]
@@ -49,12 +51,21 @@ log = logging.getLogger("gateway")
 
 EXIT_ALREADY_RUNNING = 3
 
+# READY=1 waits this long at most for the first try of each link (a broker whose
+# address does not answer can take the TCP connect timeout); TimeoutStartSec is 90.
+READY_WAIT_S = 30.0
+# How often systemd's one-line STATUS is refreshed (sent only when it changed).
+STATUS_EVERY_S = 5.0
+
 
 class Daemon:
     """Owns every part of a running gateway; ``run`` returns when asked to stop."""
 
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, config_path: Path | None = None) -> None:
         self.config = config
+        self.config_path = config_path
+        # systemd (a no-op when not run by it): READY, WATCHDOG, STATUS, STOPPING.
+        self.notifier = Notifier.from_environ()
         self.started_at = time.time()
         self.broker_connected = False
         self.broker_since: float | None = None
@@ -179,6 +190,121 @@ class Daemon:
             "rejected_unauthenticated": self.journal.rejection_count(),
         }
 
+    def status_line(self) -> str:
+        """One line for ``systemctl status`` (technicians read it: Portuguese)."""
+        gw = self.config.gateway
+        board = "placa conectada" if self.core.link.connected else "placa DESCONECTADA"
+        broker = "broker conectado" if self.broker_connected else "broker DESCONECTADO"
+        journal = "diário gravável" if self.journal.fault is None else "diário NÃO GRAVÁVEL"
+        return f"Loja {gw.store_id or '?'} ({gw.id}): {board}, {broker}, {journal}"
+
+    async def _supervise(self) -> None:
+        """READY=1 once the journal is open (it is, since __init__) and both links
+        have been tried; then the watchdog and the STATUS line."""
+        try:
+            async with asyncio.timeout(READY_WAIT_S):
+                await self.core.link.tried.wait()
+                await self.session.tried.wait()
+        except TimeoutError:
+            log.warning("links not all tried after %.0f s: ready anyway", READY_WAIT_S)
+        line = self.status_line()
+        self.notifier.notify("READY=1", f"STATUS={line}")
+        log.info("ready: %s", line)
+        timeout = watchdog_timeout()
+        async with asyncio.TaskGroup() as tg:
+            if timeout is not None:
+                link = self.core.link
+                board = self.config.board
+                # The input poll's period, plus what it may wait for under the board
+                # lock: a release or query with all its retries, and a reconnect.
+                exchange_s = board.ack_timeout_s * (board.max_retries + 1)
+                period = board.poll_ms / 1000 if any(
+                    m.busy_input for m in self.config.machines
+                ) else board.health_ping_s
+                progress = Progress(
+                    journal_commit_since=lambda: self.journal.commit_since,
+                    board_ticked_at=lambda: link.ticked_at,
+                    board_allowance_s=period + board.reconnect_s + 2 * exchange_s,
+                )
+                log.info("systemd watchdog: %.1f s", timeout)
+                tg.create_task(Watchdog(self.notifier, timeout, progress).run(), name="watchdog")
+            tg.create_task(self._refresh_status(line), name="status-line")
+
+    async def _refresh_status(self, line: str) -> None:
+        while True:
+            await asyncio.sleep(STATUS_EVERY_S)
+            if (new := self.status_line()) != line:
+                line = new
+                self.notifier.notify(f"STATUS={line}")
+
+    def _stop_wait(self, seconds: float) -> None:
+        # Relay programs still running as the daemon stops: ask systemd for that long
+        # beyond TimeoutStopSec's clock (sd_notify EXTEND_TIMEOUT_USEC).
+        usec = int((seconds + 5.0) * 1_000_000)
+        self.notifier.notify(f"EXTEND_TIMEOUT_USEC={usec}")
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config file, apply what can change live (gateway/reload.py),
+        log what needs a restart. An invalid file changes nothing."""
+        path = self.config_path
+        if path is None:
+            log.warning("config reload: no config file to re-read")
+            return
+        self.notifier.notify("RELOADING=1")
+        try:
+            try:
+                new = load_config(path)
+            except ConfigError as exc:
+                for line in exc.lines:
+                    log.error("config reload refused: %s", line)
+                log.error("config reload: %s is invalid; nothing changed, still running on"
+                          " the config loaded before", path)
+                self._audit_reload("refused:invalid_config", after={"errors": len(exc.lines)})
+                return
+            plan = plan_reload(self.config, new)
+            if plan.live:
+                log.info("config reload: applied %s", ", ".join(
+                    f"{k} {b!r} -> {a!r}" for k, (b, a) in plan.live.items()
+                ))
+                self.config = plan.config
+                self.sync.apply_limits(plan.config)
+                _apply_log_level(plan.config)  # last: the line above shows at either level
+            if plan.restart:
+                # Names only: some of these keys are secrets.
+                log.warning("config reload: needs a restart to take effect"
+                            " (systemctl restart metalav-gateway): %s", ", ".join(plan.restart))
+            if not plan.live and not plan.restart:
+                log.info("config reload: nothing changed")
+            self._audit_reload(
+                "applied" if plan.live else "no_change",
+                before={k: b for k, (b, _) in plan.live.items()},
+                after={
+                    **{k: a for k, (_, a) in plan.live.items()},
+                    "restart_needed": plan.restart,
+                },
+            )
+        finally:
+            self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
+
+    def _audit_reload(
+        self, outcome: str, *, before: dict[str, Any] | None = None,
+        after: dict[str, Any] | None = None,
+    ) -> None:
+        try:
+            self.journal.audit(
+                action="config.reload",
+                target=str(self.config_path),
+                actor="systemd",
+                os_user="SIGHUP",
+                reason="systemctl reload (SIGHUP)",
+                outcome=outcome,
+                now=time.time(),
+                before=before,
+                after=after,
+            )
+        except JournalError as exc:
+            log.error("config reload: could not be audited: %s", exc)
+
     async def run(self, stop: asyncio.Event) -> None:
         await self.api.start()
         log.info(
@@ -195,32 +321,46 @@ class Daemon:
                     tg.create_task(self.core.run(), name="core"),
                     tg.create_task(self.session.run(self.core.intake), name="mqtt"),
                     tg.create_task(self.sync.run(), name="cloud-sync"),
+                    tg.create_task(self._supervise(), name="supervision"),
+                    tg.create_task(run_stall_hook(), name="test-stall-hook"),
                 ]
                 await stop.wait()
                 log.info("stopping")
-                # Let the release on its way finish and be journaled first.
-                await self.core.drain()
+                self.notifier.notify("STOPPING=1", "STATUS=parando")
+                # Let the release on its way finish and be journaled first, and the
+                # relay programs running on the board end.
+                await self.core.drain(on_wait=self._stop_wait)
                 for task in tasks:
                     task.cancel()
         finally:
             await self.api.stop()
             await self.core.link.driver.close()
             self.journal.close()
+            self.notifier.close()
             log.info("stopped")
 
 
-async def _serve(config: GatewayConfig) -> None:
-    daemon = Daemon(config)
+async def _serve(config: GatewayConfig, config_path: Path) -> None:
+    daemon = Daemon(config, config_path)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, daemon.reload)
     await daemon.run(stop)
 
 
-def _setup_logging() -> None:
+def _log_level(config: GatewayConfig) -> str:
+    return config.logging.level or os.environ.get("METALAV_LOG_LEVEL", "INFO").upper()
+
+
+def _apply_log_level(config: GatewayConfig) -> None:
+    logging.getLogger().setLevel(_log_level(config))
+
+
+def _setup_logging(config: GatewayConfig) -> None:
     logging.basicConfig(
-        level=os.environ.get("METALAV_LOG_LEVEL", "INFO").upper(),
+        level=_log_level(config),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
@@ -275,8 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # First, before the journal, the socket, the broker or the board are touched.
         with instance_lock.hold(config.journal.path):
-            _setup_logging()
-            asyncio.run(_serve(config))
+            _setup_logging(config)
+            asyncio.run(_serve(config, args.config))
     except instance_lock.AlreadyRunning as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ALREADY_RUNNING

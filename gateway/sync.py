@@ -87,6 +87,20 @@ class CloudSync:
     def notify(self) -> None:
         self.dispatcher.notify()
 
+    def apply_limits(self, config: GatewayConfig) -> None:
+        """A SIGHUP reload (gateway/reload.py): the outbox and breaker limits that take
+        effect live, each read at its next use."""
+        self._config = config
+        out, d = config.outbox, self.dispatcher
+        d.max_attempts = out.max_attempts
+        d.sending_timeout_s = out.sending_timeout_s
+        d.batch_size = out.batch_size
+        d.https_bulk_threshold = out.https_bulk_threshold
+        for b in self.breakers.values():
+            b.failure_threshold = config.breakers.failure_threshold
+            b.reset_timeout_s = config.breakers.reset_timeout_s
+        self.notify()
+
     async def run(self) -> None:
         # Items left "sending" by a previous process were in flight when it died: no
         # dispatcher is waiting for their PUBACK any more, so they are stale now rather

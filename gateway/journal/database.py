@@ -68,6 +68,9 @@ class Database:
         #: Tests only: a commit whose label this answers True for fails as on a full
         #: disk (``METALAV_TEST_JOURNAL_FAULTS`` sets it for a whole process).
         self.fail_commit: Callable[[str], bool] | None = _faults_from_file if _FAULTS_FILE else None
+        #: ``time.monotonic()`` when the transaction running now began (None between
+        #: transactions): the watchdog stops its pings when one is stuck (supervision.py).
+        self.commit_since: float | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE in _tx),
@@ -100,6 +103,7 @@ class Database:
         :class:`JournalUnwritable`; ``label`` names the commit for the fault-injection
         hook of the tests."""
         conn = self._conn
+        self.commit_since = time.monotonic()
         try:
             if self.fail_commit is not None and self.fail_commit(label):
                 raise sqlite3.OperationalError(f"database or disk is full (injected at {label})")
@@ -122,6 +126,7 @@ class Database:
             self._set_fault(str(exc))
             raise JournalUnwritable(str(exc)) from exc
         finally:
+            self.commit_since = None
             if not durable:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("PRAGMA synchronous=FULL")
