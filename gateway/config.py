@@ -3,8 +3,8 @@
 Every key has an embedded default except the ones that are the store's own (its
 gateway id, the cloud's public key and the machine catalog); ``config.example.toml``
 documents each key. Nested keys are overridden with a double underscore, e.g.
-``METALAV_MQTT__HOST=broker.example`` or ``METALAV_MQTT__PASSWORD=...`` (secrets belong
-in the environment, e.g. a systemd ``EnvironmentFile``, not in the TOML file).
+``METALAV_MQTT__HOST=broker.example``. Secrets come from systemd's credentials
+(``LoadCredential=``, ``gateway/credentials.py``), not from the TOML file.
 
 An invalid configuration is reported as one line per problem, naming the key, and the
 daemon stops before it touches the journal, the board or the network.

@@ -81,8 +81,10 @@ class Core:
         ``on_wait(seconds)`` is told how long that wait will be (systemd is asked for
         that much more time)."""
         await self.dispatch.drain()
-        # Bounded by the longest program of the config, should the wall clock jump.
-        remaining = min(self.confirmation.driven_until() - self.clock(), self.longest_program_s)
+        # The program's own end (not the relay's settling time the input check allows),
+        # bounded by the longest program of the config should the wall clock jump.
+        ends = self.confirmation.driven_until() - RELAY_SETTLE_S
+        remaining = min(ends - self.clock(), self.longest_program_s)
         if remaining > 0:
             log.info("stopping: waiting %.1f s for the relay programs running to end", remaining)
             if on_wait is not None:
