@@ -28,9 +28,13 @@ from .journal import Journal, JournalUnwritable
 from .operator import OperatorActions
 from .outcomes import Outcomes
 
-__all__ = ["Core", "DEADLINE_SWEEP_S", "build_core", "verifier_for"]
+__all__ = ["Core", "DEADLINE_SWEEP_S", "STOP_WAIT_MAX_S", "build_core", "verifier_for"]
 
 log = logging.getLogger(__name__)
+
+# A stop waits at most this long for relay programs still running (coin trains last
+# seconds; a long "enable start" hold would otherwise hold a box's shutdown for as long).
+STOP_WAIT_MAX_S = 120.0
 
 # How often the deadlines of unsettled executions are checked.
 DEADLINE_SWEEP_S = 0.25
@@ -85,6 +89,14 @@ class Core:
         # bounded by the longest program of the config should the wall clock jump.
         ends = self.confirmation.driven_until() - RELAY_SETTLE_S
         remaining = min(ends - self.clock(), self.longest_program_s)
+        if remaining > STOP_WAIT_MAX_S:
+            log.warning(
+                "stopping: a relay program runs %.0f s more; waiting %.0f s only, the rest"
+                " is cut (check the machine)",
+                remaining,
+                STOP_WAIT_MAX_S,
+            )
+            remaining = STOP_WAIT_MAX_S
         if remaining > 0:
             log.info("stopping: waiting %.1f s for the relay programs running to end", remaining)
             if on_wait is not None:
