@@ -276,7 +276,7 @@ class Daemon:
             if not plan.live and not plan.restart:
                 log.info("config reload: nothing changed")
             self._audit_reload(
-                "applied" if plan.live else "no_change",
+                "applied" if plan.live else "restart_needed" if plan.restart else "no_change",
                 before={k: b for k, (b, _) in plan.live.items()},
                 after={
                     **{k: a for k, (_, a) in plan.live.items()},
@@ -294,9 +294,10 @@ class Daemon:
             self.journal.audit(
                 action="config.reload",
                 target=str(self.config_path),
+                # A signal does not say who sent it.
                 actor="systemd",
-                os_user="SIGHUP",
-                reason="systemctl reload (SIGHUP)",
+                os_user="unknown",
+                reason="SIGHUP (systemctl reload)",
                 outcome=outcome,
                 now=time.time(),
                 before=before,
