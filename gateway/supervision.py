@@ -55,6 +55,8 @@ class Notifier:
             return
         self.address = address
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        # Never block the event loop on systemd: a full queue loses one notice.
+        self._sock.setblocking(False)
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] = os.environ) -> Notifier:
