@@ -82,6 +82,24 @@ class BoardLink:
     def connected(self) -> bool:
         return self.state.connected
 
+    @property
+    def poll_period_s(self) -> float:
+        # Busy inputs need fast sampling (start confirmation, debounce); without any,
+        # the poll only watches relay contacts and the boot id, and a health-check pace
+        # keeps the serial line free for releases.
+        board = self._config.board
+        wired = any(m.busy_input for m in self._config.machines)
+        return board.poll_ms / 1000 if wired else board.health_ping_s
+
+    @property
+    def tick_allowance_s(self) -> float:
+        """How long the input poll may go without a tick and still be healthy: its
+        period, plus what it may wait for under the board lock (a release and a query
+        with all their retries) and a reconnect."""
+        board = self._config.board
+        exchange_s = board.ack_timeout_s * (board.max_retries + 1)
+        return self.poll_period_s + board.reconnect_s + 2 * exchange_s
+
     def lost(self, error: str) -> None:
         """The board stopped answering, or its port went away."""
         if self.state.connected:
@@ -112,12 +130,7 @@ class BoardLink:
     async def run_inputs(self) -> None:
         """Sample the board's inputs: busy signals (start confirmation, completion),
         sensed relay contacts (stuck relays), and the boot id (board resets)."""
-        # Busy inputs need fast sampling (start confirmation, debounce); without any,
-        # the poll only watches relay contacts and the boot id, and a health-check pace
-        # keeps the serial line free for releases.
-        board = self._config.board
-        wired = any(m.busy_input for m in self._config.machines)
-        period = board.poll_ms / 1000 if wired else board.health_ping_s
+        period = self.poll_period_s
         while True:
             await asyncio.sleep(period)
             self.ticked_at = time.monotonic()

@@ -214,17 +214,10 @@ class Daemon:
         async with asyncio.TaskGroup() as tg:
             if timeout is not None:
                 link = self.core.link
-                board = self.config.board
-                # The input poll's period, plus what it may wait for under the board
-                # lock: a release or query with all its retries, and a reconnect.
-                exchange_s = board.ack_timeout_s * (board.max_retries + 1)
-                period = board.poll_ms / 1000 if any(
-                    m.busy_input for m in self.config.machines
-                ) else board.health_ping_s
                 progress = Progress(
                     journal_commit_since=lambda: self.journal.commit_since,
                     board_ticked_at=lambda: link.ticked_at,
-                    board_allowance_s=period + board.reconnect_s + 2 * exchange_s,
+                    board_allowance_s=link.tick_allowance_s,
                 )
                 log.info("systemd watchdog: %.1f s", timeout)
                 tg.create_task(Watchdog(self.notifier, timeout, progress).run(), name="watchdog")

@@ -226,9 +226,12 @@ def test_sigterm_mid_pulse_train_neither_cuts_nor_repeats_the_release(
     token = s.cloud.sign(key)
     s.cloud.publish(token)
     wait_until(lambda: _on_edges(edges, 1) >= 1, what="the pulse train to start")
+    terminated = time.monotonic()
     s.daemon.send_signal(signal.SIGTERM)
     assert s.daemon.wait_exit(timeout=20) == 0
     exited = time.monotonic()  # the board's edge times are on this same clock
+    # The watchdog kept being fed while it waited.
+    assert any(terminated < t < exited for t in notify.pings())
     # It waited for the train: all three pulses were made, the last one ended before
     # it exited, and it asked systemd for that time.
     train = _edges(edges, 1)
