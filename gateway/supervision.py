@@ -46,6 +46,7 @@ class Notifier:
     def __init__(self, address: str | None) -> None:
         self.address: str | None = None
         self._sock: socket.socket | None = None
+        self._failing = False
         if not address:
             return
         if address.startswith("@"):  # abstract namespace
@@ -74,8 +75,13 @@ class Notifier:
         try:
             self._sock.sendto("\n".join(fields).encode(), self.address)
         except OSError as exc:
-            log.warning("sd_notify failed: %s", exc)
+            if not self._failing:  # once per episode, not at every ping
+                log.warning("sd_notify failed: %s", exc)
+            self._failing = True
             return False
+        if self._failing:
+            log.info("sd_notify works again")
+        self._failing = False
         return True
 
     def close(self) -> None:
