@@ -30,6 +30,7 @@ from cloud_sync.mqtt_session import ALERTS_TOPIC, MqttSession
 
 from . import instance_lock
 from .api import LocalApi
+from .backup import BackupSchedule, backup_dir
 from .boards import build_driver
 from .config import ConfigError, GatewayConfig, load_config
 from .core import build_core
@@ -41,6 +42,7 @@ from .journal import (
     alert_event,
     iso_utc,
 )
+from .profiles import ProfileGroups
 from .sync import CloudSync
 
 __all__ = ["Daemon", "main"]
@@ -90,6 +92,18 @@ class Daemon:
             journal=self.journal,
             operator=self.core.operator,
             sync=self.sync,
+            profiles=ProfileGroups(**config.profiles.model_dump()),
+        )
+        # The daily journal backup with its retention count (gateway/backup.py).
+        self.backups = BackupSchedule(
+            config.journal.path,
+            backup_dir(config.journal.path, config.backup.dir),
+            config.gateway.id,
+            keep=config.backup.keep,
+            interval_s=config.backup.interval_h * 3600,
+            on_failure=lambda reason: self.core.outcomes.raise_alert(
+                Alert("backup_failed", "warning", detail=reason[:160])
+            ),
         )
 
     def _on_journal_fault(self, fault: JournalFault | None) -> None:
@@ -196,6 +210,8 @@ class Daemon:
                     tg.create_task(self.session.run(self.core.intake), name="mqtt"),
                     tg.create_task(self.sync.run(), name="cloud-sync"),
                 ]
+                if self.config.backup.enabled:
+                    tasks.append(tg.create_task(self.backups.run(), name="backup"))
                 await stop.wait()
                 log.info("stopping")
                 # Let the release on its way finish and be journaled first.
