@@ -11,8 +11,9 @@ it. ``restore`` needs the daemon stopped and works on the files directly, so it 
 as the account that owns them (``sudo``); it is recorded in the restored journal's
 audit log.
 
-Exit status: 0 ok, 1 a doctor check failed or a backup/restore was refused,
-2 usage, 3 daemon unreachable (backup).
+Exit status (as the rest of metalavctl): 0 ok, 1 a doctor check failed, 2 usage,
+3 daemon unreachable (backup), 4 refused (no permission, daemon running for a
+restore, a backup that fails its checks, a file that already exists).
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ DEFAULT_CONFIG = Path("/etc/metalav/gateway.toml")
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
+EXIT_REFUSED = 4
 
 
 class _Refused(Exception):
-    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+    def __init__(self, message: str, code: int = EXIT_REFUSED) -> None:
         super().__init__(message)
         self.code = code
 
@@ -99,7 +101,11 @@ def _backup(args: argparse.Namespace) -> dict[str, Any]:
     dest = Path(args.path)
     if dest.is_dir():
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        dest = dest / f"journal-backup-{stamp}.db"
+        folder, n = dest, 1
+        dest = folder / f"journal-backup-{stamp}.db"
+        while dest.exists():
+            n += 1
+            dest = folder / f"journal-backup-{stamp}-{n}.db"
     if dest.exists():
         raise _Refused(f"{dest} já existe; escolha outro nome (nada foi alterado)")
     if not dest.parent.is_dir():
@@ -119,7 +125,7 @@ def _backup(args: argparse.Namespace) -> dict[str, Any]:
                     message = resp.json().get("message", f"HTTP {resp.status_code}")
                 except ValueError:
                     message = f"HTTP {resp.status_code}"
-                raise _Refused(message, EXIT_FAILED)
+                raise _Refused(message)
             meta = json.loads(resp.headers.get("X-Metalav-Backup", "{}"))
             with open(partial, "xb") as f:
                 for chunk in resp.iter_bytes():

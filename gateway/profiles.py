@@ -36,6 +36,7 @@ from aiohttp import web
 
 __all__ = [
     "DEFAULT_GROUPS",
+    "PROFILE",
     "Caller",
     "Profile",
     "ProfileGroups",
@@ -166,6 +167,10 @@ def declared_profile(handler: object) -> Profile | None:
     return value if isinstance(value, Profile) else None
 
 
+#: The caller's profile, for handlers that adapt to it.
+PROFILE: web.RequestKey[Profile] = web.RequestKey("profile", Profile)
+
+
 def _refusal(message: str) -> web.Response:
     return web.json_response({"error": "forbidden", "message": message}, status=403)
 
@@ -194,7 +199,7 @@ def middleware(groups: ProfileGroups) -> Any:
                 f"permissão negada: esta ação requer o perfil {needed.label}; a conta "
                 f"{caller.user!r} {current} (grupos que dão acesso: {group_names})"
             )
-        request["profile"] = have
+        request[PROFILE] = have
         return await handler(request)
 
     return check_profile
