@@ -57,6 +57,7 @@ _REQUIRED_TABLES = ("executions", "execution_events", "outbox", "audit_log")
 #: Scheduled backups: ``journal-20261128T031500Z.db``; the name sorts by time.
 _SCHEDULED = re.compile(r"^journal-(\d{8}T\d{6}Z)\.db$")
 _STAMP = "%Y%m%dT%H%M%SZ"
+_SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 class BackupError(Exception):
@@ -161,6 +162,13 @@ def verify_backup(path: Path, gateway_id: str) -> BackupInfo:
     if not path.is_file():
         raise BackupError(f"{path}: arquivo de backup não encontrado")
     try:
+        with path.open("rb") as f:
+            header = f.read(len(_SQLITE_HEADER))
+    except OSError as exc:
+        raise BackupError(f"{path}: não foi possível ler ({exc.strerror})") from None
+    if header != _SQLITE_HEADER:
+        raise BackupError(f"{path}: não é um banco SQLite")
+    try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     except sqlite3.Error as exc:
         raise BackupError(f"{path}: não abre como banco SQLite ({exc})") from None
@@ -168,7 +176,7 @@ def verify_backup(path: Path, gateway_id: str) -> BackupInfo:
         try:
             result = [r[0] for r in conn.execute("PRAGMA integrity_check").fetchall()]
         except sqlite3.DatabaseError as exc:
-            raise BackupError(f"{path}: não é um banco SQLite válido ({exc})") from None
+            raise BackupError(f"{path}: arquivo corrompido ({exc})") from None
         if result != ["ok"]:
             raise BackupError(f"{path}: arquivo corrompido (integrity_check: {result[0]})")
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
