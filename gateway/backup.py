@@ -336,10 +336,14 @@ def _taken_at(path: Path) -> float:
 
 class BackupSchedule:
     """The daemon's periodic backup: one when the newest is older than ``interval_s``
-    (at start-up too, so a box that reboots daily still gets them), then the oldest
-    beyond ``keep`` deleted. A failure is logged and reported, and retried in an hour."""
+    (checked from :attr:`STARTUP_DELAY_S` after start-up, so a box that reboots daily
+    still gets them), then the oldest beyond ``keep`` deleted. A failure is logged,
+    reported (alert ``backup_failed``) and retried in an hour."""
 
     RETRY_S = 3600.0
+    #: Not in the first minutes after start-up: a restart (or an upgrade) is when the
+    #: box is busiest, and a short-lived run (a test, a benchmark) needs no backup.
+    STARTUP_DELAY_S = 600.0
 
     def __init__(
         self,
@@ -378,6 +382,7 @@ class BackupSchedule:
         return info
 
     async def run(self) -> None:
+        await asyncio.sleep(self.STARTUP_DELAY_S)
         while True:
             await asyncio.sleep(self.due_in())
             try:

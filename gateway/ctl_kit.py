@@ -89,12 +89,14 @@ def _me() -> str:
 
 
 def _socket(args: argparse.Namespace) -> Path:
-    if args.socket:
-        return Path(args.socket)
-    if args.config:
-        return _config(args)[1].api.socket
-    env = os.environ.get("METALAV_API__SOCKET")
-    return Path(env) if env else Path("/run/metalav/metalav.sock")
+    # metalavctl's own rule (--socket, --config, $METALAV_API__SOCKET, default); imported
+    # here because ctl imports this module.
+    from .ctl import CtlError, _socket_path
+
+    try:
+        return _socket_path(args)
+    except CtlError as exc:
+        raise _Refused(str(exc), exc.code) from None
 
 
 def _backup(args: argparse.Namespace) -> dict[str, Any]:
