@@ -10,7 +10,10 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
+
 from gateway.backup import BackupSchedule, scheduled_backups, take_backup, verify_backup
+from gateway.ctl import main as ctl_main
 from gateway.journal import Journal
 
 from .conftest import Store, wait_until
@@ -117,7 +120,7 @@ def test_a_backup_under_load_restores_a_journal_that_refuses_every_key_it_holds(
 
 
 def test_restore_refuses_a_damaged_or_foreign_backup_and_touches_nothing(
-    store: Store, tmp_path: Path
+    store: Store, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = str(store.daemon.config_path)
     good = tmp_path / "good.db"
@@ -146,15 +149,18 @@ def test_restore_refuses_a_damaged_or_foreign_backup_and_touches_nothing(
         (not_sqlite, "não é um banco SQLite"),
         (tmp_path / "missing.db", "não encontrado"),
     ):
-        result = ctl("restore", str(path), "--reason", "teste", "--config", config)
-        assert result.returncode == 4, (path, result.stderr)
-        assert says in result.stderr and "nada foi alterado" in result.stderr, result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+        # In process (metalavctl's own main), to keep the test short.
+        code = ctl_main(["restore", str(path), "--reason", "teste", "--config", config])
+        err = capsys.readouterr().err
+        assert code == 4, (path, err)
+        assert says in err and "nada foi alterado" in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert journal.read_bytes() == original
     assert not list(store.workdir.glob("journal.db.replaced-*"))
 
-    no_reason = ctl("restore", str(good), "--config", config)
-    assert no_reason.returncode == 2 and "--reason" in no_reason.stderr
+    with pytest.raises(SystemExit) as usage:
+        ctl_main(["restore", str(good), "--config", config])
+    assert usage.value.code == 2 and "--reason" in capsys.readouterr().err
 
 
 def test_the_daily_backup_keeps_only_the_newest(tmp_path: Path) -> None:
