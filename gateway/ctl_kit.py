@@ -78,7 +78,7 @@ def _config(args: argparse.Namespace) -> tuple[Path, GatewayConfig]:
     try:
         return path, load_config(path)
     except ConfigError as exc:
-        raise _Refused("configuração inválida:\n  " + "\n  ".join(exc.lines), EXIT_USAGE) from None
+        raise _Refused("configuração inválida: " + "; ".join(exc.lines), EXIT_USAGE) from None
 
 
 def _me() -> str:
