@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from . import instance_lock
+from .events import Alert
 from .journal import SCHEMA_VERSION, Journal
 
 __all__ = [
@@ -58,6 +59,8 @@ _REQUIRED_TABLES = ("executions", "execution_events", "outbox", "audit_log")
 _SCHEDULED = re.compile(r"^journal-(\d{8}T\d{6}Z)\.db$")
 _STAMP = "%Y%m%dT%H%M%SZ"
 _SQLITE_HEADER = b"SQLite format 3\x00"
+#: A temporary copy older than this is a leftover of a killed process.
+LEFTOVER_AGE_S = 3600.0
 
 
 class BackupError(Exception):
@@ -323,7 +326,7 @@ def scheduled_backups(folder: Path) -> list[Path]:
     """The daemon's own backups in ``folder``, oldest first."""
     try:
         names = sorted(p.name for p in folder.iterdir() if _SCHEDULED.match(p.name))
-    except FileNotFoundError:
+    except OSError:  # missing, not a folder, not readable: no backups there
         return []
     return [folder / n for n in names]
 
@@ -353,7 +356,7 @@ class BackupSchedule:
         *,
         keep: int,
         interval_s: float,
-        on_failure: Callable[[str], None],
+        on_failure: Callable[[Alert], None],
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.journal = journal
@@ -379,7 +382,21 @@ class BackupSchedule:
         )
         for old in scheduled_backups(self.folder)[: -self.keep]:
             old.unlink(missing_ok=True)
+        self._remove_leftovers(now)
         return info
+
+    def _remove_leftovers(self, now: float) -> None:
+        """Copies a killed process left half-written (here, and the API's beside the
+        journal), once they are clearly not in progress any more."""
+        candidates = [
+            *self.folder.glob("*.partial"),
+            *self.journal.parent.glob(".backup-*.db"),
+            *self.journal.parent.glob(".backup-*.db.partial"),
+        ]
+        for path in candidates:
+            with contextlib.suppress(OSError):
+                if now - path.stat().st_mtime > LEFTOVER_AGE_S:
+                    path.unlink()
 
     async def run(self) -> None:
         await asyncio.sleep(self.STARTUP_DELAY_S)
@@ -387,10 +404,10 @@ class BackupSchedule:
             await asyncio.sleep(self.due_in())
             try:
                 info = await asyncio.to_thread(self.run_once)
-            except (BackupError, OSError) as exc:
-                message = str(exc) if isinstance(exc, BackupError) else str(exc.strerror)
+            except (BackupError, OSError, sqlite3.Error) as exc:
+                message = str(exc.strerror) if isinstance(exc, OSError) else str(exc)
                 log.error("scheduled journal backup failed: %s", message)
-                self._on_failure(message)
+                self._on_failure(Alert("backup_failed", "warning", detail=message[:160]))
                 await asyncio.sleep(self.RETRY_S)
                 continue
             log.info(

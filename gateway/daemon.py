@@ -101,9 +101,7 @@ class Daemon:
             config.gateway.id,
             keep=config.backup.keep,
             interval_s=config.backup.interval_h * 3600,
-            on_failure=lambda reason: self.core.outcomes.raise_alert(
-                Alert("backup_failed", "warning", detail=reason[:160])
-            ),
+            on_failure=self.core.outcomes.raise_alert,
         )
 
     def _on_journal_fault(self, fault: JournalFault | None) -> None:

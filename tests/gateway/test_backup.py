@@ -3,6 +3,8 @@ a pty, real broker, real SQLite files, metalavctl as a real process."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import sqlite3
 import subprocess
@@ -14,7 +16,7 @@ import pytest
 
 from gateway.backup import BackupSchedule, scheduled_backups, take_backup, verify_backup
 from gateway.ctl import main as ctl_main
-from gateway.journal import Journal
+from gateway.journal import Alert, Journal
 
 from .conftest import Store, wait_until
 
@@ -173,7 +175,7 @@ def test_the_daily_backup_keeps_only_the_newest(tmp_path: Path) -> None:
         "gw-1",
         keep=3,
         interval_s=86400,
-        on_failure=lambda reason: None,
+        on_failure=lambda alert: None,
         clock=lambda: now[0],
     )
     assert schedule.due_in() == 0
@@ -188,3 +190,34 @@ def test_the_daily_backup_keeps_only_the_newest(tmp_path: Path) -> None:
         "journal-20270119T080000Z.db",
     ]
     assert all(verify_backup(p, "gw-1").executions == 0 for p in kept)
+
+
+def test_a_failed_daily_backup_raises_an_alert_and_the_daemon_goes_on(tmp_path: Path) -> None:
+    journal = tmp_path / "journal.db"
+    Journal(journal, "gw-1").close()
+    blocked = tmp_path / "backups"
+    blocked.write_text("a file where the backup folder should be\n")
+    alerts: list[Alert] = []
+
+    async def scenario() -> None:
+        failed = asyncio.Event()
+
+        def on_failure(alert: Alert) -> None:
+            alerts.append(alert)
+            failed.set()
+
+        schedule = BackupSchedule(
+            journal, blocked, "gw-1", keep=3, interval_s=86400, on_failure=on_failure
+        )
+        schedule.STARTUP_DELAY_S = 0.0
+        task = asyncio.create_task(schedule.run())
+        async with asyncio.timeout(10):
+            await failed.wait()
+        assert not task.done(), "the schedule keeps running (it retries in an hour)"
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    assert [(a.code, a.severity) for a in alerts] == [("backup_failed", "warning")]
+    assert alerts[0].detail
