@@ -4,6 +4,7 @@ socket (the kernel's SO_PEERCRED decides who is calling)."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from gateway import api
 from gateway.profiles import Profile, ProfileGroups, middleware, requires
 
 from .conftest import Store, wait_until
@@ -223,3 +225,63 @@ def test_profile_of_root_is_gestor_and_unknown_uids_have_none() -> None:
             break
         free_uid += 1
     assert GROUPS.profile_of(free_uid, free_uid) is None
+
+
+#: Every route of the local API and the profile it declares: the matrix of
+#: docs/runbook.md §8 seen from the API. A route added without a decision here fails
+#: this test (and is refused to everybody at run time until it declares one).
+ROUTES: dict[tuple[str, str], Profile] = {
+    ("get", "/status"): READ,
+    ("get", "/executions/{key}"): READ,
+    ("get", "/machines"): READ,
+    ("get", "/audit"): READ,
+    ("get", "/breakers"): READ,
+    ("get", "/dlq"): READ,
+    ("get", "/dlq/{id}"): READ,
+    ("get", "/reconcile"): READ,
+    ("post", "/machines/{id}/relay-test"): OPER,
+    ("post", "/machines/{id}/service"): OPER,
+    ("post", "/breakers/{name}/reset"): OPER,
+    ("post", "/dlq/retry"): OPER,
+    ("post", "/backup"): OPER,
+    ("post", "/dlq/{id}/archive"): MGR,
+    ("post", "/cleanup"): MGR,
+}
+
+
+def _declared_routes() -> dict[tuple[str, str], Profile | None]:
+    """(method, path) -> declared profile, read from gateway/api.py's source: the
+    ``add_<method>(f"{v}/path", self._handler)`` calls and each handler's
+    ``@requires(Profile.X)``."""
+    tree = ast.parse(Path(api.__file__).read_text())
+    declared: dict[str, Profile | None] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.AsyncFunctionDef):
+            declared[node.name] = None
+            for deco in node.decorator_list:
+                if (
+                    isinstance(deco, ast.Call)
+                    and isinstance(deco.func, ast.Name)
+                    and deco.func.id == "requires"
+                    and isinstance(deco.args[0], ast.Attribute)
+                ):
+                    declared[node.name] = Profile[deco.args[0].attr]
+    routes: dict[tuple[str, str], Profile | None] = {}
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr.startswith("add_")
+            and len(node.args) == 2
+            and isinstance(node.args[0], ast.JoinedStr)
+            and isinstance(node.args[1], ast.Attribute)
+        ):
+            path = "".join(
+                str(part.value) for part in node.args[0].values if isinstance(part, ast.Constant)
+            )
+            routes[(node.func.attr.removeprefix("add_"), path)] = declared.get(node.args[1].attr)
+    return routes
+
+
+def test_every_api_route_declares_the_profile_of_the_documented_matrix() -> None:
+    assert _declared_routes() == ROUTES
