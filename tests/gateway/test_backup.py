@@ -160,6 +160,12 @@ def test_restore_refuses_a_damaged_or_foreign_backup_and_touches_nothing(
     assert journal.read_bytes() == original
     assert not list(store.workdir.glob("journal.db.replaced-*"))
 
+    # No daemon to ask for a backup: one line, exit 3, no file left behind.
+    code = ctl_main(["backup", str(tmp_path / "none.db"), "--config", config])
+    err = capsys.readouterr().err
+    assert code == 3 and "o gateway não responde" in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("none.db*"))
+
     with pytest.raises(SystemExit) as usage:
         ctl_main(["restore", str(good), "--config", config])
     assert usage.value.code == 2 and "--reason" in capsys.readouterr().err
