@@ -8,13 +8,16 @@ audited with that account, plus the technician's name when they give one.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
 import pwd
 import re
 import socket
 import struct
 import time
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,8 +25,11 @@ from typing import Any
 
 from aiohttp import web
 
+from .backup import BackupError, take_backup
 from .journal import Journal, iso_utc
 from .operator import OperatorActions, OperatorRefusal
+from .profiles import Profile, ProfileGroups, requires
+from .profiles import middleware as profile_middleware
 from .sync import CloudSync
 
 __all__ = ["LocalApi"]
@@ -44,17 +50,20 @@ class LocalApi:
         journal: Journal,
         operator: OperatorActions,
         sync: CloudSync,
+        profiles: ProfileGroups | None = None,
     ) -> None:
         self._path = socket_path
         self._status = status
         self._journal = journal
         self._operator = operator
         self._sync = sync
+        self._profiles = profiles or ProfileGroups()
         self._runner: web.AppRunner | None = None
         self._socket_id: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket
 
     async def start(self) -> None:
-        app = web.Application()
+        # Every route's handler declares its profile (@requires); undeclared = refused.
+        app = web.Application(middlewares=[profile_middleware(self._profiles)])
         v = f"/{API_VERSION}"
         app.router.add_get(f"{v}/status", self._get_status)
         app.router.add_get(f"{v}/executions/{{key}}", self._get_execution)
@@ -70,6 +79,7 @@ class LocalApi:
         app.router.add_post(f"{v}/dlq/{{id}}/archive", self._post_dlq_archive)
         app.router.add_get(f"{v}/reconcile", self._get_reconcile)
         app.router.add_post(f"{v}/cleanup", self._post_cleanup)
+        app.router.add_post(f"{v}/backup", self._post_backup)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         self._path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,9 +105,11 @@ class LocalApi:
                     self._path.unlink()
             self._socket_id = None
 
+    @requires(Profile.LEITURA)
     async def _get_status(self, request: web.Request) -> web.Response:
         return web.json_response({"at": time.time(), **self._status()})
 
+    @requires(Profile.LEITURA)
     async def _get_execution(self, request: web.Request) -> web.Response:
         key = request.match_info["key"]
         details = self._journal.execution_details(key)
@@ -105,12 +117,15 @@ class LocalApi:
             return _error(404, "not_found", f"execução {key!r} não encontrada no diário")
         return web.json_response(details)
 
+    @requires(Profile.LEITURA)
     async def _get_machines(self, request: web.Request) -> web.Response:
         return web.json_response({"machines": self._operator.machines()})
 
+    @requires(Profile.LEITURA)
     async def _get_audit(self, request: web.Request) -> web.Response:
         return web.json_response({"entries": self._journal.audit_entries()})
 
+    @requires(Profile.OPERACAO)
     async def _post_relay_test(self, request: web.Request) -> web.Response:
         body, actor, reason = await _operator_request(request)
         cycle = body.get("cycle")
@@ -128,6 +143,7 @@ class LocalApi:
             return _error(409 if exc.code != "unknown_machine" else 404, exc.code, str(exc))
         return web.json_response({"execute_key": key}, status=202)
 
+    @requires(Profile.OPERACAO)
     async def _post_service(self, request: web.Request) -> web.Response:
         body, actor, reason = await _operator_request(request)
         value = body.get("out_of_service")
@@ -145,9 +161,11 @@ class LocalApi:
             return _error(404, exc.code, str(exc))
         return web.json_response({"changed": changed, "out_of_service": value})
 
+    @requires(Profile.LEITURA)
     async def _get_breakers(self, request: web.Request) -> web.Response:
         return web.json_response({"breakers": self._sync.breaker_status()})
 
+    @requires(Profile.OPERACAO)
     async def _post_breaker_reset(self, request: web.Request) -> web.Response:
         _, actor, reason = await _operator_request(request)
         name = request.match_info["name"]
@@ -158,10 +176,12 @@ class LocalApi:
             return _error(404, "unknown_breaker", f"disjuntor {name!r} não existe ({names})")
         return web.json_response({"reset": name})
 
+    @requires(Profile.LEITURA)
     async def _get_dlq(self, request: web.Request) -> web.Response:
         archived = request.query.get("archived") == "1"
         return web.json_response({"items": self._journal.dlq(include_archived=archived)})
 
+    @requires(Profile.LEITURA)
     async def _get_dlq_item(self, request: web.Request) -> web.Response:
         item_id = _int_id(request.match_info["id"])
         item = None if item_id is None else self._journal.outbox_item(item_id)
@@ -169,6 +189,7 @@ class LocalApi:
             return _error(404, "not_found", f"item {request.match_info['id']!r} não existe")
         return web.json_response(item)
 
+    @requires(Profile.OPERACAO)
     async def _post_dlq_retry(self, request: web.Request) -> web.Response:
         body, actor, reason = await _operator_request(request)
         ids = body.get("ids")
@@ -186,6 +207,7 @@ class LocalApi:
         self._sync.notify()
         return web.json_response({"retried": moved})
 
+    @requires(Profile.GESTOR)
     async def _post_dlq_archive(self, request: web.Request) -> web.Response:
         _, actor, reason = await _operator_request(request)
         item_id = _int_id(request.match_info["id"])
@@ -199,6 +221,7 @@ class LocalApi:
             )
         return web.json_response({"archived": item_id})
 
+    @requires(Profile.LEITURA)
     async def _get_reconcile(self, request: web.Request) -> web.Response:
         since = request.query.get("since", "")
         try:
@@ -211,6 +234,7 @@ class LocalApi:
             {"since": parsed.isoformat(), **self._journal.reconcile(iso_utc(parsed.timestamp()))}
         )
 
+    @requires(Profile.GESTOR)
     async def _post_cleanup(self, request: web.Request) -> web.Response:
         body, actor, reason = await _operator_request(request)
         days = body.get("days")
@@ -220,6 +244,47 @@ class LocalApi:
             days, actor=actor, os_user=_peer_user(request), reason=reason
         )
         return web.json_response({"removed": removed})
+
+    @requires(Profile.OPERACAO)
+    async def _post_backup(self, request: web.Request) -> web.StreamResponse:
+        """A consistent copy of the journal, taken here (the daemon can read its own
+        journal whatever the technician's account may) and streamed to metalavctl,
+        which writes it where the technician asked, with the technician's rights."""
+        _, actor, reason = await _operator_request(request)
+        journal = self._journal.path
+        tmp = journal.with_name(f".backup-{uuid.uuid4().hex}.db")
+        try:
+            info = await asyncio.to_thread(
+                take_backup, journal, tmp, self._journal.gateway_id, now=time.time()
+            )
+            self._journal.audit(
+                action="journal.backup",
+                target=str(journal),
+                actor=actor,
+                os_user=_peer_user(request),
+                reason=reason,
+                outcome="taken",
+                now=time.time(),
+                after={"executions": info.executions, "size": info.size},
+            )
+            meta = {k: v for k, v in info.as_dict().items() if k != "path"}
+            resp = web.StreamResponse(
+                headers={
+                    "Content-Type": "application/vnd.sqlite3",
+                    "X-Metalav-Backup": json.dumps(meta),
+                }
+            )
+            await resp.prepare(request)
+            f = await asyncio.to_thread(tmp.open, "rb")
+            with f:
+                while chunk := await asyncio.to_thread(f.read, 1 << 16):
+                    await resp.write(chunk)
+            await resp.write_eof()
+            return resp
+        except BackupError as exc:
+            return _error(500, "backup_failed", str(exc))
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 _ID_TEXT = re.compile(r"[0-9]{1,18}")  # ASCII digits only ("²".isdigit() is True)

@@ -61,6 +61,7 @@ from firmware_bridge.gpio_board import check_lines
 from firmware_bridge.host_timed import check_channels
 
 from .credentials import CredentialError, apply_credentials
+from .profiles import DEFAULT_GROUPS, Profile
 
 __all__ = ["ConfigError", "GatewayConfig", "load_config", "config_from_dict"]
 
@@ -191,6 +192,38 @@ class ApiSection(_Section):
     socket: Path = Path("/run/metalav/metalav.sock")
 
 
+_GROUP = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+
+
+def _group_name(v: str) -> str:
+    if not _GROUP.match(v):
+        raise ValueError("must be a Linux group name (lowercase letters, digits, '_', '-')")
+    return v
+
+
+GroupName = Annotated[str, AfterValidator(_group_name)]
+
+
+class ProfilesSection(_Section):
+    """OS groups that give each permission profile of metalavctl (gateway/profiles.py);
+    root is always Gestor."""
+
+    read_group: GroupName = DEFAULT_GROUPS[Profile.LEITURA]
+    operation_group: GroupName = DEFAULT_GROUPS[Profile.OPERACAO]
+    manager_group: GroupName = DEFAULT_GROUPS[Profile.GESTOR]
+
+
+class BackupSection(_Section):
+    """The daemon's daily journal backup (gateway/backup.py)."""
+
+    enabled: bool = True
+    # Default: a "backups" folder beside the journal.
+    dir: Path | None = None
+    # How many daily backups are kept; older ones are deleted.
+    keep: int = Field(default=7, ge=1, le=365)
+    interval_h: float = Field(default=24.0, ge=1, le=24 * 7)
+
+
 # The limits are the drivers' (firmware_bridge.driver, the board's bad_params): a
 # program the config accepts is one every driver runs.
 class PulseProgram(_Section):
@@ -295,6 +328,8 @@ class GatewayConfig(BaseSettings):
     breakers: BreakerSection = BreakerSection()
     api: ApiSection = ApiSection()
     logging: LoggingSection = LoggingSection()
+    profiles: ProfilesSection = ProfilesSection()
+    backup: BackupSection = BackupSection()
     machines: list[Machine] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -406,7 +441,7 @@ def load_config(path: Path) -> GatewayConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
     # Relative paths in the file are relative to the file, not to the daemon's cwd.
-    for section, key in (("journal", "path"), ("api", "socket")):
+    for section, key in (("journal", "path"), ("api", "socket"), ("backup", "dir")):
         value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
         if isinstance(value, str) and not Path(value).is_absolute():
             data[section][key] = str(path.parent / value)

@@ -15,6 +15,7 @@ output is for scripts.
                 | dlq archive ID --reason TEXT
     metalavctl reconcile --since DATE [--json]
     metalavctl cleanup --days N --reason TEXT
+    metalavctl doctor | backup PATH | restore PATH --reason TEXT   (gateway/ctl_kit.py)
 
 The socket is found from ``--socket``, else ``--config`` (the daemon's config file),
 else ``$METALAV_API__SOCKET``, else the packaged default. Exit status: 0 ok,
@@ -34,6 +35,7 @@ from urllib.parse import quote
 
 import httpx
 
+from . import ctl_kit
 from .config import ApiSection, ConfigError, load_config
 from .lifecycle import ExecutionState
 
@@ -290,6 +292,7 @@ def _build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--since", required=True, help="date (AAAA-MM-DD or ISO 8601)")
     clean = sub.add_parser("cleanup", parents=[action], help="prune old, acknowledged data")
     clean.add_argument("--days", type=int, required=True)
+    ctl_kit.add_parsers(sub, common)
     return parser
 
 
@@ -359,6 +362,8 @@ def _run(args: argparse.Namespace, sock: Path) -> tuple[Any, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    if args.command in ctl_kit.COMMANDS:
+        return ctl_kit.run(args)
     try:
         sock = _socket_path(args)
         try:

@@ -30,6 +30,7 @@ from cloud_sync.mqtt_session import ALERTS_TOPIC, MqttSession
 
 from . import instance_lock
 from .api import LocalApi
+from .backup import BackupSchedule, backup_dir
 from .boards import build_driver
 from .config import ConfigError, GatewayConfig, load_config
 from .core import build_core
@@ -41,6 +42,7 @@ from .journal import (
     alert_event,
     iso_utc,
 )
+from .profiles import ProfileGroups
 from .reload import plan_reload
 from .supervision import Notifier, Progress, Watchdog, run_stall_hook, watchdog_timeout
 from .sync import CloudSync
@@ -101,6 +103,16 @@ class Daemon:
             journal=self.journal,
             operator=self.core.operator,
             sync=self.sync,
+            profiles=ProfileGroups(**config.profiles.model_dump()),
+        )
+        # The daily journal backup with its retention count (gateway/backup.py).
+        self.backups = BackupSchedule(
+            config.journal.path,
+            backup_dir(config.journal.path, config.backup.dir),
+            config.gateway.id,
+            keep=config.backup.keep,
+            interval_s=config.backup.interval_h * 3600,
+            on_failure=self.core.outcomes.raise_alert,
         )
 
     def _on_journal_fault(self, fault: JournalFault | None) -> None:
@@ -318,6 +330,8 @@ class Daemon:
                     tg.create_task(self._supervise(), name="supervision"),
                     tg.create_task(run_stall_hook(), name="test-stall-hook"),
                 ]
+                if self.config.backup.enabled:
+                    tasks.append(tg.create_task(self.backups.run(), name="backup"))
                 await stop.wait()
                 log.info("stopping")
                 self.notifier.notify("STOPPING=1", "STATUS=parando")
