@@ -23,6 +23,7 @@ from typing import Any
 from aiohttp import web
 
 from .journal import Journal, iso_utc
+from .lifecycle import ExecutionState
 from .operator import OperatorActions, OperatorRefusal
 from .sync import CloudSync
 
@@ -57,7 +58,14 @@ class LocalApi:
         app = web.Application()
         v = f"/{API_VERSION}"
         app.router.add_get(f"{v}/status", self._get_status)
+        app.router.add_get(f"{v}/executions", self._get_executions)
         app.router.add_get(f"{v}/executions/{{key}}", self._get_execution)
+        app.router.add_post(f"{v}/executions/{{key}}/resolve", self._post_resolve)
+        app.router.add_post(f"{v}/executions/{{key}}/reprocess", self._post_reprocess)
+        app.router.add_get(f"{v}/payments/{{id}}/executions", self._get_payment_executions)
+        app.router.add_get(f"{v}/payment-audit", self._get_payment_audit)
+        app.router.add_post(f"{v}/store/{{action}}", self._post_store)
+        app.router.add_get(f"{v}/log", self._get_log)
         app.router.add_get(f"{v}/machines", self._get_machines)
         app.router.add_post(f"{v}/machines/{{id}}/relay-test", self._post_relay_test)
         app.router.add_post(f"{v}/machines/{{id}}/service", self._post_service)
@@ -104,6 +112,107 @@ class LocalApi:
         if details is None:
             return _error(404, "not_found", f"execução {key!r} não encontrada no diário")
         return web.json_response(details)
+
+    async def _get_executions(self, request: web.Request) -> web.Response:
+        q = request.query
+        state = q.get("state") or None
+        if state is not None and state not in {str(s) for s in ExecutionState}:
+            names = ", ".join(ExecutionState)
+            return _error(400, "bad_request", f"estado desconhecido: {state!r} ({names})")
+        try:
+            since = _parse_time(q.get("since"))
+            until = _parse_time(q.get("until"))
+        except ValueError as exc:
+            return _error(400, "bad_date", str(exc))
+        limit, offset = _int_id(q.get("limit", "50")), _int_id(q.get("offset", "0"))
+        if limit is None or not 1 <= limit <= MAX_PAGE or offset is None:
+            return _error(400, "bad_request", f"--limit deve ser de 1 a {MAX_PAGE}")
+        rows, total = self._journal.list_executions(
+            state=state,
+            machine_id=q.get("machine") or None,
+            since_iso=since,
+            until_iso=until,
+            limit=limit,
+            offset=offset,
+        )
+        return web.json_response(
+            {"executions": rows, "total": total, "limit": limit, "offset": offset}
+        )
+
+    async def _get_payment_executions(self, request: web.Request) -> web.Response:
+        payment_id = request.match_info["id"]
+        rows = self._journal.executions_of_payment(payment_id)
+        if not rows:
+            return _error(404, "not_found", f"nenhuma execução do pagamento {payment_id!r}")
+        return web.json_response({"payment_id": payment_id, "executions": rows})
+
+    async def _get_payment_audit(self, request: web.Request) -> web.Response:
+        ref = request.query.get("provider_ref")
+        key = request.query.get("idempotency_key")
+        if (ref is None) == (key is None) or not (ref or key):
+            return _error(
+                400, "bad_request", "informe --provider-ref ou --idempotency-key (um dos dois)"
+            )
+        found = self._journal.payment_audit(provider_ref=ref, idempotency_key=key)
+        if not found:
+            return _error(404, "not_found", f"nenhuma execução com {ref or key!r}")
+        return web.json_response(
+            {
+                "provider_ref": ref,
+                "idempotency_key": key,
+                "executions": found,
+                "actuations": sum(len(e["actuations"]) for e in found),
+            }
+        )
+
+    async def _post_resolve(self, request: web.Request) -> web.Response:
+        body, actor, reason = await _operator_request(request)
+        decision = body.get("decision")
+        if decision not in ("released", "not_released"):
+            return _error(400, "bad_request", "--decision deve ser released ou not_released")
+        try:
+            done = self._operator.resolve(
+                request.match_info["key"],
+                decision == "released",
+                actor=actor,
+                os_user=_peer_user(request),
+                reason=reason,
+            )
+        except OperatorRefusal as exc:
+            return _error(404 if exc.code == "not_found" else 409, exc.code, str(exc))
+        return web.json_response({"execute_key": request.match_info["key"], **done})
+
+    async def _post_reprocess(self, request: web.Request) -> web.Response:
+        _, actor, reason = await _operator_request(request)
+        try:
+            done = self._operator.reprocess(
+                request.match_info["key"], actor=actor, os_user=_peer_user(request), reason=reason
+            )
+        except OperatorRefusal as exc:
+            return _error(404 if exc.code == "not_found" else 409, exc.code, str(exc))
+        return web.json_response({"execute_key": request.match_info["key"], **done})
+
+    async def _post_store(self, request: web.Request) -> web.Response:
+        action = request.match_info["action"]
+        if action not in ("pause", "resume"):
+            return _error(404, "not_found", f"ação {action!r} não existe (pause, resume)")
+        _, actor, reason = await _operator_request(request)
+        changed = self._operator.set_store_paused(
+            action == "pause", actor=actor, os_user=_peer_user(request), reason=reason
+        )
+        return web.json_response({"changed": changed, **self._operator.store_status()})
+
+    async def _get_log(self, request: web.Request) -> web.Response:
+        try:
+            since = _parse_time(request.query.get("since"))
+        except ValueError as exc:
+            return _error(400, "bad_date", str(exc))
+        limit = _int_id(request.query.get("limit", "50"))
+        if limit is None or not 1 <= limit <= MAX_PAGE:
+            return _error(400, "bad_request", f"--limit deve ser de 1 a {MAX_PAGE}")
+        return web.json_response(
+            {"entries": self._journal.operation_log(since_iso=since, limit=limit)}
+        )
 
     async def _get_machines(self, request: web.Request) -> web.Response:
         return web.json_response({"machines": self._operator.machines()})
@@ -172,8 +281,14 @@ class LocalApi:
     async def _post_dlq_retry(self, request: web.Request) -> web.Response:
         body, actor, reason = await _operator_request(request)
         ids = body.get("ids")
+        limit = body.get("limit")
+        if limit is not None and (
+            not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10_000
+        ):
+            return _error(400, "bad_request", "--limit deve ser de 1 a 10000")
         if body.get("all") is True:
-            ids = None
+            # The runbook reprocesses in small batches: the oldest ``limit`` first.
+            ids = None if limit is None else [i["id"] for i in self._journal.dlq()[:limit]]
         elif not (
             isinstance(ids, list)
             and 0 < len(ids) <= 10_000
@@ -223,6 +338,21 @@ class LocalApi:
 
 
 _ID_TEXT = re.compile(r"[0-9]{1,18}")  # ASCII digits only ("²".isdigit() is True)
+MAX_PAGE = 1000
+
+
+def _parse_time(text: str | None) -> str | None:
+    """A date or ISO 8601 time from a technician, as the journal's UTC text. Without a
+    zone it is the store's local time (what the technician's clock shows)."""
+    if not text:
+        return None
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"data inválida: {text!r} (use AAAA-MM-DD ou AAAA-MM-DDTHH:MM)") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.astimezone()  # local time
+    return iso_utc(parsed.timestamp())
 
 
 def _int_id(text: str) -> int | None:

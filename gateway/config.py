@@ -18,6 +18,7 @@ daemon would.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import tomllib
 from pathlib import Path
@@ -59,7 +60,7 @@ from firmware_bridge.driver import (
 from firmware_bridge.gpio_board import check_lines
 from firmware_bridge.host_timed import check_channels
 
-__all__ = ["ConfigError", "GatewayConfig", "load_config", "config_from_dict"]
+__all__ = ["ConfigError", "GatewayConfig", "config_from_dict", "config_version", "load_config"]
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -402,3 +403,11 @@ def load_config(path: Path) -> GatewayConfig:
         if isinstance(value, str) and not Path(value).is_absolute():
             data[section][key] = str(path.parent / value)
     return config_from_dict(data)
+
+
+def config_version(config: GatewayConfig) -> str:
+    """The version of the config a gateway runs under, for the operation record and
+    the heartbeat: a digest of the effective settings (file, defaults and environment
+    overrides alike), so two gateways with the same settings report the same version."""
+    digest = hashlib.sha256(config.model_dump_json().encode()).hexdigest()
+    return f"sha256:{digest[:16]}"

@@ -5,20 +5,30 @@ unix socket; text for people is in Portuguese (the store's technicians), ``--jso
 output is for scripts.
 
     metalavctl status [--json]
-    metalavctl execution KEY [--json]
+    metalavctl execution KEY | --payment ID [--json]
+    metalavctl executions [--state S] [--machine M] [--since T] [--until T] [--limit N]
+                [--offset N]
+    metalavctl resolve KEY --decision released|not_released --reason TEXT [--by NAME]
+    metalavctl reprocess KEY --reason TEXT [--by NAME]
+    metalavctl store pause|resume --reason TEXT [--by NAME]
+    metalavctl log [--since T] [--limit N]
     metalavctl machines [--json]
     metalavctl relay test MACHINE --reason TEXT [--cycle C] [--by NAME]
     metalavctl machine out-of-service|in-service MACHINE --reason TEXT [--by NAME]
-    metalavctl audit [--json]
+    metalavctl audit [--provider-ref REF | --idempotency-key K] [--json]
     metalavctl breakers [--json] | breakers reset NAME --reason TEXT
-    metalavctl dlq list [--archived] | dlq show ID | dlq retry ID|--all --reason TEXT
+    metalavctl dlq list [--archived] | dlq show ID | dlq retry ID|--all [--limit N]
+                --reason TEXT
                 | dlq archive ID --reason TEXT
     metalavctl reconcile --since DATE [--json]
     metalavctl cleanup --days N --reason TEXT
 
 The socket is found from ``--socket``, else ``--config`` (the daemon's config file),
 else ``$METALAV_API__SOCKET``, else the packaged default. Exit status: 0 ok,
-1 not found, 2 usage, 3 daemon unreachable, 4 refused (e.g. machine busy).
+1 not found, 2 usage, 3 daemon unreachable, 4 refused (e.g. machine busy). With
+``--json`` every error is one JSON object on stdout: ``{"error": CODE, "message": TEXT}``.
+Dates are shown in the local time of the machine running metalavctl; dates given
+without a zone (``--since 2026-11-01``) are local time too.
 """
 
 from __future__ import annotations
@@ -29,8 +39,8 @@ import os
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Any
-from urllib.parse import quote
+from typing import Any, NoReturn
+from urllib.parse import quote, urlencode
 
 import httpx
 
@@ -67,9 +77,17 @@ STATE_PT: dict[ExecutionState, str] = {
 
 
 class CtlError(Exception):
-    def __init__(self, message: str, code: int) -> None:
+    def __init__(self, message: str, code: int, error: str = "error") -> None:
         super().__init__(message)
         self.code = code
+        self.error = error
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (JSON with ``--json``), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CtlError(f"{message} (veja: {self.prog} --help)", EXIT_USAGE, "usage")
 
 
 def _socket_path(args: argparse.Namespace) -> Path:
@@ -105,8 +123,21 @@ def _request(sock: Path, method: str, path: str, body: dict[str, Any] | None = N
     if resp.status_code >= 400:
         message = data.get("message") or data.get("error") or f"HTTP {resp.status_code}"
         code = EXIT_NOT_FOUND if resp.status_code == 404 else EXIT_REFUSED
-        raise CtlError(message, code)
+        if resp.status_code == 400:
+            code = EXIT_USAGE
+        raise CtlError(message, code, str(data.get("error") or "error"))
     return data
+
+
+def _local(iso: str | None) -> str:
+    """A journal time (RFC 3339 UTC) in this machine's local time, as a technician
+    reads a clock."""
+    if not iso:
+        return "-"
+    try:
+        return datetime.fromisoformat(iso).astimezone().strftime("%d/%m/%Y %H:%M:%S")
+    except ValueError:
+        return iso
 
 
 def _when(ts: float | None) -> str:
@@ -148,6 +179,14 @@ def _print_status(s: dict[str, Any]) -> None:
         print(f"  disjuntores abertos: {', '.join(opened)} — veja metalavctl breakers")
     if s["rejected_unauthenticated"]:
         print(f"  comandos não autenticados rejeitados: {s['rejected_unauthenticated']}")
+    store = s.get("store") or {}
+    if store.get("paused"):
+        print(
+            f"  LOJA PAUSADA desde {_local(store['since'])} por {store['by']}: "
+            f"{store['reason']} — novos comandos são recusados (metalavctl store resume)"
+        )
+    if store.get("config_version"):
+        print(f"  versão da configuração: {store['config_version']}")
 
 
 def _print_execution(e: dict[str, Any]) -> None:
@@ -157,11 +196,11 @@ def _print_execution(e: dict[str, Any]) -> None:
         + (f" ({e['reason']})" if e["reason"] else "")
     )
     print(f"  pagamento: {e['payment_id']}   máquina: {e['machine_id']}   ciclo: {e['cycle']}")
-    print(f"  recebida:  {e['received_at']}   atualizada: {e['updated_at']}")
+    print(f"  recebida:  {_local(e['received_at'])}   atualizada: {_local(e['updated_at'])}")
     print("  histórico:")
     for h in e["history"]:
         extra = " ".join(x for x in (h["reason"], h["detail"]) if x)
-        print(f"    {h['at']}  {h['state']:<13} {extra}")
+        print(f"    {_local(h['at'])}  {STATE_PT.get(h['state'], h['state']):<24} {extra}")
     print("  eventos para a nuvem:")
     for o in e["outbox"]:
         err = f" erro: {o['last_error']}" if o["last_error"] else ""
@@ -179,22 +218,23 @@ def _print_machines(data: dict[str, Any]) -> None:
         oos = m["out_of_service"]
         if oos:
             print(
-                f"       fora de serviço desde {oos['set_at']} por {oos['set_by']}: {oos['reason']}"
+                f"       fora de serviço desde {_local(oos['set_at'])} por {oos['set_by']}:"
+                f" {oos['reason']}"
             )
         last = m["last_execution"]
         if last:
             print(
                 f"       último ciclo: {last['execute_key']} {last['cycle']} "
-                f"{STATE_PT.get(last['state'], last['state'])} ({last['updated_at']})"
+                f"{STATE_PT.get(last['state'], last['state'])} ({_local(last['updated_at'])})"
             )
         for alert in m["recent_alerts"][:3]:
-            print(f"       alerta {alert['at']} {alert['code']}: {alert['detail'] or ''}")
+            print(f"       alerta {_local(alert['at'])} {alert['code']}: {alert['detail'] or ''}")
 
 
 def _print_audit(data: dict[str, Any]) -> None:
     for e in data["entries"]:
         print(
-            f"{e['at']}  {e['actor']} ({e['os_user']})  {e['action']} {e['target']}  "
+            f"{_local(e['at'])}  {e['actor']} ({e['os_user']})  {e['action']} {e['target']}  "
             f"{e['outcome']}  motivo: {e['reason']}"
         )
 
@@ -235,24 +275,131 @@ def _print_reconcile(data: dict[str, Any]) -> None:
         )
 
 
+def _print_executions(data: dict[str, Any]) -> None:
+    rows = data["executions"]
+    if not rows:
+        print("nenhuma execução encontrada")
+    for r in rows:
+        print(
+            f"{_local(r['received_at'])}  {r['execute_key']:<28} pagamento {r['payment_id']:<20}"
+            f" {r['machine_id']:<6} {STATE_PT.get(r['state'], r['state'])}"
+            + (f" ({r['reason']})" if r["reason"] else "")
+        )
+    shown = data.get("offset", 0) + len(rows)
+    if "total" in data and data["total"] > shown:
+        print(f"... {data['total'] - shown} mais (use --offset {shown})")
+
+
+def _print_payment_audit(data: dict[str, Any]) -> None:
+    ref = data["provider_ref"] or data["idempotency_key"]
+    executions = data["executions"]
+    print(
+        f"Pagamento {ref}: {len(executions)} execução(ões), "
+        f"{data['actuations']} acionamento(s) confirmado(s) pela placa"
+    )
+    if data["actuations"] > 1:
+        print("  ATENÇÃO: mais de um acionamento físico para o mesmo pagamento")
+    for e in executions:
+        print(
+            f"  {e['execute_key']}  pagamento {e['payment_id']}  máquina {e['machine_id']}  "
+            f"{STATE_PT.get(e['state'], e['state'])}  recebida {_local(e['received_at'])}"
+        )
+        for a in e["actuations"]:
+            print(f"    acionamento: {_local(a['at'])} {a['reason'] or ''}")
+        for r in e["results"]:
+            comp = " compensação" if r.get("compensation") else ""
+            print(
+                f"    resultado #{r['seq']} {r['state']}{comp}: {r['outbox_state']}"
+                f" (enviado {_local(r['sent_at'])})"
+            )
+
+
+def _print_log(data: dict[str, Any]) -> None:
+    if not data["entries"]:
+        print("registro de operações vazio")
+    for e in data["entries"]:
+        print(
+            f"{_local(e['at'])}  {e['actor']} ({e['os_user']})  {e['action']} {e['target']}"
+            f"  {e['outcome']}" + (f"  decisão: {e['decision']}" if e.get("decision") else "")
+        )
+        print(f"    motivo: {e['reason']}   configuração: {e.get('config_version') or '-'}")
+        if e.get("before") is not None or e.get("after") is not None:
+            before = json.dumps(e.get("before"), ensure_ascii=False)
+            after = json.dumps(e.get("after"), ensure_ascii=False)
+            print(f"    antes: {before}  depois: {after}")
+
+
+def _print_reprocess(d: dict[str, Any]) -> None:
+    key = d["execute_key"]
+    if d["action"] == "redispatched":
+        print(
+            f"{key}: a placa recusou antes ({d['previous']}), nada foi acionado; "
+            f"enviada de novo (acompanhe: metalavctl execution {key})"
+        )
+        return
+    state = STATE_PT.get(d["state"], d["state"])
+    print(f"{key}: {state}; resultado reenviado à nuvem (nenhum acionamento novo)")
+    if d.get("waiting") == "waiting_for_board":
+        print("  ainda não foi à placa: sai sozinha quando a placa responder (ou expira)")
+    if d["state"] == ExecutionState.NEEDS_REVIEW:
+        print("  revisão manual: confira a máquina e use metalavctl resolve")
+    if d.get("dead_events_retried"):
+        print(f"  {len(d['dead_events_retried'])} evento(s) da DLQ de volta à fila de envio")
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--socket", help="unix socket of the daemon's local API")
     common.add_argument("--config", help="the daemon's config file (to find the socket)")
     common.add_argument("--json", action="store_true", help="machine-readable output")
-    action = argparse.ArgumentParser(add_help=False, parents=[common])
+    action = _Parser(add_help=False, parents=[common])
     action.add_argument("--reason", required=True, help="why (recorded in the audit log)")
     action.add_argument("--by", help="technician's name (default: your OS account)")
 
-    parser = argparse.ArgumentParser(
-        prog="metalavctl", description="Meta-Lav gateway: technician CLI"
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="metalavctl", description="Meta-Lav gateway: technician CLI")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sub.add_parser("status", parents=[common], help="daemon, links, executions, outbox")
     ex = sub.add_parser("execution", parents=[common], help="one execution's whole history")
-    ex.add_argument("key", help="the execute_key")
+    which = ex.add_mutually_exclusive_group(required=True)
+    which.add_argument("key", nargs="?", help="the execute_key")
+    which.add_argument("--payment", help="every execution of this payment_id")
+    exs = sub.add_parser("executions", parents=[common], help="list executions (newest first)")
+    exs.add_argument("--state", help="only this state (e.g. needs_review)")
+    exs.add_argument("--machine", help="only this machine")
+    exs.add_argument("--since", help="received at or after (AAAA-MM-DD[THH:MM], local time)")
+    exs.add_argument("--until", help="received before (AAAA-MM-DD[THH:MM], local time)")
+    exs.add_argument("--limit", type=int, default=50, help="page size (1..1000)")
+    exs.add_argument("--offset", type=int, default=0, help="skip this many")
     sub.add_parser("machines", parents=[common], help="machines: state, last cycle, alerts")
-    sub.add_parser("audit", parents=[common], help="recent operator actions")
+    aud = sub.add_parser(
+        "audit", parents=[common], help="operator actions; or a payment's whole trail"
+    )
+    ref = aud.add_mutually_exclusive_group()
+    ref.add_argument("--provider-ref", help="every execution, actuation and result of it")
+    ref.add_argument("--idempotency-key", help="every execution, actuation and result of it")
+    log = sub.add_parser("log", parents=[common], help="the operation record (newest first)")
+    log.add_argument("--since", help="from this date (AAAA-MM-DD[THH:MM], local time)")
+    log.add_argument("--limit", type=int, default=50, help="how many (1..1000)")
+
+    res = sub.add_parser(
+        "resolve", parents=[action], help="end a needs_review execution (never pulses)"
+    )
+    res.add_argument("key", help="the execute_key")
+    res.add_argument(
+        "--decision",
+        required=True,
+        choices=("released", "not_released"),
+        help="what the technician saw at the machine",
+    )
+    rep = sub.add_parser(
+        "reprocess", parents=[action], help="re-send the result; re-dispatch only what never ran"
+    )
+    rep.add_argument("key", help="the execute_key")
+    store = sub.add_parser("store", help="the whole store").add_subparsers(
+        dest="sub", required=True
+    )
+    store.add_parser("pause", parents=[action], help="refuse new paid releases (compensated)")
+    store.add_parser("resume", parents=[action], help="take paid releases again")
 
     relay = sub.add_parser("relay", help="relay actions").add_subparsers(dest="sub", required=True)
     test = relay.add_parser("test", parents=[action], help="a technical-service test turn")
@@ -282,6 +429,7 @@ def _build_parser() -> argparse.ArgumentParser:
     target = retry.add_mutually_exclusive_group(required=True)
     target.add_argument("id", type=int, nargs="?")
     target.add_argument("--all", action="store_true")
+    retry.add_argument("--limit", type=int, help="with --all: at most this many (oldest first)")
     dlq.add_parser("archive", parents=[action], help="keep, never send").add_argument(
         "id", type=int
     )
@@ -305,12 +453,59 @@ def _run(args: argparse.Namespace, sock: Path) -> tuple[Any, Any]:
     cmd, sub = args.command, getattr(args, "sub", None)
     if cmd == "status":
         return _request(sock, "GET", "/v1/status"), _print_status
+    if cmd == "execution" and args.payment is not None:
+        data = _request(sock, "GET", f"/v1/payments/{q(args.payment)}/executions")
+        return data, _print_executions
     if cmd == "execution":
         return _request(sock, "GET", f"/v1/executions/{q(args.key)}"), _print_execution
+    if cmd == "executions":
+        query = urlencode(
+            {
+                k: v
+                for k, v in (
+                    ("state", args.state),
+                    ("machine", args.machine),
+                    ("since", args.since),
+                    ("until", args.until),
+                    ("limit", args.limit),
+                    ("offset", args.offset),
+                )
+                if v is not None
+            }
+        )
+        return _request(sock, "GET", f"/v1/executions?{query}"), _print_executions
     if cmd == "machines":
         return _request(sock, "GET", "/v1/machines"), _print_machines
+    if cmd == "audit" and (args.provider_ref is not None or args.idempotency_key is not None):
+        field = "provider_ref" if args.provider_ref is not None else "idempotency_key"
+        value = args.provider_ref if args.provider_ref is not None else args.idempotency_key
+        query = urlencode({field: value})
+        return _request(sock, "GET", f"/v1/payment-audit?{query}"), _print_payment_audit
     if cmd == "audit":
         return _request(sock, "GET", "/v1/audit"), _print_audit
+    if cmd == "log":
+        query = urlencode({"limit": args.limit, **({"since": args.since} if args.since else {})})
+        return _request(sock, "GET", f"/v1/log?{query}"), _print_log
+    if cmd == "resolve":
+        data = _request(
+            sock,
+            "POST",
+            f"/v1/executions/{q(args.key)}/resolve",
+            act({"decision": args.decision}),
+        )
+        return data, lambda d: print(
+            f"{d['execute_key']}: {STATE_PT.get(d['state'], d['state'])} ({d['reason']});"
+            " resultado enviado à nuvem" + ("" if d["state"] == "released" else ", com compensação")
+        )
+    if cmd == "reprocess":
+        data = _request(sock, "POST", f"/v1/executions/{q(args.key)}/reprocess", act({}))
+        return data, _print_reprocess
+    if cmd == "store":
+        data = _request(sock, "POST", f"/v1/store/{sub}", act({}))
+        return data, lambda d: print(
+            ("Loja PAUSADA: novos comandos são recusados" if d["paused"] else "Loja retomada")
+            + ("" if d["changed"] else " (já estava)")
+        )
     if cmd == "relay":
         data = _request(
             sock, "POST", f"/v1/machines/{q(args.machine)}/relay-test", act({"cycle": args.cycle})
@@ -342,7 +537,9 @@ def _run(args: argparse.Namespace, sock: Path) -> tuple[Any, Any]:
             json.dumps(d, indent=2, ensure_ascii=False)
         )
     if cmd == "dlq" and sub == "retry":
-        body = act({"all": True} if args.all else {"ids": [args.id]})
+        if args.limit is not None and not args.all:
+            raise CtlError("--limit só vale com --all", EXIT_USAGE, "usage")
+        body = act({"all": True, "limit": args.limit} if args.all else {"ids": [args.id]})
         data = _request(sock, "POST", "/v1/dlq/retry", body)
         return data, lambda d: print(f"{len(d['retried'])} evento(s) de volta à fila de envio")
     if cmd == "dlq":
@@ -358,21 +555,23 @@ def _run(args: argparse.Namespace, sock: Path) -> tuple[Any, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    as_json = "--json" in argv
     try:
+        args = _build_parser().parse_args(argv)
         sock = _socket_path(args)
-        try:
-            data, printer = _run(args, sock)
-        except CtlError as exc:
-            if exc.code == EXIT_NOT_FOUND and args.json:
-                print(json.dumps({"error": "not_found", "message": str(exc)}))
-            raise
+        data, printer = _run(args, sock)
         if args.json:
             print(json.dumps(data, indent=2, ensure_ascii=False))
         else:
             printer(data)
         return 0
     except CtlError as exc:
+        if as_json:
+            error = "not_found" if exc.code == EXIT_NOT_FOUND else exc.error
+            if exc.code == EXIT_UNREACHABLE:
+                error = "unreachable"
+            print(json.dumps({"error": error, "message": str(exc)}, ensure_ascii=False))
         print(f"metalavctl: {exc}", file=sys.stderr)
         return exc.code
 
