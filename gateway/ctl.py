@@ -110,11 +110,19 @@ def _request(sock: Path, method: str, path: str, body: dict[str, Any] | None = N
     try:
         with httpx.Client(transport=transport, base_url="http://gateway", timeout=10.0) as client:
             resp = client.request(method, path, json=body)
-    except httpx.TransportError:
+    except httpx.TransportError as exc:
+        if _caused_by(exc, PermissionError):
+            raise CtlError(
+                f"sem permissão para usar {sock} — sua conta precisa estar no grupo do"
+                " socket (metalav-tech)",
+                EXIT_UNREACHABLE,
+                "permission_denied",
+            ) from None
         raise CtlError(
             f"o gateway não responde em {sock} — o serviço está rodando? "
             "(systemctl status metalav-gateway)",
             EXIT_UNREACHABLE,
+            "unreachable",
         ) from None
     try:
         data = resp.json()
@@ -127,6 +135,15 @@ def _request(sock: Path, method: str, path: str, body: dict[str, Any] | None = N
             code = EXIT_USAGE
         raise CtlError(message, code, str(data.get("error") or "error"))
     return data
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _local(iso: str | None) -> str:
@@ -569,8 +586,6 @@ def main(argv: list[str] | None = None) -> int:
     except CtlError as exc:
         if as_json:
             error = "not_found" if exc.code == EXIT_NOT_FOUND else exc.error
-            if exc.code == EXIT_UNREACHABLE:
-                error = "unreachable"
             print(json.dumps({"error": error, "message": str(exc)}, ensure_ascii=False))
         print(f"metalavctl: {exc}", file=sys.stderr)
         return exc.code
