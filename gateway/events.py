@@ -21,6 +21,7 @@ from cloud_sync.mqtt_session import (
     ALERTS_TOPIC,
     COMPENSATION_TOPIC,
     CYCLES_TOPIC,
+    OPERATIONS_TOPIC,
     RESULTS_TOPIC,
 )
 
@@ -46,10 +47,6 @@ __all__ = [
 
 # The topic suffixes (docs/mqtt-contract.md, "Topics") are the session's, re-exported
 # here beside the events they carry.
-
-#: Operation records (technician actions, issue 12): ``P/operations``. Only the outbox
-#: sends them, so the session has no use for the name.
-OPERATIONS_TOPIC = "operations"
 
 #: The payment fields of a command, carried by every result and compensation (issue 4).
 PAYMENT_FIELDS = ("provider_ref", "idempotency_key", "amount_cents")
