@@ -96,6 +96,9 @@ class GatewaySection(_Section):
 
 class JournalSection(_Section):
     path: Path = Path("/var/lib/metalav/journal.db")
+    # The audit log (operation records) and refused commands, pruned daily by age;
+    # an operation record not yet delivered to the cloud is kept.
+    records_retention_days: int = Field(default=365, ge=1, le=3650)
 
 
 class CommandsSection(_Section):
@@ -173,6 +176,9 @@ class OutboxSection(_Section):
     critical_depth: int = Field(default=500, ge=1)
     # Sent events and finished executions older than this are pruned daily.
     retention_days: int = Field(default=30, ge=1, le=3650)
+    # DLQ items a technician archived (metalavctl dlq archive), pruned daily by age
+    # (the integrations runbook keeps them 90 days). Dead items are never pruned.
+    archived_retention_days: int = Field(default=90, ge=1, le=3650)
 
 
 class BreakerSection(_Section):

@@ -16,6 +16,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import GatewayConfig
 from ..events import COMPENSATION_TOPIC, RESULTS_TOPIC, iso_utc, new_event_id
 from ..lifecycle import COMPENSATED, ExecutionState, check_transition, ordered
 from .database import Database, placeholders
@@ -23,7 +24,14 @@ from .executions import DispatchStamp, _compensation, _event, _result
 from .outbox import append_payload
 from .records import write_audit
 
-__all__ = ["BOARD_NACK", "PAUSE_KEY", "Operations", "Refused", "StorePause"]
+__all__ = [
+    "BOARD_NACK",
+    "PAUSE_KEY",
+    "Operations",
+    "Refused",
+    "StorePause",
+    "record_cutoffs",
+]
 
 PAUSE_KEY = "pause"
 CONFIG_VERSION_KEY = "config_version"
@@ -65,6 +73,14 @@ def set_store_value(c: sqlite3.Connection, key: str, value: Any) -> None:
         " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
         (key, json.dumps(value)),
     )
+
+
+def record_cutoffs(config: GatewayConfig, now: float) -> dict[str, str]:
+    """The ages :meth:`Operations.prune_records` prunes at, from the config."""
+    return {
+        "archived_before_iso": iso_utc(now - config.outbox.archived_retention_days * 86400),
+        "records_before_iso": iso_utc(now - config.journal.records_retention_days * 86400),
+    }
 
 
 class Operations(Database):

@@ -316,3 +316,65 @@ def test_no_daemon_and_a_socket_without_permission_are_one_line_errors(
     finally:
         listener.close()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_dlq_retry_all_goes_in_small_batches_oldest_first(
+    store_factory,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:
+    journal_path = tmp_path / "journal.db"
+    store: Store = store_factory(journal_path=journal_path)
+    journal = Journal(journal_path, store.gateway_id)
+    at = iso_utc(time.time())
+    for i in range(5):
+        journal._conn.execute(
+            "INSERT INTO outbox(event_id, stream, topic, payload, state, attempts, created_at,"
+            " updated_at, next_attempt_at) VALUES (?, 'alerts:board', 'alerts', '{}', 'dead',"
+            " 10, ?, ?, 0)",
+            (f"dead-{i}", at, at),
+        )
+    journal.close()
+    store.daemon.start()
+    store.daemon.wait_ready()
+    dead = [i["id"] for i in ctl_json(store, "dlq", "list")["items"]]
+    assert len(dead) == 5
+    done = ctl_json(store, "dlq", "retry", "--all", "--limit", "2", "--reason", "lote 1")
+    assert done["retried"] == dead[:2]
+    assert [i["id"] for i in ctl_json(store, "dlq", "list")["items"]] == dead[2:]
+    _one_line_error(ctl(store, "dlq", "retry", "--all", "--limit", "0", "--reason", "x"), 2)
+    _one_line_error(ctl(store, "dlq", "retry", str(dead[2]), "--limit", "2", "--reason", "x"), 2)
+
+
+def test_archived_items_refusals_and_audit_rows_are_pruned_by_age_never_what_is_owed(
+    tmp_path: Path,
+) -> None:
+    journal = Journal(tmp_path / "j.db", "gw")
+    old, recent = "2020-01-01T00:00:00.000Z", iso_utc(time.time())
+    for i, (state, archived_at) in enumerate(
+        [("archived", old), ("archived", recent), ("dead", None), ("pending", None)]
+    ):
+        journal._conn.execute(
+            "INSERT INTO outbox(event_id, stream, topic, payload, state, created_at, archived_at)"
+            " VALUES (?, 's', 'alerts', '{}', ?, ?, ?)",
+            (f"e{i}", state, old, archived_at),
+        )
+    journal._conn.execute(
+        "INSERT INTO rejections(at, reason) VALUES (?, 'bad_signature'), (?, 'malformed')",
+        (old, recent),
+    )
+    audit = {"target": "W1", "actor": "Ana", "os_user": "root", "reason": "teste"}
+    journal.audit(action="relay.test", outcome="applied", now=1.6e9, **audit)  # 2020
+    journal.audit(action="relay.test", outcome="applied", now=time.time(), **audit)
+    cutoff = iso_utc(time.time() - 90 * 86400)
+
+    # The 2020 audit row's operation record never reached the cloud: kept.
+    removed = journal.prune_records(archived_before_iso=cutoff, records_before_iso=cutoff)
+    assert removed == {"archived_events": 1, "refusals": 1, "audit_rows": 0}
+    assert journal.rejection_count() == 1
+    states = [r[0] for r in journal._conn.execute("SELECT state FROM outbox WHERE stream = 's'")]
+    assert states == ["archived", "dead", "pending"]
+
+    journal._conn.execute("UPDATE outbox SET state = 'sent' WHERE stream = 'operations'")
+    removed = journal.prune_records(archived_before_iso=cutoff, records_before_iso=cutoff)
+    assert removed["audit_rows"] == 1
+    assert len(journal.operation_log(since_iso=None, limit=10)) == 1
