@@ -9,6 +9,7 @@ audited with that account, plus the technician's name when they give one.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pwd
 import re
@@ -16,15 +17,16 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
+from .i18n import N_, for_accept_language
 from .journal import Journal, iso_utc
 from .lifecycle import ExecutionState
-from .operator import OperatorActions, OperatorRefusal
+from .operator import NOT_FOUND, OperatorActions, OperatorRefusal
 from .sync import CloudSync
 
 __all__ = ["LocalApi"]
@@ -110,7 +112,7 @@ class LocalApi:
         key = request.match_info["key"]
         details = self._journal.execution_details(key)
         if details is None:
-            return _error(404, "not_found", f"execução {key!r} não encontrada no diário")
+            return _error(request, 404, "not_found", NOT_FOUND, key=key)
         return web.json_response(details)
 
     async def _get_executions(self, request: web.Request) -> web.Response:
@@ -118,15 +120,24 @@ class LocalApi:
         state = q.get("state") or None
         if state is not None and state not in {str(s) for s in ExecutionState}:
             names = ", ".join(ExecutionState)
-            return _error(400, "bad_request", f"estado desconhecido: {state!r} ({names})")
+            return _error(
+                request,
+                400,
+                "bad_request",
+                N_("unknown state: {state!r} ({names})"),
+                state=state,
+                names=names,
+            )
         try:
             since = _parse_time(q.get("since"))
             until = _parse_time(q.get("until"))
-        except ValueError as exc:
-            return _error(400, "bad_date", str(exc))
+        except _BadDate as exc:
+            return _bad_date(request, exc)
         limit, offset = _int_id(q.get("limit", "50")), _int_id(q.get("offset", "0"))
         if limit is None or not 1 <= limit <= MAX_PAGE or offset is None:
-            return _error(400, "bad_request", f"--limit deve ser de 1 a {MAX_PAGE}")
+            return _error(
+                request, 400, "bad_request", N_("--limit must be from 1 to {max}"), max=MAX_PAGE
+            )
         rows, total = self._journal.list_executions(
             state=state,
             machine_id=q.get("machine") or None,
@@ -143,7 +154,13 @@ class LocalApi:
         payment_id = request.match_info["id"]
         rows = self._journal.executions_of_payment(payment_id)
         if not rows:
-            return _error(404, "not_found", f"nenhuma execução do pagamento {payment_id!r}")
+            return _error(
+                request,
+                404,
+                "not_found",
+                N_("no execution of payment {payment!r}"),
+                payment=payment_id,
+            )
         return web.json_response({"payment_id": payment_id, "executions": rows})
 
     async def _get_payment_audit(self, request: web.Request) -> web.Response:
@@ -151,11 +168,16 @@ class LocalApi:
         key = request.query.get("idempotency_key")
         if (ref is None) == (key is None) or not (ref or key):
             return _error(
-                400, "bad_request", "informe --provider-ref ou --idempotency-key (um dos dois)"
+                request,
+                400,
+                "bad_request",
+                N_("give --provider-ref or --idempotency-key (one of them)"),
             )
         found = self._journal.payment_audit(provider_ref=ref, idempotency_key=key)
         if not found:
-            return _error(404, "not_found", f"nenhuma execução com {ref or key!r}")
+            return _error(
+                request, 404, "not_found", N_("no execution with {ref!r}"), ref=ref or key
+            )
         return web.json_response(
             {
                 "provider_ref": ref,
@@ -169,7 +191,9 @@ class LocalApi:
         body, actor, reason = await _operator_request(request)
         decision = body.get("decision")
         if decision not in ("released", "not_released"):
-            return _error(400, "bad_request", "--decision deve ser released ou not_released")
+            return _error(
+                request, 400, "bad_request", N_("--decision must be released or not_released")
+            )
         try:
             done = self._operator.resolve(
                 request.match_info["key"],
@@ -179,7 +203,7 @@ class LocalApi:
                 reason=reason,
             )
         except OperatorRefusal as exc:
-            return _error(404 if exc.code == "not_found" else 409, exc.code, str(exc))
+            return _refusal(request, 404 if exc.code == "not_found" else 409, exc)
         return web.json_response({"execute_key": request.match_info["key"], **done})
 
     async def _post_reprocess(self, request: web.Request) -> web.Response:
@@ -189,13 +213,19 @@ class LocalApi:
                 request.match_info["key"], actor=actor, os_user=_peer_user(request), reason=reason
             )
         except OperatorRefusal as exc:
-            return _error(404 if exc.code == "not_found" else 409, exc.code, str(exc))
+            return _refusal(request, 404 if exc.code == "not_found" else 409, exc)
         return web.json_response({"execute_key": request.match_info["key"], **done})
 
     async def _post_store(self, request: web.Request) -> web.Response:
         action = request.match_info["action"]
         if action not in ("pause", "resume"):
-            return _error(404, "not_found", f"ação {action!r} não existe (pause, resume)")
+            return _error(
+                request,
+                404,
+                "not_found",
+                N_("no such action {action!r} (pause, resume)"),
+                action=action,
+            )
         _, actor, reason = await _operator_request(request)
         changed = self._operator.set_store_paused(
             action == "pause", actor=actor, os_user=_peer_user(request), reason=reason
@@ -205,11 +235,13 @@ class LocalApi:
     async def _get_log(self, request: web.Request) -> web.Response:
         try:
             since = _parse_time(request.query.get("since"))
-        except ValueError as exc:
-            return _error(400, "bad_date", str(exc))
+        except _BadDate as exc:
+            return _bad_date(request, exc)
         limit = _int_id(request.query.get("limit", "50"))
         if limit is None or not 1 <= limit <= MAX_PAGE:
-            return _error(400, "bad_request", f"--limit deve ser de 1 a {MAX_PAGE}")
+            return _error(
+                request, 400, "bad_request", N_("--limit must be from 1 to {max}"), max=MAX_PAGE
+            )
         return web.json_response(
             {"entries": self._journal.operation_log(since_iso=since, limit=limit)}
         )
@@ -224,7 +256,7 @@ class LocalApi:
         body, actor, reason = await _operator_request(request)
         cycle = body.get("cycle")
         if cycle is not None and not isinstance(cycle, str):
-            return _error(400, "bad_request", "'cycle' deve ser texto")
+            return _error(request, 400, "bad_request", N_("'cycle' must be text"))
         try:
             key = self._operator.technical_release(
                 request.match_info["id"],
@@ -234,14 +266,14 @@ class LocalApi:
                 reason=reason,
             )
         except OperatorRefusal as exc:
-            return _error(409 if exc.code != "unknown_machine" else 404, exc.code, str(exc))
+            return _refusal(request, 409 if exc.code != "unknown_machine" else 404, exc)
         return web.json_response({"execute_key": key}, status=202)
 
     async def _post_service(self, request: web.Request) -> web.Response:
         body, actor, reason = await _operator_request(request)
         value = body.get("out_of_service")
         if not isinstance(value, bool):
-            return _error(400, "bad_request", "'out_of_service' deve ser true ou false")
+            return _error(request, 400, "bad_request", N_("'out_of_service' must be true or false"))
         try:
             changed = self._operator.set_out_of_service(
                 request.match_info["id"],
@@ -251,7 +283,7 @@ class LocalApi:
                 reason=reason,
             )
         except OperatorRefusal as exc:
-            return _error(404, exc.code, str(exc))
+            return _refusal(request, 404, exc)
         return web.json_response({"changed": changed, "out_of_service": value})
 
     async def _get_breakers(self, request: web.Request) -> web.Response:
@@ -264,7 +296,14 @@ class LocalApi:
             name, actor=actor, os_user=_peer_user(request), reason=reason
         ):
             names = ", ".join(b["name"] for b in self._sync.breaker_status())
-            return _error(404, "unknown_breaker", f"disjuntor {name!r} não existe ({names})")
+            return _error(
+                request,
+                404,
+                "unknown_breaker",
+                N_("no breaker {name!r} ({names})"),
+                name=name,
+                names=names,
+            )
         return web.json_response({"reset": name})
 
     async def _get_dlq(self, request: web.Request) -> web.Response:
@@ -275,7 +314,9 @@ class LocalApi:
         item_id = _int_id(request.match_info["id"])
         item = None if item_id is None else self._journal.outbox_item(item_id)
         if item is None:
-            return _error(404, "not_found", f"item {request.match_info['id']!r} não existe")
+            return _error(
+                request, 404, "not_found", N_("no item {id!r}"), id=request.match_info["id"]
+            )
         return web.json_response(item)
 
     async def _post_dlq_retry(self, request: web.Request) -> web.Response:
@@ -285,7 +326,9 @@ class LocalApi:
         if limit is not None and (
             not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10_000
         ):
-            return _error(400, "bad_request", "--limit deve ser de 1 a 10000")
+            return _error(
+                request, 400, "bad_request", N_("--limit must be from 1 to {max}"), max=10_000
+            )
         if body.get("all") is True:
             # The runbook reprocesses in small batches: the oldest ``limit`` first.
             ids = None if limit is None else [i["id"] for i in self._journal.dlq()[:limit]]
@@ -294,7 +337,7 @@ class LocalApi:
             and 0 < len(ids) <= 10_000
             and all(isinstance(i, int) and 0 < i < 2**63 for i in ids)
         ):
-            return _error(400, "bad_request", "informe os ids ou --all")
+            return _error(request, 400, "bad_request", N_("give the ids or --all"))
         moved = self._journal.dlq_retry(
             ids, actor=actor, os_user=_peer_user(request), reason=reason, now=time.time()
         )
@@ -308,29 +351,28 @@ class LocalApi:
             item_id, actor=actor, os_user=_peer_user(request), reason=reason, now=time.time()
         ):
             return _error(
+                request,
                 404,
                 "not_in_dlq",
-                f"item {request.match_info['id']!r} não está na fila de mortos (DLQ)",
+                N_("item {id!r} is not in the dead-letter queue (DLQ)"),
+                id=request.match_info["id"],
             )
         return web.json_response({"archived": item_id})
 
     async def _get_reconcile(self, request: web.Request) -> web.Response:
-        since = request.query.get("since", "")
         try:
-            parsed = datetime.fromisoformat(since)
-        except ValueError:
-            return _error(400, "bad_request", f"data inválida: {since!r} (use AAAA-MM-DD)")
-        if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=UTC)
-        return web.json_response(
-            {"since": parsed.isoformat(), **self._journal.reconcile(iso_utc(parsed.timestamp()))}
-        )
+            since = _parse_time(request.query.get("since", "")) or ""
+        except _BadDate as exc:
+            return _bad_date(request, exc)
+        if not since:
+            return _bad_date(request, _BadDate(""))
+        return web.json_response({"since": since, **self._journal.reconcile(since)})
 
     async def _post_cleanup(self, request: web.Request) -> web.Response:
         body, actor, reason = await _operator_request(request)
         days = body.get("days")
         if not isinstance(days, int) or isinstance(days, bool) or not 1 <= days <= 3650:
-            return _error(400, "bad_request", "--days deve ser um número de 1 a 3650")
+            return _error(request, 400, "bad_request", N_("--days must be a number from 1 to 3650"))
         removed = self._sync.manual_cleanup(
             days, actor=actor, os_user=_peer_user(request), reason=reason
         )
@@ -349,7 +391,7 @@ def _parse_time(text: str | None) -> str | None:
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError:
-        raise ValueError(f"data inválida: {text!r} (use AAAA-MM-DD ou AAAA-MM-DDTHH:MM)") from None
+        raise _BadDate(text) from None
     if parsed.tzinfo is None:
         parsed = parsed.astimezone()  # local time
     return iso_utc(parsed.timestamp())
@@ -359,8 +401,46 @@ def _int_id(text: str) -> int | None:
     return int(text) if _ID_TEXT.fullmatch(text) else None
 
 
-def _error(status: int, code: str, message: str) -> web.Response:
+def _error(
+    request: web.Request, status: int, code: str, template: str, **params: object
+) -> web.Response:
+    """An error answer: a stable ``code`` and ``template`` (an English message of the
+    catalog) in the language the client asked for (``Accept-Language``)."""
+    message = _translate(request, template).format(**params)
     return web.json_response({"error": code, "message": message}, status=status)
+
+
+def _translate(request: web.Request, template: str) -> str:
+    return for_accept_language(request.headers.get("Accept-Language")).gettext(template)
+
+
+def _bad_request(
+    request: web.Request, code: str, template: str, **params: object
+) -> web.HTTPBadRequest:
+    message = _translate(request, template).format(**params)
+    return web.HTTPBadRequest(
+        text=json.dumps({"error": code, "message": message}), content_type="application/json"
+    )
+
+
+def _refusal(request: web.Request, status: int, exc: OperatorRefusal) -> web.Response:
+    return _error(request, status, exc.code, exc.template, **exc.params)
+
+
+class _BadDate(ValueError):
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+
+def _bad_date(request: web.Request, exc: _BadDate) -> web.Response:
+    return _error(
+        request,
+        400,
+        "bad_date",
+        N_("invalid date: {text!r} (use YYYY-MM-DD or YYYY-MM-DDTHH:MM)"),
+        text=exc.text,
+    )
 
 
 async def _operator_request(request: web.Request) -> tuple[dict[str, Any], str, str]:
@@ -369,18 +449,16 @@ async def _operator_request(request: web.Request) -> tuple[dict[str, Any], str, 
     try:
         body = await request.json()
     except ValueError:
-        raise web.HTTPBadRequest(
-            text='{"error": "bad_request", "message": "corpo JSON inválido"}',
-            content_type="application/json",
-        ) from None
+        raise _bad_request(request, "bad_request", N_("invalid JSON body")) from None
     if not isinstance(body, dict):
         body = {}
     reason = body.get("reason")
     if not isinstance(reason, str) or not reason.strip() or len(reason) > MAX_REASON:
-        raise web.HTTPBadRequest(
-            text='{"error": "reason_required", "message": "informe o motivo (--reason), '
-            f'até {MAX_REASON} caracteres"}}',
-            content_type="application/json",
+        raise _bad_request(
+            request,
+            "reason_required",
+            N_("give the reason (--reason), up to {max} characters"),
+            max=MAX_REASON,
         )
     actor = body.get("actor")
     if not isinstance(actor, str) or not actor.strip():

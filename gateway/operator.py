@@ -20,19 +20,27 @@ from typing import Any
 from .config import GatewayConfig, config_version
 from .confirmation import StartConfirmation
 from .dispatch import Dispatch, command_id_for
+from .i18n import N_
 from .journal import Alert, Journal, NewExecution, Refused
 from .lifecycle import ExecutionState
 from .outcomes import Outcomes
 
-__all__ = ["OperatorActions", "OperatorRefusal"]
+__all__ = ["NOT_FOUND", "OperatorActions", "OperatorRefusal"]
+
+NOT_FOUND = N_("execution {key!r} not found in the journal")
 
 
 class OperatorRefusal(Exception):
-    """A technician's request the gateway refuses (machine busy, unknown, ...)."""
+    """A technician's request the gateway refuses (machine busy, unknown, ...).
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
+    ``template`` is an English message of the catalog (gateway/i18n.py) and
+    ``params`` its fields: the local API translates it to the technician's language."""
+
+    def __init__(self, code: str, template: str, **params: object) -> None:
+        super().__init__(template.format(**params))
         self.code = code
+        self.template = template
+        self.params = params
 
 
 class OperatorActions:
@@ -64,13 +72,13 @@ class OperatorActions:
         machine = self._config.machine(machine_id)
         refusal: tuple[str, str] | None = None
         if machine is None:
-            refusal = ("unknown_machine", f"máquina {machine_id!r} não existe nesta Loja")
+            refusal = ("unknown_machine", N_("machine {machine!r} does not exist in this store"))
         elif cycle is not None and cycle not in machine.cycles:
-            refusal = ("unknown_cycle", f"ciclo {cycle!r} não existe para {machine_id}")
+            refusal = ("unknown_cycle", N_("cycle {cycle!r} does not exist for {machine}"))
         elif self._journal.machine_is_active(machine_id) or self._confirmation.busy(machine_id):
-            refusal = ("machine_busy", f"máquina {machine_id} está ocupada")
+            refusal = ("machine_busy", N_("machine {machine} is busy"))
         elif not self._dispatch.board_ready:
-            refusal = ("board_unavailable", "placa desconectada")
+            refusal = ("board_unavailable", N_("board disconnected"))
         if refusal is not None or machine is None:
             code, message = refusal or ("unknown_machine", "")
             self._journal.audit(
@@ -82,11 +90,11 @@ class OperatorActions:
                 outcome=f"refused:{code}",
                 now=now,
             )
-            raise OperatorRefusal(code, message)
+            raise OperatorRefusal(code, message, machine=machine_id, cycle=cycle)
         cycle = cycle or next(iter(machine.cycles))
         stamp = self._dispatch.stamp()
         if stamp is None:
-            raise OperatorRefusal("board_unavailable", "placa desconectada")
+            raise OperatorRefusal("board_unavailable", N_("board disconnected"))
         key = f"tech-{uuid.uuid4().hex[:16]}"
         new = NewExecution(
             execute_key=key,
@@ -138,7 +146,9 @@ class OperatorActions:
                 now=now,
             )
             raise OperatorRefusal(
-                "unknown_machine", f"máquina {machine_id!r} não existe nesta Loja"
+                "unknown_machine",
+                N_("machine {machine!r} does not exist in this store"),
+                machine=machine_id,
             )
         changed = self._journal.set_out_of_service(
             machine_id, value, reason=reason, actor=actor, os_user=os_user, now=now
@@ -207,15 +217,17 @@ class OperatorActions:
             )
         except Refused as exc:
             if exc.code == "not_found":
-                raise OperatorRefusal(
-                    "not_found", f"execução {execute_key!r} não encontrada no diário"
-                ) from None
+                raise OperatorRefusal("not_found", NOT_FOUND, key=execute_key) from None
             row = self._journal.get(execute_key)
             state = row.state if row is not None else "?"
             raise OperatorRefusal(
                 "not_needs_review",
-                f"execução {execute_key} está em {state!r}, não em revisão manual"
-                " (needs_review): nada a resolver",
+                N_(
+                    "execution {key} is {state!r}, not waiting for manual review"
+                    " (needs_review): nothing to resolve"
+                ),
+                key=execute_key,
+                state=str(state),
             ) from None
         self._outcomes.outbox_changed()
         return done
@@ -231,7 +243,7 @@ class OperatorActions:
         audit = _audit("execution.reprocess", execute_key, actor, os_user, reason)
         if row is None:
             self._journal.audit(now=now, outcome="refused:not_found", **audit)
-            raise OperatorRefusal("not_found", f"execução {execute_key!r} não encontrada no diário")
+            raise OperatorRefusal("not_found", NOT_FOUND, key=execute_key)
         nack = self._journal.never_reached_board(execute_key)
         if nack is not None and row.expires_at > now and row.kind == "payment":
             machine = self._config.machine(row.machine_id)

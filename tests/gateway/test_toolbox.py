@@ -312,7 +312,8 @@ def test_no_daemon_and_a_socket_without_permission_are_one_line_errors(
         refused = ctl_as(path, "status", "--json", user=operator_account)
         assert refused.returncode == 3, refused.stderr
         assert json.loads(refused.stdout)["error"] == "permission_denied"
-        assert "sem permissão" in refused.stderr and "Traceback" not in refused.stderr
+        # That account runs without LANGUAGE: English, as it should.
+        assert "no permission" in refused.stderr and "Traceback" not in refused.stderr
     finally:
         listener.close()
         shutil.rmtree(folder, ignore_errors=True)
