@@ -4,6 +4,7 @@ daemon over its real socket, with the simulated board counting actuations."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import signal
@@ -15,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from devtools.core_rig import CoreRig
+from firmware_bridge.simulator import SimulatedBoard
 from gateway.events import iso_utc
 from gateway.journal import DispatchStamp, Journal, NewExecution, Refused
 from gateway.lifecycle import ExecutionState
@@ -379,3 +382,49 @@ def test_archived_items_refusals_and_audit_rows_are_pruned_by_age_never_what_is_
     removed = journal.prune_records(archived_before_iso=cutoff, records_before_iso=cutoff)
     assert removed["audit_rows"] == 1
     assert len(journal.operation_log(since_iso=None, limit=10)) == 1
+
+
+def test_reprocess_sends_a_refused_release_once_when_the_cloud_was_not_told(
+    tmp_path: Path,
+) -> None:
+    """In process, with no outbox dispatcher: the failure's events never leave, so the
+    NACKed release may go to the board again, once, and its failure events go away."""
+    machines = [
+        {"id": "W1", "kind": "washer", "channel": 1, "cycles": {"normal": {"pulses": 1}}},
+        {"id": "W3", "kind": "washer", "channel": 3, "cycles": {"normal": {"pulses": 1}}},
+    ]
+    board = SimulatedBoard(channels=2)
+
+    async def scenario(rig: CoreRig) -> None:
+        core = await rig.start()
+        await rig.settle()
+        await rig.command(rig.sign("k-nack", machine_id="W3"))
+        await rig.settle()
+        assert (rig.state("k-nack"), rig.reason("k-nack")) == ("failed", "board_nack:bad_channel")
+        board.channels = 3  # the technician swapped the board for one with that relay
+
+        who = {"actor": "Ana", "os_user": "root", "reason": "placa trocada"}
+        assert core.operator.reprocess("k-nack", **who)["action"] == "redispatched"
+        await rig.settle()
+        assert rig.state("k-nack") == "released" and rig.pulses("k-nack") == 1
+        for _ in range(2):  # idempotent: the stored result again, never the relay
+            assert core.operator.reprocess("k-nack", **who)["action"] == "result_resent"
+            await rig.settle()
+        assert rig.pulses("k-nack") == 1
+        events = rig._read(
+            "SELECT group_concat(topic || ':' || state) FROM outbox WHERE stream = 'k-nack'"
+        )[0].split(",")
+        assert "compensation:archived" in events and "compensation:pending" not in events
+
+    run_rig(tmp_path, scenario, board=board, machines=machines)
+
+
+def run_rig(tmp_path: Path, scenario: Any, **rig: Any) -> None:
+    async def main() -> None:
+        r = CoreRig(tmp_path, **rig)
+        try:
+            await scenario(r)
+        finally:
+            await r.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
