@@ -791,6 +791,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"error": error, "message": str(exc)}, ensure_ascii=False))
         print(f"metalavctl: {exc}", file=sys.stderr)
         return exc.code
+    except Exception as exc:  # a bug here must still be one line for the technician
+        message = _("internal error ({kind}): {error}").format(kind=type(exc).__name__, error=exc)
+        if as_json:
+            print(json.dumps({"error": "internal_error", "message": message}, ensure_ascii=False))
+        print(f"metalavctl: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

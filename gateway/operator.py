@@ -125,6 +125,7 @@ class OperatorActions:
                 "reason": reason,
                 "outcome": "dispatched",
                 "after": {"execute_key": key, "cycle": cycle},
+                "params": {"machine": machine_id, "cycle": cycle},
             },
         )
         self._dispatch.enqueue(key)
@@ -276,7 +277,9 @@ class OperatorActions:
             hint = "waiting_for_board"
         else:
             hint = None
-        done = self._journal.resend_result(execute_key, now=now, audit=audit)
+        done = self._journal.resend_result(
+            execute_key, now=now, audit={**audit, "decision": "resend_result"}
+        )
         self._outcomes.outbox_changed()
         return {"action": "result_resent", "waiting": hint, **done}
 
