@@ -57,6 +57,7 @@ SCHEMA_OF_TOPIC = {
     "alerts": "alert",
     "operations": "operation-record",
 }
+TECHNICIAN_REASONS = ("technician_released", "technician_not_released")
 GATEWAY_REFUSALS = (
     "unknown_machine",
     "unknown_cycle",
@@ -203,20 +204,21 @@ def _journal_with_every_outcome(tmp_path: Path) -> tuple[Journal, dict[str, str]
     # Operation records (issue 12): one applied with a decision, one refused.
     journal.note_identity(gateway_id="gw", config_version="sha256:0123456789abcdef")
     journal.set_store_pause(True, reason="auditoria", actor="Ana", os_user="root", now=now)
-    with contextlib.suppress(Refused):
-        journal.resolve_review(
-            "exec-nack",
-            released=True,
-            now=now,
-            audit={
-                "action": "execution.resolve",
-                "target": "exec-nack",
-                "actor": "Ana",
-                "os_user": "uid:1001",
-                "reason": "conferido",
-                "decision": "released",
-            },
-        )
+    for key, released in (("exec-nack", True), ("exec-review", False), ("tech-review", True)):
+        with contextlib.suppress(Refused):  # exec-nack is not waiting for review
+            journal.resolve_review(
+                key,
+                released=released,
+                now=now,
+                audit={
+                    "action": "execution.resolve",
+                    "target": key,
+                    "actor": "Ana",
+                    "os_user": "uid:1001",
+                    "reason": "conferido",
+                    "decision": "released" if released else "not_released",
+                },
+            )
     return journal, kinds
 
 
@@ -250,7 +252,14 @@ def test_events_the_journal_produces_match_the_contract(tmp_path: Path) -> None:
     assert [(o["action"], o["outcome"]) for o in operations] == [
         ("store.pause", "applied"),
         ("execution.resolve", "refused:not_needs_review"),
+        ("execution.resolve", "applied"),
+        ("execution.resolve", "applied"),
     ]
+    resolved = {r["execute_key"]: r for r in results if r["reason"] in TECHNICIAN_REASONS}
+    assert resolved["exec-review"]["state"] == "failed"
+    assert resolved["exec-review"]["compensation"] is True
+    assert resolved["tech-review"]["state"] == "released"
+    assert resolved["tech-review"]["compensation"] is False
     assert {o["config_version"] for o in operations} == {"sha256:0123456789abcdef"}
 
 
