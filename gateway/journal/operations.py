@@ -34,6 +34,8 @@ __all__ = [
 ]
 
 PAUSE_KEY = "pause"
+TECHNICIAN_RELEASED = "technician_released"
+TECHNICIAN_NOT_RELEASED = "technician_not_released"
 CONFIG_VERSION_KEY = "config_version"
 #: The reason of a ``failed`` execution the board refused: the only proof, besides a
 #: row never dispatched, that a release never reached the relay.
@@ -222,9 +224,11 @@ class Operations(Database):
             item["actuations"] = [
                 dict(a)
                 for a in self._conn.execute(
+                    # A technician's "it ran" (resolve) is a judgement, not the board's.
                     "SELECT at, reason, detail FROM execution_events"
-                    " WHERE execute_key = ? AND state = ? ORDER BY id",
-                    (key, ExecutionState.RELEASED),
+                    " WHERE execute_key = ? AND state = ? AND reason IS NOT ?"
+                    " ORDER BY id",
+                    (key, ExecutionState.RELEASED, TECHNICIAN_RELEASED),
                 )
             ]
             item["results"] = [
@@ -277,7 +281,7 @@ class Operations(Database):
         refusal) when the execution is not waiting for review."""
         to_state = ExecutionState.RELEASED if released else ExecutionState.FAILED
         check_transition((ExecutionState.NEEDS_REVIEW,), to_state)
-        reason = "technician_released" if released else "technician_not_released"
+        reason = TECHNICIAN_RELEASED if released else TECHNICIAN_NOT_RELEASED
         at = iso_utc(now)
         with self._tx(label=f"resolve:{to_state}") as c:
             row = c.execute(

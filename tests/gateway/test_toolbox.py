@@ -54,7 +54,7 @@ def _needs_review(store: Store) -> str:
     store.daemon.start(METALAV_TEST_KILL_AT="after_dispatching_commit")
     store.daemon.wait_ready()
     key = store.new_key()
-    token = store.cloud.sign(key, machine_id="W2")
+    token = store.cloud.sign(key, machine_id="W2", provider_ref=f"pi-{key}")
     store.cloud.publish(token)
     assert store.daemon.wait_exit() == -signal.SIGKILL
     store.sim.reboot()
@@ -141,6 +141,10 @@ def test_a_needs_review_the_technician_saw_run_ends_released_without_compensatio
     record = store.cloud.wait_event("operations", action="execution.resolve", actor="Ana")
     assert record["type"] == "operation.record" and record["decision"] == "released"
     assert store.actuations() == []
+    # The audit tells the board's actuations from a technician's judgement.
+    trail = ctl_json(store, "audit", "--provider-ref", f"pi-{review}")
+    assert trail["actuations"] == 0
+    assert [r["reason"] for r in trail["executions"][0]["results"]][-1] == "technician_released"
 
 
 def test_lookups_by_payment_state_machine_and_provider_ref_and_the_duplicate_alert(
