@@ -517,6 +517,13 @@ def _print_reprocess(d: dict[str, Any]) -> None:
             key=key, state=state_name(d["state"])
         )
     )
+    if d.get("not_redispatched"):
+        print(
+            _(
+                "  the board refused it before, but it is not sent again: {why}"
+                " (the cloud keeps the failure and its compensation)"
+            ).format(why=d["not_redispatched"])
+        )
     if d.get("waiting") == "waiting_for_board":
         print(
             _("  not sent to the board yet: it goes by itself when the board answers (or expires)")

@@ -246,6 +246,10 @@ class OperatorActions:
             self._journal.audit(now=now, outcome="refused:not_found", **audit)
             raise OperatorRefusal("not_found", NOT_FOUND, key=execute_key)
         nack = self._journal.never_reached_board(execute_key)
+        # Why a NACKed release is not sent again (shown to the technician), or None.
+        held: str | None = None
+        if nack is not None and row.expires_at <= now:
+            held = "command_expired"
         if nack is not None and row.expires_at > now and row.kind == "payment":
             machine = self._config.machine(row.machine_id)
             unavailable = None
@@ -260,13 +264,14 @@ class OperatorActions:
             ):
                 unavailable = "machine_busy"
             stamp = None if unavailable else self._dispatch.stamp()
+            held = unavailable or (None if stamp is not None else "board_unavailable")
             if stamp is not None:
                 try:
                     self._journal.redispatch_failed(
                         execute_key, stamp, now=now, audit={**audit, "decision": "redispatch"}
                     )
-                except Refused:
-                    pass  # the cloud already knows it failed: re-send that result
+                except Refused as exc:
+                    held = exc.code  # the cloud already knows it failed: re-send that
                 else:
                     self._dispatch.enqueue(execute_key)
                     self._outcomes.outbox_changed()
@@ -281,7 +286,7 @@ class OperatorActions:
             execute_key, now=now, audit={**audit, "decision": "resend_result"}
         )
         self._outcomes.outbox_changed()
-        return {"action": "result_resent", "waiting": hint, **done}
+        return {"action": "result_resent", "waiting": hint, "not_redispatched": held, **done}
 
     # -- the store ----------------------------------------------------------------------
 

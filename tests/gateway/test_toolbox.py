@@ -396,6 +396,7 @@ def test_reprocess_sends_a_refused_release_once_when_the_cloud_was_not_told(
     machines = [
         {"id": "W1", "kind": "washer", "channel": 1, "cycles": {"normal": {"pulses": 1}}},
         {"id": "W3", "kind": "washer", "channel": 3, "cycles": {"normal": {"pulses": 1}}},
+        {"id": "W4", "kind": "washer", "channel": 4, "cycles": {"normal": {"pulses": 1}}},
     ]
     board = SimulatedBoard(channels=2)
 
@@ -419,6 +420,18 @@ def test_reprocess_sends_a_refused_release_once_when_the_cloud_was_not_told(
             "SELECT group_concat(topic || ':' || state) FROM outbox WHERE stream = 'k-nack'"
         )[0].split(",")
         assert "compensation:archived" in events and "compensation:pending" not in events
+
+        # Once the compensation went out, the refund stands: never sent to the board.
+        await rig.command(rig.sign("k-told", machine_id="W4"))
+        await rig.settle()
+        assert rig.state("k-told") == "failed"
+        core.journal._conn.execute(
+            "UPDATE outbox SET state = 'sent' WHERE stream = 'k-told' AND topic = 'compensation'"
+        )
+        done = core.operator.reprocess("k-told", **who)
+        assert (done["action"], done["not_redispatched"]) == ("result_resent", "cloud_already_told")
+        await rig.settle()
+        assert rig.state("k-told") == "failed" and rig.pulses("k-told") == 0
 
     run_rig(tmp_path, scenario, board=board, machines=machines)
 
