@@ -40,6 +40,7 @@ from cloud_sync.backoff import Backoff
 
 __all__ = [
     "ALERTS_TOPIC",
+    "OPERATIONS_TOPIC",
     "COMMANDS_TOPIC",
     "COMPENSATION_TOPIC",
     "CYCLES_TOPIC",
@@ -66,7 +67,8 @@ CYCLES_TOPIC = "cycles"
 COMPENSATION_TOPIC = "compensation"
 ALERTS_TOPIC = "alerts"
 #: Every topic an outbox item may have (OutboxItem.topic).
-EVENT_TOPICS = (RESULTS_TOPIC, CYCLES_TOPIC, COMPENSATION_TOPIC, ALERTS_TOPIC)
+OPERATIONS_TOPIC = "operations"  # technicians' operation records (issue 12)
+EVENT_TOPICS = (RESULTS_TOPIC, CYCLES_TOPIC, COMPENSATION_TOPIC, ALERTS_TOPIC, OPERATIONS_TOPIC)
 
 #: A connection that lasted this long resets the reconnect backoff.
 STABLE_CONNECTION_S = 30.0

@@ -18,6 +18,7 @@ daemon would.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tomllib
@@ -63,7 +64,7 @@ from firmware_bridge.host_timed import check_channels
 from .credentials import CredentialError, apply_credentials
 from .profiles import DEFAULT_GROUPS, Profile
 
-__all__ = ["ConfigError", "GatewayConfig", "load_config", "config_from_dict"]
+__all__ = ["ConfigError", "GatewayConfig", "config_from_dict", "config_version", "load_config"]
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -99,6 +100,9 @@ class GatewaySection(_Section):
 
 class JournalSection(_Section):
     path: Path = Path("/var/lib/metalav/journal.db")
+    # The audit log (operation records) and refused commands, pruned daily by age;
+    # an operation record not yet delivered to the cloud is kept.
+    records_retention_days: int = Field(default=365, ge=1, le=3650)
 
 
 class CommandsSection(_Section):
@@ -176,6 +180,9 @@ class OutboxSection(_Section):
     critical_depth: int = Field(default=500, ge=1)
     # Sent events and finished executions older than this are pruned daily.
     retention_days: int = Field(default=30, ge=1, le=3650)
+    # DLQ items a technician archived (metalavctl dlq archive), pruned daily by age
+    # (the integrations runbook keeps them 90 days). Dead items are never pruned.
+    archived_retention_days: int = Field(default=90, ge=1, le=3650)
 
 
 class BreakerSection(_Section):
@@ -451,3 +458,11 @@ def load_config(path: Path) -> GatewayConfig:
     except CredentialError as exc:
         raise ConfigError([str(exc)]) from None
     return config_from_dict(data)
+
+
+def config_version(config: GatewayConfig) -> str:
+    """The version of the config a gateway runs under, for the operation record and
+    the heartbeat: a digest of the effective settings (file, defaults and environment
+    overrides alike), so two gateways with the same settings report the same version."""
+    digest = hashlib.sha256(config.model_dump_json().encode()).hexdigest()
+    return f"sha256:{digest[:16]}"

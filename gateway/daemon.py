@@ -200,6 +200,8 @@ class Daemon:
             },
             "breakers": self.sync.breaker_status(),
             "rejected_unauthenticated": self.journal.rejection_count(),
+            # metalavctl store pause|resume, and the config version (issue 12)
+            "store": self.core.operator.store_status(),
         }
 
     def status_line(self) -> str:

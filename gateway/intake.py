@@ -22,6 +22,7 @@ from .confirmation import StartConfirmation
 from .dispatch import Dispatch, command_id_for
 from .events import RESULTS_TOPIC
 from .journal import (
+    Alert,
     DispatchStamp,
     Execution,
     Journal,
@@ -55,6 +56,8 @@ class Availability:
 
     def unavailable(self, machine: Machine, cycle: str) -> str | None:
         """Why this machine cannot take a release now, or None."""
+        if self._journal.store_pause() is not None:  # from memory (metalavctl store pause)
+            return "store_paused"
         if machine.id in self._journal.out_of_service():
             return "out_of_service"
         if self._journal.machine_is_active(machine.id):
@@ -165,6 +168,36 @@ class Intake:
             log.warning("execution %s waits for the board link", cmd.execute_key)
         # After the dispatch task is queued, so the release goes out before the
         # "accepted" event: the customer waits on the first, nobody on the second.
+        self._outbox_changed()
+        self._alert_duplicate_payment(cmd, now)
+
+    def _alert_duplicate_payment(self, cmd: ExecuteCommand, now: float) -> None:
+        """Runbook 4C: a payment already released under another execute_key. The
+        release still follows the cloud's command; people must know (one indexed
+        lookup per command; a write only when it finds one)."""
+        other = self._journal.payment_released_by_another_key(cmd.payment_id, cmd.execute_key)
+        if other is None:
+            return
+        log.warning(
+            "execution %s: payment %s was already released by %s",
+            cmd.execute_key,
+            cmd.payment_id,
+            other,
+        )
+        try:
+            self._journal.raise_alert(
+                Alert(
+                    "duplicate_payment",
+                    "critical",
+                    cmd.machine_id,
+                    cmd.execute_key,
+                    f"payment {cmd.payment_id} already released by {other}"[:160],
+                ),
+                now=now,
+            )
+        except JournalUnwritable:
+            log.error("duplicate_payment alert for %s not journaled", cmd.execute_key)
+            return
         self._outbox_changed()
 
     def _record(

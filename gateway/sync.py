@@ -29,6 +29,7 @@ from cloud_sync.https_client import CloudHttpClient
 
 from .config import GatewayConfig
 from .journal import Alert, Journal, iso_utc
+from .journal.operations import record_cutoffs
 
 __all__ = ["CloudSync"]
 
@@ -164,7 +165,10 @@ class CloudSync:
         # Executions stay as long as a replay of their command could still verify
         # (the verifier's max_age_s is the retention period; see daemon.py).
         horizon = now - self._config.outbox.retention_days * 86400
-        return self._journal.cleanup(iso_utc(cutoff.timestamp()), replay_horizon=horizon)
+        removed = self._journal.cleanup(iso_utc(cutoff.timestamp()), replay_horizon=horizon)
+        # Bounded growth of the technicians' records (issue 12), by their own ages.
+        removed.update(self._journal.prune_records(**record_cutoffs(self._config, now)))
+        return removed
 
     # -- technicians' levers ----------------------------------------------------------
 

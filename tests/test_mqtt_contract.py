@@ -10,6 +10,7 @@ Convention (stated in the document): each ```json block is preceded by a marker 
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import json
 import re
@@ -27,7 +28,7 @@ from cloud_sync.commands import EXECUTE_KEY_PATTERN, MAX_INTEGER_CLAIM, MAX_TEXT
 from cloud_sync.mqtt_session import COMMANDS_TOPIC, EVENT_TOPICS, PRESENCE_TOPIC, _presence
 from cloud_sync.signing import generate_demo_keypair, sign_command
 from gateway.events import Alert, result_payload
-from gateway.journal import DispatchStamp, Journal, NewExecution
+from gateway.journal import DispatchStamp, Journal, NewExecution, Refused
 from gateway.lifecycle import (
     AUTO_COMPENSATED,
     COMPENSATED,
@@ -54,8 +55,16 @@ SCHEMA_OF_TOPIC = {
     "compensation": "payment-compensation",
     "cycles": "cycle-event",
     "alerts": "alert",
+    "operations": "operation-record",
 }
-GATEWAY_REFUSALS = ("unknown_machine", "unknown_cycle", "machine_busy", "out_of_service")
+TECHNICIAN_REASONS = ("technician_released", "technician_not_released")
+GATEWAY_REFUSALS = (
+    "unknown_machine",
+    "unknown_cycle",
+    "machine_busy",
+    "out_of_service",
+    "store_paused",
+)
 
 
 def _contract() -> tuple[dict[str, dict[str, Any]], list[tuple[str, Any]]]:
@@ -107,6 +116,7 @@ def test_every_json_block_of_the_contract_is_a_schema_or_an_example_of_one() -> 
         "payment-compensation",
         "cycle-event",
         "alert",
+        "operation-record",
     }
     for name, schema in SCHEMAS.items():
         Draft202012Validator.check_schema(schema)
@@ -191,6 +201,24 @@ def _journal_with_every_outcome(tmp_path: Path) -> tuple[Journal, dict[str, str]
     journal.raise_alert(Alert("board_link_lost", "critical", detail="no reply"), now=now)
     journal.raise_alert(Alert("out_of_service", "warning", "W2", detail="by Ana"), now=now)
     journal.raise_alert(Alert("start_without_release", "info", "W1"), now=now)
+    # Operation records (issue 12): one applied with a decision, one refused.
+    journal.note_identity(gateway_id="gw", config_version="sha256:0123456789abcdef")
+    journal.set_store_pause(True, reason="auditoria", actor="Ana", os_user="root", now=now)
+    for key, released in (("exec-nack", True), ("exec-review", False), ("tech-review", True)):
+        with contextlib.suppress(Refused):  # exec-nack is not waiting for review
+            journal.resolve_review(
+                key,
+                released=released,
+                now=now,
+                audit={
+                    "action": "execution.resolve",
+                    "target": key,
+                    "actor": "Ana",
+                    "os_user": "uid:1001",
+                    "reason": "conferido",
+                    "decision": "released" if released else "not_released",
+                },
+            )
     return journal, kinds
 
 
@@ -220,6 +248,19 @@ def test_events_the_journal_produces_match_the_contract(tmp_path: Path) -> None:
     assert {reason for _, reason in compensated} >= set(GATEWAY_REFUSALS)
     assert {e["type"] for e in by_topic["cycles"]} == {"cycle.started", "cycle.completed"}
     assert len(by_topic["alerts"]) == 5  # two not_started, three raised
+    operations = by_topic["operations"]
+    assert [(o["action"], o["outcome"]) for o in operations] == [
+        ("store.pause", "applied"),
+        ("execution.resolve", "refused:not_needs_review"),
+        ("execution.resolve", "applied"),
+        ("execution.resolve", "applied"),
+    ]
+    resolved = {r["execute_key"]: r for r in results if r["reason"] in TECHNICIAN_REASONS}
+    assert resolved["exec-review"]["state"] == "failed"
+    assert resolved["exec-review"]["compensation"] is True
+    assert resolved["tech-review"]["state"] == "released"
+    assert resolved["tech-review"]["compensation"] is False
+    assert {o["config_version"] for o in operations} == {"sha256:0123456789abcdef"}
 
 
 def test_result_payloads_in_every_state_match_the_contract() -> None:

@@ -183,7 +183,39 @@ def _migration_5(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS = [_migration_1, _migration_2, _migration_3, _migration_4, _migration_5]
+def _migration_6(db: sqlite_utils.Database) -> None:
+    """Issue 12: the technician's toolbox.
+
+    - lookups by payment_id / provider_ref / idempotency_key (runbook: payments 4A, 4C),
+      and the duplicate-payment check of intake, an indexed lookup per command;
+    - the operation record: the config version the action ran under, its parameters
+      and the technician's decision, beside who / when / what / before / after;
+    - store-wide state that survives restarts (the pause, the config version);
+    - indexes for pruning by age (audit rows, refusals, archived DLQ items).
+    """
+    executions = db["executions"]
+    executions.create_index(["payment_id"])  # type: ignore[union-attr]
+    executions.create_index(["provider_ref"])  # type: ignore[union-attr]
+    executions.create_index(["idempotency_key"])  # type: ignore[union-attr]
+    audit = db["audit_log"]
+    audit.add_column("config_version", str)  # type: ignore[union-attr]
+    audit.add_column("params", str)  # type: ignore[union-attr]  # JSON
+    audit.add_column("decision", str)  # type: ignore[union-attr]
+    audit.create_index(["at"])  # type: ignore[union-attr]
+    db["rejections"].create_index(["at"])  # type: ignore[union-attr]
+    db.execute("CREATE INDEX idx_outbox_archived ON outbox(archived_at) WHERE state = 'archived'")
+    # key -> JSON value: "pause" (the store-wide pause), "config_version".
+    db["store_state"].create({"key": str, "value": str}, pk="key")  # type: ignore[union-attr]
+
+
+MIGRATIONS = [
+    _migration_1,
+    _migration_2,
+    _migration_3,
+    _migration_4,
+    _migration_5,
+    _migration_6,
+]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

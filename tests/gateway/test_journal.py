@@ -193,6 +193,18 @@ def test_releases_left_dispatching_by_an_older_gateway_are_in_doubt(tmp_path: Pa
     )
     conn.execute("DROP INDEX idx_executions_dispatch_seq")
     conn.execute("DROP INDEX idx_executions_awaiting_start")  # schema 5
+    for index in (  # schema 6
+        "idx_executions_payment_id",
+        "idx_executions_provider_ref",
+        "idx_executions_idempotency_key",
+        "idx_audit_log_at",
+        "idx_rejections_at",
+        "idx_outbox_archived",
+    ):
+        conn.execute(f"DROP INDEX {index}")
+    conn.execute("DROP TABLE store_state")
+    for column in ("config_version", "params", "decision"):
+        conn.execute(f"ALTER TABLE audit_log DROP COLUMN {column}")
     for column in ("dispatch_seq", "dispatch_exec_count", "board_exec_count", "in_doubt"):
         conn.execute(f"ALTER TABLE executions DROP COLUMN {column}")
     conn.execute("PRAGMA user_version=3")
