@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 import uuid
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,14 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud_sync.signing import generate_demo_keypair, sign_command
 
-__all__ = ["CloudStandIn", "DaemonProcess", "SimulatorProcess", "demo_config", "DEMO_MACHINES"]
+__all__ = [
+    "CloudStandIn",
+    "DaemonProcess",
+    "SimulatorProcess",
+    "demo_config",
+    "DEMO_MACHINES",
+    "free_port",
+]
 
 DEMO_MACHINES = [
     {
@@ -105,13 +113,24 @@ def demo_config(
         "[api]",
         f"socket = {_toml_value(workdir / 'metalav.sock')}",
     ]
-    for name, values in (sections or {}).items():
+    sections = dict(sections or {})
+    # A free loopback port for /health and /metrics (several daemons run at once), and a
+    # trusted clock: a development machine's kernel may say "not synchronised".
+    sections["health"] = {"port": free_port(), **sections.get("health", {})}
+    sections["clock"] = {"sync_check": "off", **sections.get("clock", {})}
+    for name, values in sections.items():
         lines.append(f"[{name}]")
         lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
     for m in machines or DEMO_MACHINES:
         lines.append("[[machines]]")
         lines += [f"{k} = {_toml_value(v)}" for k, v in m.items()]
     return "\n".join(lines) + "\n"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 class SimulatorProcess:
@@ -195,6 +214,11 @@ class DaemonProcess:
         self.log_path = workdir / "daemon.log"
         self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
+        health = tomllib.loads(config_path.read_text()).get("health", {})
+        #: Where /health, /health/detailed and /metrics answer (None: turned off).
+        self.health_url = (
+            f"http://127.0.0.1:{health['port']}" if health.get("port") else None
+        )
 
     def start(self, **extra_env: str) -> None:
         env = {**os.environ, **self.env, **extra_env}

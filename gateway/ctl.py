@@ -19,6 +19,8 @@ output is for scripts.
 The socket is found from ``--socket``, else ``--config`` (the daemon's config file),
 else ``$METALAV_API__SOCKET``, else the packaged default. Exit status: 0 ok,
 1 not found, 2 usage, 3 daemon unreachable, 4 refused (e.g. machine busy).
+``status`` exits with the health level instead, as a monitoring check would: 0 normal,
+1 alert, 2 critical (3 daemon unreachable).
 """
 
 from __future__ import annotations
@@ -148,6 +150,37 @@ def _print_status(s: dict[str, Any]) -> None:
         print(f"  disjuntores abertos: {', '.join(opened)} — veja metalavctl breakers")
     if s["rejected_unauthenticated"]:
         print(f"  comandos não autenticados rejeitados: {s['rejected_unauthenticated']}")
+    _print_health(s.get("health"))
+
+
+#: Health levels (gateway/health.py) for people, and as ``status``'s exit status.
+HEALTH_PT = {"normal": "normal", "alert": "ALERTA", "critical": "CRÍTICO"}
+HEALTH_EXIT = {"normal": 0, "alert": 1, "critical": 2}
+CHECK_PT = {
+    "journal": "diário (latência de gravação, ms)",
+    "board_link": "placa",
+    "broker_link": "broker",
+    "https": "HTTPS da nuvem",
+    "outbox_depth": "fila de envio",
+    "outbox_oldest_age_s": "evento mais antigo na fila (s)",
+    "dlq": "fila de mortos (DLQ)",
+    "breakers": "disjuntores",
+    "clock": "relógio",
+    "disk_free_mb": "disco livre (MB)",
+}
+
+
+def _print_health(h: dict[str, Any] | None) -> None:
+    if not h:
+        return
+    print(f"  saúde: {HEALTH_PT.get(h['level'], h['level'])}")
+    for name, c in h["checks"].items():
+        value = c["value"]
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        detail = f" ({c['detail']})" if c.get("detail") else ""
+        level = HEALTH_PT.get(c["level"], c["level"])
+        print(f"    {CHECK_PT.get(name, name):<34} {level:<8} {value}{detail}")
 
 
 def _print_execution(e: dict[str, Any]) -> None:
@@ -371,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(data, indent=2, ensure_ascii=False))
         else:
             printer(data)
+        if args.command == "status":
+            return HEALTH_EXIT.get((data.get("health") or {}).get("level", "normal"), 0)
         return 0
     except CtlError as exc:
         print(f"metalavctl: {exc}", file=sys.stderr)
