@@ -28,13 +28,14 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud_sync.signing import generate_demo_keypair, sign_command
 
+from .broker import free_port
+
 __all__ = [
     "CloudStandIn",
     "DaemonProcess",
     "SimulatorProcess",
     "demo_config",
     "DEMO_MACHINES",
-    "free_port",
 ]
 
 DEMO_MACHINES = [
@@ -125,12 +126,6 @@ def demo_config(
         lines.append("[[machines]]")
         lines += [f"{k} = {_toml_value(v)}" for k, v in m.items()]
     return "\n".join(lines) + "\n"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class SimulatorProcess:
