@@ -148,9 +148,11 @@ def test_metrics_count_a_scripted_session_and_health_and_heartbeat_report_it(
     cloud.wait_for(never, state="not_started")
 
     m = wait_until(
-        lambda: (s := scrape(store))
-        and sample(s, "metalav_executions_total", state="not_started") == 1
-        and s,
+        lambda: (
+            (s := scrape(store))
+            and sample(s, "metalav_executions_total", state="not_started") == 1
+            and s
+        ),
         what="not_started counted",
     )
     assert sample(m, "metalav_executions_total", state="accepted") == 3
@@ -159,12 +161,9 @@ def test_metrics_count_a_scripted_session_and_health_and_heartbeat_report_it(
     assert sample(m, "metalav_executions_total", state="needs_review") == 0
     assert sample(m, "metalav_duplicate_commands_total") == 1
     assert (
-        sample(m, "metalav_command_rejections_total", reason="bad_signature", kind="signature")
-        == 1
+        sample(m, "metalav_command_rejections_total", reason="bad_signature", kind="signature") == 1
     )
-    assert (
-        sample(m, "metalav_command_rejections_total", reason="not_yet_valid", kind="time") == 1
-    )
+    assert sample(m, "metalav_command_rejections_total", reason="not_yet_valid", kind="time") == 1
     assert sample(m, "metalav_board_unexpected_executions_total") == 0
     assert sample(m, "metalav_release_latency_seconds_count") == 3
     assert sample(m, "metalav_alerts_total", code="not_started", severity="critical") == 1
