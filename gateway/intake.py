@@ -231,7 +231,12 @@ class Intake:
         execute_key: an unauthenticated message must not be able to block a real one.
         Without a readable jti the answer has ``execute_key: null``: the cloud still
         learns that something reached the gateway that it could not read."""
-        log.warning("command rejected: %s (%s) key=%s", rej.reason, rej.detail, rej.execute_key)
+        log.warning(
+            "command rejected: %s (%s)",
+            rej.reason,
+            rej.detail,
+            extra={"execute_key": rej.execute_key},  # the correlation field (gateway/logs.py)
+        )
         self._metrics.refused(rej.reason)
         self._journal.log_rejection(
             execute_key=rej.execute_key, reason=rej.reason, detail=rej.detail, now=now
