@@ -150,6 +150,10 @@ def _print_status(s: dict[str, Any]) -> None:
         print(f"  disjuntores abertos: {', '.join(opened)} — veja metalavctl breakers")
     if s["rejected_unauthenticated"]:
         print(f"  comandos não autenticados rejeitados: {s['rejected_unauthenticated']}")
+    by_reason = s.get("rejections_by_reason") or {}
+    timed = sum(n for r, n in by_reason.items() if r in ("not_yet_valid", "stale_command"))
+    if timed:
+        print(f"    dos quais por horário (relógio do gateway ou da nuvem): {timed}")
     _print_health(s.get("health"))
 
 

@@ -123,20 +123,24 @@ def test_metrics_count_a_scripted_session_and_health_and_heartbeat_report_it(
     cloud.wait_for(k2, state="released")
     cloud.publish(t1)
     cloud.wait_for(k1, state="released", count=2)
-    # A forged command (another key), and one whose iat is an hour ahead (time-related).
+    # Forged commands (another key: three of them is a possible key rotation problem),
+    # and one whose iat is an hour ahead (time-related).
     forger, _ = generate_demo_keypair()
-    forged = store.new_key()
-    cloud.publish(
-        sign_command(
-            forger,
-            execute_key=forged,
-            audience=store.gateway_id,
-            payment_id="pay-x",
-            machine_id="W1",
-            cycle="normal",
+    for _ in range(3):
+        forged = store.new_key()
+        cloud.publish(
+            sign_command(
+                forger,
+                execute_key=forged,
+                audience=store.gateway_id,
+                payment_id="pay-x",
+                machine_id="W1",
+                cycle="normal",
+            )
         )
-    )
-    cloud.wait_for(forged, state="rejected", final=False)
+        cloud.wait_for(forged, state="rejected", final=False)
+    rotation = cloud.wait_event("alerts", code="command_signature_failures")
+    assert "key rotation" in rotation["detail"]
     future = store.new_key()
     cloud.publish(cloud.sign(future, machine_id="W2", now=time.time() + 3600))
     cloud.wait_for(future, state="rejected", final=False)
@@ -161,7 +165,7 @@ def test_metrics_count_a_scripted_session_and_health_and_heartbeat_report_it(
     assert sample(m, "metalav_executions_total", state="needs_review") == 0
     assert sample(m, "metalav_duplicate_commands_total") == 1
     assert (
-        sample(m, "metalav_command_rejections_total", reason="bad_signature", kind="signature") == 1
+        sample(m, "metalav_command_rejections_total", reason="bad_signature", kind="signature") == 3
     )
     assert sample(m, "metalav_command_rejections_total", reason="not_yet_valid", kind="time") == 1
     assert sample(m, "metalav_board_unexpected_executions_total") == 0
@@ -261,13 +265,24 @@ LENIENT = {
 }
 
 
-def test_status_exit_code_is_the_health_level(store_factory: Any) -> None:
-    store: Store = start(store_factory(sections=LENIENT))
+def test_status_exit_code_is_the_health_level_and_a_change_of_level_sends_a_heartbeat(
+    store_factory: Any, mqtt_broker: LocalBroker
+) -> None:
+    # A heartbeat period far longer than the test: only a change of level sends one.
+    sections = {**LENIENT, "health": {**LENIENT["health"], "heartbeat_s": 3600}}
+    store: Store = start(store_factory(sections=sections))
     ok = ctl(store, "status")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "saúde: normal" in ok.stdout
 
-    store.sim.stop()  # the board goes away: no release can be made
+    fleet = StatusSubscriber(mqtt_broker, store.gateway_id)
+    try:
+        fleet.wait(lambda m: m[1]["level"] == "normal")
+        store.sim.stop()  # the board goes away: no release can be made
+        _, beat = fleet.wait(lambda m: m[1]["level"] == "critical")
+    finally:
+        fleet.close()
+    assert beat["links"]["board"] is False and beat["checks"]["board_link"] == "critical"
     wait_until(lambda: ctl(store, "status").returncode == 2, what="critical")
     critical = ctl(store, "status")
     assert "saúde: CRÍTICO" in critical.stdout and "placa" in critical.stdout
