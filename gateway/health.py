@@ -175,8 +175,8 @@ class HealthMonitor:
             add("https", "not_configured", "normal")
         else:
             add("https", https, "normal" if https == "closed" else "alert")
-        by_state = j.depth()
-        depth = j.outbox_depth()
+        by_state = j.outbox_counts()
+        depth = by_state["pending"] + by_state["sending"] + by_state["failed"]
         depth_level = _level(depth, cfg.outbox.warn_depth, cfg.outbox.critical_depth)
         add("outbox_depth", depth, depth_level)
         oldest = j.oldest_undelivered_at()

@@ -232,7 +232,9 @@ class ReadingsCollector(Collector):
         yield _gauge("metalav_board_link_up", "1 while the relay board answers", r["board_up"])
         yield _gauge("metalav_broker_link_up", "1 while the MQTT session serves", r["broker_up"])
         depth = GaugeMetricFamily(
-            "metalav_outbox_events", "Outbox events by state (dead: the DLQ)", labels=["state"]
+            "metalav_outbox_events",
+            "Outbox events by state: pending, sending, failed, dead (the DLQ)",
+            labels=["state"],
         )
         for state, n in sorted(r["outbox_by_state"].items()):
             depth.add_metric([state], n)

@@ -15,6 +15,19 @@ __all__ = ["Gauges"]
 
 
 class Gauges(Database):
+    def outbox_counts(self) -> dict[str, int]:
+        """Events by state, for the states that stay small: each count walks only its
+        own rows of the (state, id) index. ``sent`` and ``archived`` grow with the
+        history and are left out (a scan of them would stall the event loop)."""
+        return {
+            state: int(
+                self._conn.execute(
+                    "SELECT count(*) FROM outbox WHERE state = ?", (state,)
+                ).fetchone()[0]
+            )
+            for state in ("pending", "sending", "failed", "dead")
+        }
+
     def dlq_size(self) -> int:
         """Dead events (not archived) waiting for a technician."""
         row = self._conn.execute("SELECT count(*) FROM outbox WHERE state = 'dead'").fetchone()
