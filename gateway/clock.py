@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -59,12 +60,19 @@ MAX_UNTRUSTED_TTL_S = 3600
 TEST_CLOCK_ENV = "METALAV_TEST_CLOCK_FILE"
 
 
-def kernel_clock_synchronized() -> bool | None:
-    """True/False from adjtimex(2); None where it cannot be asked (not Linux)."""
+@functools.cache
+def _adjtimex() -> Callable[[ctypes.Array[ctypes.c_char]], int] | None:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        adjtimex = libc.adjtimex
+        return libc.adjtimex
     except (OSError, AttributeError):
+        return None
+
+
+def kernel_clock_synchronized() -> bool | None:
+    """True/False from adjtimex(2); None where it cannot be asked (not Linux)."""
+    adjtimex = _adjtimex()
+    if adjtimex is None:
         return None
     # struct timex is ~208 bytes on 64-bit Linux; modes = 0 (the zeroed first field)
     # only reads.

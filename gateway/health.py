@@ -131,6 +131,7 @@ class HealthMonitor:
         self._started_mono = time.monotonic()
         self.started_at = started_at
         self._disk_usage = disk_usage
+        self.gateway_id = config.gateway.id
         self.version = gateway_version()
         self.config_version = config_version(config)
         self._last: HealthSnapshot | None = None
@@ -277,7 +278,7 @@ class HealthServer:
     async def _detailed(self, request: web.Request) -> web.Response:
         snap = self._monitor.snapshot()
         body = {
-            "gateway_id": self._monitor._config.gateway.id,  # noqa: SLF001
+            "gateway_id": self._monitor.gateway_id,
             "version": self._monitor.version,
             "config_version": self._monitor.config_version,
             **snap.as_dict(),

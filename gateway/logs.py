@@ -47,11 +47,12 @@ _REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
     # 13-19 digits, possibly grouped by spaces or dashes: a payment card number.
     (re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])"), "<card>"),
     (re.compile(r"\b\d{3}\.\d{3}\.\d{3}-\d{2}\b"), "<cpf>"),
-    # Phone numbers: +55 (11) 98765-4321, (11) 8765-4321, 11987654321, 98765-4321.
+    # Phone numbers: +55 (11) 98765-4321, (11) 8765-4321, 98765-4321. The groups must
+    # be separated: eight bare digits may be a board's boot id.
     (
         re.compile(
             r"(?<![\w.:-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,3}\)[ .-]?|\d{2,3}[ .-])?"
-            r"\d{4,5}[ .-]?\d{4}(?![\w.:-])"
+            r"\d{4,5}[ .-]\d{4}(?![\w.:-])"
         ),
         "<phone>",
     ),

@@ -50,6 +50,7 @@ def test_each_kind_of_personal_data_is_redacted() -> None:
     for text in (
         "execution exec-7f3a9c2e01b84d55 accepted: payment pay-20261123-0042 machine W1",
         "board link up, boot id 1a2b3c4d",
+        "board rebooted: boot id 12345678 -> 87654321",
         "command mid=12 not durable (JournalUnwritable); offered again in 0.5 s",
         "gateway gw-loja-042 started (journal /var/lib/metalav/journal.db, broker 10.0.0.5:1883)",
         "iat 1795456500 exp 1795456800",
