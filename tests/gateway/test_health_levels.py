@@ -4,6 +4,8 @@ and the links and disk as the daemon reads them."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import time
 from collections import namedtuple
 from pathlib import Path
@@ -16,7 +18,7 @@ from devtools.stack import demo_config
 from gateway.clock import ClockWatch
 from gateway.config import load_config
 from gateway.events import Alert
-from gateway.health import HealthMonitor, Links
+from gateway.health import HealthMonitor, HealthServer, Links
 from gateway.journal import Journal
 from gateway.metrics import GatewayMetrics
 
@@ -192,3 +194,16 @@ def test_a_snapshot_is_served_from_cache_within_a_second(store: Store) -> None:
     store.board = False
     assert store.monitor.snapshot() is first  # cheap: nothing read again
     assert store.monitor.snapshot(fresh=True).checks["board_link"].level == "critical"
+
+
+def test_a_taken_port_leaves_the_daemon_running_without_the_site(store: Store) -> None:
+    async def main() -> int | None:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            server = HealthServer(store.monitor, store.metrics, "127.0.0.1", taken.getsockname()[1])
+            await server.start()  # logged, not raised: monitoring never stops a store
+            await server.stop()
+            return server.port
+
+    assert asyncio.run(main()) is None
