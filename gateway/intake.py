@@ -117,6 +117,7 @@ class Intake:
             )
 
     def _decide(self, payload: bytes, now: float) -> None:
+        self._metrics.received()  # the release latency starts here
         # An unsynchronised clock reads no token time (gateway/clock.py, README).
         trusted = self._time.trusted
         try:

@@ -133,6 +133,7 @@ class GatewayMetrics:
         #: Told of every refusal (the signature watch of gateway/alerting.py).
         self.on_refused: Callable[[str], None] | None = None
         self._received: OrderedDict[str, float] = OrderedDict()
+        self._received_at: float | None = None
         # Per board boot: the execution count after the last release we accounted for.
         self._board_boot: int | None = None
         self._board_count: int | None = None
@@ -140,6 +141,10 @@ class GatewayMetrics:
         self.recent_commits: list[float] = []
 
     # -- hooks ------------------------------------------------------------------------
+
+    def received(self) -> None:
+        """A command arrived (intake takes them one at a time, in order)."""
+        self._received_at = time.monotonic()
 
     def refused(self, reason: str) -> None:
         """A command the verifier refused (not journaled), or the gateway refused."""
@@ -156,7 +161,7 @@ class GatewayMetrics:
         if state == ExecutionState.REJECTED and reason is not None:
             self.refused(reason)
         if state in (ExecutionState.ACCEPTED, ExecutionState.DISPATCHING):
-            self._received[execute_key] = time.monotonic()
+            self._received[execute_key] = self._received_at or time.monotonic()
             while len(self._received) > MAX_TIMED:
                 self._received.popitem(last=False)
 
