@@ -204,6 +204,22 @@ class HealthSection(_Section):
     signature_failures_alert: int = Field(default=3, ge=1)
     signature_window_s: float = Field(default=600.0, gt=0)
 
+    @model_validator(mode="after")
+    def _alert_before_critical(self) -> HealthSection:
+        for alert, critical, worse in (
+            ("dlq_alert", "dlq_critical", "above"),
+            ("oldest_alert_s", "oldest_critical_s", "above"),
+            ("journal_latency_alert_ms", "journal_latency_critical_ms", "above"),
+            ("disk_free_alert_mb", "disk_free_critical_mb", "below"),
+        ):
+            a, c = getattr(self, alert), getattr(self, critical)
+            if (a > c) if worse == "above" else (a < c):
+                raise _error_at(
+                    (alert,),
+                    f"must be {'at most' if worse == 'above' else 'at least'} {critical} ({c})",
+                )
+        return self
+
 
 class ClockSection(_Section):
     """Clock sanity (gateway/clock.py). ``kernel``: ask adjtimex(2) whether NTP

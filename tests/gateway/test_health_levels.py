@@ -16,7 +16,7 @@ import pytest
 from cloud_sync.signing import generate_demo_keypair
 from devtools.stack import demo_config
 from gateway.clock import ClockWatch
-from gateway.config import load_config
+from gateway.config import ConfigError, config_from_dict, load_config
 from gateway.events import Alert
 from gateway.health import HealthMonitor, HealthServer, Links
 from gateway.journal import Journal
@@ -207,3 +207,17 @@ def test_a_taken_port_leaves_the_daemon_running_without_the_site(store: Store) -
             return server.port
 
     assert asyncio.run(main()) is None
+
+
+def test_thresholds_out_of_order_are_a_config_error(tmp_path: Path) -> None:
+    base = Store(tmp_path).config.model_dump(mode="json")
+    for bad, line in (
+        ({"dlq_alert": 60, "dlq_critical": 50}, "health.dlq_alert: must be at most dlq_critical"),
+        (
+            {"disk_free_alert_mb": 100, "disk_free_critical_mb": 200},
+            "health.disk_free_alert_mb: must be at least disk_free_critical_mb",
+        ),
+    ):
+        with pytest.raises(ConfigError) as err:
+            config_from_dict({**base, "health": {**base["health"], **bad}})
+        assert err.value.lines[0].startswith(line), err.value.lines
