@@ -174,6 +174,14 @@ CHECK_PT = {
 }
 
 
+def _pt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "sim" if value else "não"
+    return str(value)
+
+
 def _print_health(h: dict[str, Any] | None) -> None:
     if not h:
         return
@@ -181,7 +189,9 @@ def _print_health(h: dict[str, Any] | None) -> None:
     for name, c in h["checks"].items():
         value = c["value"]
         if isinstance(value, dict):
-            value = ", ".join(f"{k}={v}" for k, v in value.items())
+            value = ", ".join(f"{k}={_pt(v)}" for k, v in value.items())
+        else:
+            value = _pt(value)
         detail = f" ({c['detail']})" if c.get("detail") else ""
         level = HEALTH_PT.get(c["level"], c["level"])
         print(f"    {CHECK_PT.get(name, name):<34} {level:<8} {value}{detail}")

@@ -246,7 +246,8 @@ class Daemon:
             "breakers": self.sync.breaker_status(),
             "rejected_unauthenticated": self.journal.rejection_count(),
             "rejections_by_reason": self.journal.rejection_counts(),
-            "health": self.health.snapshot().as_dict(),
+            # Fresh: a technician (or a monitoring check) asks now, rarely.
+            "health": self.health.snapshot(fresh=True).as_dict(),
         }
 
     async def _observe(self) -> None:

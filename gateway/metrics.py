@@ -118,7 +118,7 @@ class GatewayMetrics:
         )
         self.journal_commit = Histogram(
             "metalav_journal_commit_seconds",
-            "Duration of the journal's COMMIT (the fsync of synchronous=FULL)",
+            "Duration of each durable journal COMMIT (its fsync, synchronous=FULL)",
             buckets=COMMIT_BUCKETS,
             registry=r,
         )
