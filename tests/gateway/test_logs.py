@@ -125,10 +125,13 @@ def test_no_personal_data_reaches_the_logs_of_a_real_daemon_run(store_factory: A
     for args in (
         ("relay", "test", "W2", "--reason", FREE_TEXT, "--by", NAME),
         ("relay", "test", FREE_TEXT, "--reason", FREE_TEXT, "--by", EMAIL),
+        ("relay", "test", "W1", "--cycle", FREE_TEXT, "--reason", NAME, "--by", NAME),
         ("machine", "out-of-service", "D1", "--reason", FREE_TEXT, "--by", PHONES[2]),
         ("machine", "in-service", NAME, "--reason", CARDS[2], "--by", CPF),
         ("breakers", "reset", NAME, "--reason", FREE_TEXT, "--by", NAME),
         ("dlq", "retry", "--all", "--reason", FREE_TEXT, "--by", NAME),
+        ("dlq", "archive", "1", "--reason", FREE_TEXT, "--by", EMAIL),
+        ("cleanup", "--days", "30", "--reason", FREE_TEXT, "--by", PHONES[1]),
         ("execution", FREE_TEXT),
     ):
         _ctl(store, *args)
