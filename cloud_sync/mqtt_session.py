@@ -47,6 +47,7 @@ __all__ = [
     "EVENT_TOPICS",
     "PRESENCE_TOPIC",
     "RESULTS_TOPIC",
+    "STATUS_TOPIC",
     "TOPIC_PREFIX",
     "CommandSink",
     "MqttLinkDown",
@@ -62,6 +63,8 @@ log = logging.getLogger(__name__)
 TOPIC_PREFIX = "metalav/v1"  # the default; configurable
 COMMANDS_TOPIC = "commands/execute"
 PRESENCE_TOPIC = "presence"
+#: The retained heartbeat (gateway/heartbeat.py), beside presence.
+STATUS_TOPIC = "status"
 RESULTS_TOPIC = "results"
 CYCLES_TOPIC = "cycles"
 COMPENSATION_TOPIC = "compensation"
@@ -290,8 +293,9 @@ class MqttSession:
             for i in range(len(items))
         ]
 
-    def publish_best_effort(self, topic: str, payload: bytes) -> None:
+    def publish_best_effort(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         """QoS 1 publish of ``P/<topic>`` if connected, silently dropped otherwise.
+        ``retain``: the broker keeps it for later subscribers (the heartbeat).
 
         Used to re-publish a stored result for a duplicate command; the cloud keeps
         re-sending the command until a result arrives, so a loss here is harmless."""
@@ -300,7 +304,9 @@ class MqttSession:
             return
         # paho's publish only queues the packet (no await needed); aiomqtt's
         # on_publish callback ignores mids it is not waiting for.
-        info = self._paho(client).publish(f"{self.base_topic}/{topic}", payload, qos=1)
+        info = self._paho(client).publish(
+            f"{self.base_topic}/{topic}", payload, qos=1, retain=retain
+        )
         if info.rc != paho.MQTT_ERR_SUCCESS:
             log.debug("best-effort publish to %s dropped (rc=%s)", topic, info.rc)
 

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 import uuid
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,15 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud_sync.signing import generate_demo_keypair, sign_command
 
-__all__ = ["CloudStandIn", "DaemonProcess", "SimulatorProcess", "demo_config", "DEMO_MACHINES"]
+from .broker import free_port
+
+__all__ = [
+    "CloudStandIn",
+    "DaemonProcess",
+    "SimulatorProcess",
+    "demo_config",
+    "DEMO_MACHINES",
+]
 
 DEMO_MACHINES = [
     {
@@ -105,7 +114,12 @@ def demo_config(
         "[api]",
         f"socket = {_toml_value(workdir / 'metalav.sock')}",
     ]
-    for name, values in (sections or {}).items():
+    sections = dict(sections or {})
+    # A free loopback port for /health and /metrics (several daemons run at once), and a
+    # trusted clock: a development machine's kernel may say "not synchronised".
+    sections["health"] = {"port": free_port(), **sections.get("health", {})}
+    sections["clock"] = {"sync_check": "off", **sections.get("clock", {})}
+    for name, values in sections.items():
         lines.append(f"[{name}]")
         lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
     for m in machines or DEMO_MACHINES:
@@ -195,6 +209,11 @@ class DaemonProcess:
         self.log_path = workdir / "daemon.log"
         self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
+        health = tomllib.loads(config_path.read_text()).get("health", {})
+        #: Where /health, /health/detailed and /metrics answer (None: turned off).
+        self.health_url = (
+            f"http://127.0.0.1:{health['port']}" if health.get("port") else None
+        )
 
     def start(self, **extra_env: str) -> None:
         env = {**os.environ, **self.env, **extra_env}

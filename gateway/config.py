@@ -229,6 +229,53 @@ class BackupSection(_Section):
     # How many daily backups are kept; older ones are deleted.
     keep: int = Field(default=7, ge=1, le=365)
     interval_h: float = Field(default=24.0, ge=1, le=24 * 7)
+class HealthSection(_Section):
+    """``/health``, ``/health/detailed`` and ``/metrics`` on loopback (gateway/health.py),
+    and the retained heartbeat. Thresholds: the integrations runbook's SLA table (outbox
+    depth: ``[outbox]`` warn_depth / critical_depth)."""
+
+    host: str = "127.0.0.1"
+    # 0 turns the health and metrics site off.
+    port: int = Field(default=9464, ge=0, le=65535)
+    heartbeat_s: float = Field(default=60.0, ge=1, le=3600)
+    dlq_alert: int = Field(default=10, ge=1)
+    dlq_critical: int = Field(default=50, ge=1)
+    oldest_alert_s: float = Field(default=30.0, gt=0)
+    oldest_critical_s: float = Field(default=60.0, gt=0)
+    journal_latency_alert_ms: float = Field(default=50.0, gt=0)
+    journal_latency_critical_ms: float = Field(default=100.0, gt=0)
+    disk_free_alert_mb: float = Field(default=512.0, ge=0)
+    disk_free_critical_mb: float = Field(default=128.0, ge=0)
+    # Signature failures in a row within the window: "possible key rotation problem".
+    signature_failures_alert: int = Field(default=3, ge=1)
+    signature_window_s: float = Field(default=600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _alert_before_critical(self) -> HealthSection:
+        for alert, critical, worse in (
+            ("dlq_alert", "dlq_critical", "above"),
+            ("oldest_alert_s", "oldest_critical_s", "above"),
+            ("journal_latency_alert_ms", "journal_latency_critical_ms", "above"),
+            ("disk_free_alert_mb", "disk_free_critical_mb", "below"),
+        ):
+            a, c = getattr(self, alert), getattr(self, critical)
+            if (a > c) if worse == "above" else (a < c):
+                raise _error_at(
+                    (alert,),
+                    f"must be {'at most' if worse == 'above' else 'at least'} {critical} ({c})",
+                )
+        return self
+
+
+class ClockSection(_Section):
+    """Clock sanity (gateway/clock.py). ``kernel``: ask adjtimex(2) whether NTP
+    synchronised the clock, and read token times leniently while it has not; ``off``:
+    trust the clock (a box with a real-time clock, a development machine)."""
+
+    sync_check: Literal["kernel", "off"] = "kernel"
+    jump_threshold_s: float = Field(default=5.0, gt=0)
+    unsynced_alert_after_s: float = Field(default=300.0, ge=0)
+    check_every_s: float = Field(default=5.0, gt=0, le=300)
 
 
 # The limits are the drivers' (firmware_bridge.driver, the board's bad_params): a
@@ -337,6 +384,8 @@ class GatewayConfig(BaseSettings):
     logging: LoggingSection = LoggingSection()
     profiles: ProfilesSection = ProfilesSection()
     backup: BackupSection = BackupSection()
+    health: HealthSection = HealthSection()
+    clock: ClockSection = ClockSection()
     machines: list[Machine] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -137,6 +137,7 @@ class StartConfirmation:
                     Alert("start_without_release", "info", machine.id), now=self._clock()
                 )
                 self._outcomes.outbox_changed()
+                self._outcomes.metrics.alert("start_without_release", "info")
         else:
             for row in rows:
                 if row.state == ExecutionState.STARTED:
@@ -188,6 +189,7 @@ class StartConfirmation:
             )
         self._journal.raise_alert(alert, now=self._clock())
         self._outcomes.outbox_changed()
+        self._outcomes.metrics.alert(alert.code, alert.severity)
 
     def sweep(self, now: float) -> None:
         """Released executions past their confirm window, judged on fresh readings."""

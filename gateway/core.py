@@ -20,11 +20,13 @@ from firmware_bridge.driver import BoardDriver
 from firmware_bridge.host_timed import OutputFault
 
 from .board_link import BoardLink
+from .clock import TimePolicy
 from .config import GatewayConfig
 from .confirmation import RELAY_SETTLE_S, StartConfirmation
 from .dispatch import Dispatch
 from .intake import Availability, Intake
 from .journal import Journal, JournalUnwritable
+from .metrics import GatewayMetrics
 from .operator import OperatorActions
 from .outcomes import Outcomes
 
@@ -50,6 +52,7 @@ class Core:
     intake: Intake
     operator: OperatorActions
     clock: Callable[[], float]
+    metrics: GatewayMetrics
     #: The longest relay program the config holds, in seconds (settling included).
     longest_program_s: float = 0.0
 
@@ -123,10 +126,15 @@ def build_core(
     outbox_changed: Callable[[], None],
     publish_best_effort: Callable[[str, bytes], None],
     clock: Callable[[], float],
+    metrics: GatewayMetrics | None = None,
+    time_policy: TimePolicy | None = None,
 ) -> Core:
     """``make_driver(on_fault)`` builds the board driver; host-timed drivers report
     failed relay writes to ``on_fault`` (the start confirmation's)."""
-    outcomes = Outcomes(config, journal, outbox_changed=outbox_changed, clock=clock)
+    metrics = metrics or GatewayMetrics()
+    outcomes = Outcomes(
+        config, journal, outbox_changed=outbox_changed, clock=clock, metrics=metrics
+    )
     confirmation = StartConfirmation(config, journal, outcomes, clock=clock)
     link = BoardLink(
         config, journal, make_driver(confirmation.output_fault), outcomes, confirmation, clock=clock
@@ -141,6 +149,8 @@ def build_core(
         outbox_changed=outbox_changed,
         publish_best_effort=publish_best_effort,
         clock=clock,
+        metrics=metrics,
+        time_policy=time_policy,
     )
     operator = OperatorActions(config, journal, confirmation, dispatch, outcomes, clock=clock)
     longest = max(
@@ -156,5 +166,6 @@ def build_core(
         intake,
         operator,
         clock,
+        metrics,
         longest_program_s=longest + RELAY_SETTLE_S,
     )

@@ -28,10 +28,12 @@ and the daemon's own messages. ``--json`` output is for scripts and never transl
 The socket is found from ``--socket``, else ``--config`` (the daemon's config file),
 else ``$METALAV_API__SOCKET``, else the packaged default. Exit status: 0 ok,
 1 not found, 2 usage (bad arguments, bad dates), 3 daemon unreachable (or the socket
-refuses this account), 4 refused (e.g. machine busy). With ``--json`` every error is
-one JSON object on stdout, ``{"error": CODE, "message": TEXT}``, besides the line on
-stderr. Dates are shown in the local time of the machine running metalavctl; dates
-given without a zone (``--since 2026-11-01``) are local time too.
+refuses this account), 4 refused (e.g. machine busy). ``status`` exits with the health
+level instead, as a monitoring check would: 0 normal, 1 alert, 2 critical (3 daemon
+unreachable). With ``--json`` every error is one JSON object on stdout,
+``{"error": CODE, "message": TEXT}``, besides the line on stderr. Dates are shown in the
+local time of the machine running metalavctl; dates given without a zone
+(``--since 2026-11-01``) are local time too.
 """
 
 from __future__ import annotations
@@ -291,6 +293,59 @@ def _print_status(s: dict[str, Any]) -> None:
         )
     if store.get("config_version"):
         print(_("  config version: {version}").format(version=store["config_version"]))
+    by_reason = s.get("rejections_by_reason") or {}
+    timed = sum(n for r, n in by_reason.items() if r in ("not_yet_valid", "stale_command"))
+    if timed:
+        print(
+            _("    of which for the time (the gateway's or the cloud's clock): {count}").format(
+                count=timed
+            )
+        )
+    _print_health(s.get("health"))
+
+
+#: Health levels (gateway/health.py) for people, and as ``status``'s exit status.
+HEALTH_NAMES = {"normal": N_("normal"), "alert": N_("ALERT"), "critical": N_("CRITICAL")}
+HEALTH_EXIT = {"normal": 0, "alert": 1, "critical": 2}
+CHECK_NAMES = {
+    "journal": N_("journal (write latency, ms)"),
+    "board_link": N_("board"),
+    "broker_link": N_("broker"),
+    "https": N_("cloud HTTPS"),
+    "outbox_depth": N_("outbox"),
+    "outbox_oldest_age_s": N_("oldest event in the outbox (s)"),
+    "dlq": N_("dead-letter queue (DLQ)"),
+    "breakers": N_("breakers"),
+    "clock": N_("clock"),
+    "disk_free_mb": N_("free disk (MB)"),
+}
+
+
+def _value_text(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return _("yes") if value else _("no")
+    return str(value)
+
+
+def _level_name(level: str) -> str:
+    return _(HEALTH_NAMES[level]) if level in HEALTH_NAMES else level
+
+
+def _print_health(h: dict[str, Any] | None) -> None:
+    if not h:
+        return
+    print(_("  health: {level}").format(level=_level_name(h["level"])))
+    for name, c in h["checks"].items():
+        value = c["value"]
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={_value_text(v)}" for k, v in value.items())
+        else:
+            value = _value_text(value)
+        detail = f" ({c['detail']})" if c.get("detail") else ""
+        label = _(CHECK_NAMES[name]) if name in CHECK_NAMES else name
+        print(f"    {label:<34} {_level_name(c['level']):<8} {value}{detail}")
 
 
 def _print_execution(e: dict[str, Any]) -> None:
@@ -796,6 +851,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(data, indent=2, ensure_ascii=False))
         else:
             printer(data)
+        if args.command == "status":
+            return HEALTH_EXIT.get((data.get("health") or {}).get("level", "normal"), 0)
         return 0
     except CtlError as exc:
         if as_json:

@@ -29,11 +29,15 @@ from typing import Any
 from cloud_sync.mqtt_session import ALERTS_TOPIC, MqttSession
 
 from . import instance_lock
+from .alerting import DeadLetterWatch, SignatureWatch
 from .api import LocalApi
 from .backup import BackupSchedule, backup_dir
 from .boards import build_driver
+from .clock import ClockWatch, TimePolicy, kernel_clock_synchronized, test_clock_from_env
 from .config import ConfigError, GatewayConfig, load_config
 from .core import build_core
+from .health import HealthMonitor, HealthServer, Links
+from .heartbeat import Heartbeat
 from .journal import (
     Alert,
     Journal,
@@ -42,6 +46,8 @@ from .journal import (
     alert_event,
     iso_utc,
 )
+from .logs import setup_logging
+from .metrics import GatewayMetrics
 from .profiles import ProfileGroups
 from .reload import plan_reload
 from .supervision import Notifier, Progress, Watchdog, run_stall_hook, watchdog_timeout
@@ -77,6 +83,20 @@ class Daemon:
         self._journal_fault: JournalFault | None = None
         self.journal.on_fault_change = self._on_journal_fault
 
+        # What the daemon counts (gateway/metrics.py) and whether its clock can be
+        # trusted (gateway/clock.py); both feed the core's intake and outcomes.
+        self.metrics = GatewayMetrics(process=True)
+        self.journal.on_commit = self.metrics.commit
+        test_clock = test_clock_from_env()  # tests only: a simulated bad clock
+        wall = test_clock[0] if test_clock else time.time
+        probe = test_clock[1] if test_clock else kernel_clock_synchronized
+        self.clock_watch = ClockWatch(
+            probe=None if config.clock.sync_check == "off" else probe,
+            wall=wall,
+            jump_threshold_s=config.clock.jump_threshold_s,
+            unsynced_alert_after_s=config.clock.unsynced_alert_after_s,
+        )
+
         # The cloud side: commands in (the session takes its command sink when it
         # runs), events out through the outbox dispatcher.
         self.session = MqttSession(
@@ -93,8 +113,48 @@ class Daemon:
             partial(build_driver, config),
             outbox_changed=self.sync.notify,
             publish_best_effort=self.session.publish_best_effort,
-            clock=time.time,
+            clock=wall,
+            metrics=self.metrics,
+            time_policy=TimePolicy(lambda: self.clock_watch.trusted),
         )
+
+        # Seen from afar (issue 11): health checks, /metrics, the retained heartbeat,
+        # and the alerts that need a memory (dead events, signature failures).
+        self.signatures = SignatureWatch(
+            self.core.outcomes.raise_alert,
+            threshold=config.health.signature_failures_alert,
+            window_s=config.health.signature_window_s,
+        )
+        self.metrics.on_refused = self.signatures.refused
+        self.dead_letters = DeadLetterWatch(self.journal.dlq_size, self.core.outcomes.raise_alert)
+        self.health = HealthMonitor(
+            config,
+            self.journal,
+            self.metrics,
+            self.clock_watch,
+            Links(
+                board_up=lambda: self.core.link.connected,
+                broker_up=lambda: self.broker_connected,
+                journal_fault=self._journal_fault_reason,
+                breakers=lambda: {b["name"]: b["state"] for b in self.sync.breaker_status()},
+                https_configured=self.sync.http is not None,
+            ),
+            started_at=self.started_at,
+        )
+        self.health_server = (
+            HealthServer(self.health, self.metrics, config.health.host, config.health.port)
+            if config.health.port
+            else None
+        )
+        self.heartbeat = Heartbeat(
+            self.health,
+            partial(self.session.publish_best_effort, retain=True),
+            self.dead_letters,
+            gateway_id=config.gateway.id,
+            store_id=config.gateway.store_id,
+            every_s=config.health.heartbeat_s,
+        )
+        self._observe_wake = asyncio.Event()
 
         # The technicians' side.
         self.api = LocalApi(
@@ -156,9 +216,17 @@ class Daemon:
 
         asyncio.get_running_loop().call_soon(record)
 
+    def _journal_fault_reason(self) -> str | None:
+        fault = self.journal.fault
+        return None if fault is None else fault.reason
+
     def _broker_link(self, up: bool) -> None:
         self.broker_connected = up
         self.broker_since = time.time()
+        if up:
+            # A fresh heartbeat right after every (re)connect.
+            self.heartbeat.due = True
+            self._observe_wake.set()
         log.log(logging.INFO if up else logging.WARNING, "broker link %s", "up" if up else "down")
 
     def status(self) -> dict[str, Any]:
@@ -202,6 +270,9 @@ class Daemon:
             "rejected_unauthenticated": self.journal.rejection_count(),
             # metalavctl store pause|resume, and the config version (issue 12)
             "store": self.core.operator.store_status(),
+            "rejections_by_reason": self.journal.rejection_counts(),
+            # Fresh: a technician (or a monitoring check) asks now, rarely.
+            "health": self.health.snapshot(fresh=True).as_dict(),
         }
 
     def status_line(self) -> str:
@@ -313,8 +384,28 @@ class Daemon:
         except JournalError as exc:
             log.error("config reload: could not be audited: %s", exc)
 
+    async def _observe(self) -> None:
+        """Clock checks, dead events, the heartbeat: every ``clock.check_every_s``, and
+        at once after a reconnect. Never on the release path; never fatal."""
+        while True:
+            try:
+                for alert in self.clock_watch.check():
+                    if alert.code == "clock_jump":
+                        self.metrics.clock_jumps.inc()
+                    self.core.outcomes.raise_alert(alert)
+                self.dead_letters.check()
+                self.heartbeat.tick()
+            except Exception:
+                log.exception("health observation failed")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.clock.check_every_s):
+                    await self._observe_wake.wait()
+            self._observe_wake.clear()
+
     async def run(self, stop: asyncio.Event) -> None:
         await self.api.start()
+        if self.health_server is not None:
+            await self.health_server.start()
         log.info(
             "gateway %s started (journal %s, board %s, broker %s:%d)",
             self.config.gateway.id,
@@ -331,6 +422,7 @@ class Daemon:
                     tg.create_task(self.sync.run(), name="cloud-sync"),
                     tg.create_task(self._supervise(), name="supervision"),
                     tg.create_task(run_stall_hook(), name="test-stall-hook"),
+                    tg.create_task(self._observe(), name="observe"),
                 ]
                 if self.config.backup.enabled:
                     tasks.append(tg.create_task(self.backups.run(), name="backup"))
@@ -343,6 +435,8 @@ class Daemon:
                 for task in tasks:
                     task.cancel()
         finally:
+            if self.health_server is not None:
+                await self.health_server.stop()
             await self.api.stop()
             await self.core.link.driver.close()
             self.journal.close()
@@ -369,14 +463,8 @@ def _apply_log_level(config: GatewayConfig) -> None:
 
 
 def _setup_logging(config: GatewayConfig) -> None:
-    logging.basicConfig(
-        level=_log_level(config),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # Libraries below us log payloads at DEBUG; keep them quiet (promise 7, no PII).
-    for noisy in ("aiomqtt", "paho", "aiohttp.access"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # journald's priorities and no timestamp under systemd; PII redacted (gateway/logs.py).
+    setup_logging(_log_level(config))
 
 
 def _load(path: Path) -> GatewayConfig | None:

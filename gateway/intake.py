@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from cloud_sync.commands import CommandRejected, CommandVerifier, ExecuteCommand
 
+from .clock import TimePolicy
 from .config import DryerTimeProgram, GatewayConfig, Machine
 from .confirmation import StartConfirmation
 from .dispatch import Dispatch, command_id_for
@@ -32,6 +33,7 @@ from .journal import (
     result_payload,
 )
 from .lifecycle import ExecutionState
+from .metrics import GatewayMetrics
 
 __all__ = ["Availability", "Intake"]
 
@@ -83,6 +85,8 @@ class Intake:
         outbox_changed: Callable[[], None],
         publish_best_effort: Callable[[str, bytes], None],
         clock: Callable[[], float],
+        metrics: GatewayMetrics | None = None,
+        time_policy: TimePolicy | None = None,
     ) -> None:
         self._config = config
         self._journal = journal
@@ -92,6 +96,8 @@ class Intake:
         self._outbox_changed = outbox_changed
         self._publish = publish_best_effort
         self._clock = clock
+        self._metrics = metrics or GatewayMetrics()
+        self._time = time_policy or TimePolicy(lambda: True)
 
     async def handle_command(self, payload: bytes) -> None:
         """Decide and journal the command; return once that decision is durable.
@@ -114,15 +120,21 @@ class Intake:
             )
 
     def _decide(self, payload: bytes, now: float) -> None:
+        self._metrics.received()  # the release latency starts here
+        # An unsynchronised clock reads no token time (gateway/clock.py, README).
+        trusted = self._time.trusted
         try:
-            cmd = self._verifier.verify(payload, now=now)
+            cmd = self._verifier.verify(payload, now=now, check_time=trusted)
         except CommandRejected as rej:
             self._reject_unjournaled(rej, now)
             return
+        if not trusted:
+            cmd = TimePolicy.own_lifetime(cmd, now)
 
         known = self._stored(cmd.execute_key)
         if known is not None:
             self._answer_duplicate(cmd, known)
+            self._metrics.duplicate()
             return
         machine = self._config.machine(cmd.machine_id)
         refusal: tuple[ExecutionState, str | None] | None = None
@@ -140,6 +152,7 @@ class Intake:
         if refusal is not None:
             state, reason = refusal
             self._record(cmd, state=state, reason=reason, now=now)
+            self._metrics.decided(cmd.execute_key, state, reason)
             log.info("execution %s %s (%s)", cmd.execute_key, state, reason)
             return
 
@@ -155,6 +168,7 @@ class Intake:
             notify=False,
             awaits_start=self._availability.awaits_start(machine, cmd.cycle),
         )
+        self._metrics.decided(cmd.execute_key, ExecutionState.ACCEPTED, None)
         log.info(
             "execution %s accepted: payment %s machine %s cycle %s",
             cmd.execute_key,
@@ -251,7 +265,13 @@ class Intake:
         execute_key: an unauthenticated message must not be able to block a real one.
         Without a readable jti the answer has ``execute_key: null``: the cloud still
         learns that something reached the gateway that it could not read."""
-        log.warning("command rejected: %s (%s) key=%s", rej.reason, rej.detail, rej.execute_key)
+        log.warning(
+            "command rejected: %s (%s)",
+            rej.reason,
+            rej.detail,
+            extra={"execute_key": rej.execute_key},  # the correlation field (gateway/logs.py)
+        )
+        self._metrics.refused(rej.reason)
         self._journal.log_rejection(
             execute_key=rej.execute_key, reason=rej.reason, detail=rej.detail, now=now
         )

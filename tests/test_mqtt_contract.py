@@ -25,7 +25,13 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from cloud_sync.commands import EXECUTE_KEY_PATTERN, MAX_INTEGER_CLAIM, MAX_TEXT_CLAIM_CHARS
-from cloud_sync.mqtt_session import COMMANDS_TOPIC, EVENT_TOPICS, PRESENCE_TOPIC, _presence
+from cloud_sync.mqtt_session import (
+    COMMANDS_TOPIC,
+    EVENT_TOPICS,
+    PRESENCE_TOPIC,
+    STATUS_TOPIC,
+    _presence,
+)
 from cloud_sync.signing import generate_demo_keypair, sign_command
 from gateway.events import Alert, result_payload
 from gateway.journal import DispatchStamp, Journal, NewExecution, Refused
@@ -111,6 +117,7 @@ def _assert_valid(name: str, instance: Any) -> None:
 def test_every_json_block_of_the_contract_is_a_schema_or_an_example_of_one() -> None:
     assert set(SCHEMAS) == {
         "presence",
+        "heartbeat",
         "execute-command-claims",
         "execution-result",
         "payment-compensation",
@@ -417,5 +424,88 @@ def test_cloud_api_compensation_event_is_the_mqtt_one(tmp_path: Path) -> None:
 def test_the_topic_table_names_exactly_the_topics_the_code_uses() -> None:
     # The code's names (cloud_sync.mqtt_session) against the contract's "Topics" table.
     table = re.findall(r"^\| `P/([a-z/]+)` \|", CONTRACT.read_text(), re.M)
-    assert sorted(table) == sorted([COMMANDS_TOPIC, PRESENCE_TOPIC, *EVENT_TOPICS])
+    assert sorted(table) == sorted([COMMANDS_TOPIC, PRESENCE_TOPIC, STATUS_TOPIC, *EVENT_TOPICS])
     assert set(SCHEMA_OF_TOPIC) == set(EVENT_TOPICS)
+
+
+def _heartbeats(tmp_path: Path) -> list[dict[str, Any]]:
+    """Heartbeats the code builds: a healthy store, and one with every check failing."""
+    from devtools.stack import demo_config
+    from gateway.alerting import DeadLetterWatch
+    from gateway.clock import ClockWatch
+    from gateway.config import load_config
+    from gateway.health import HealthMonitor, Links
+    from gateway.heartbeat import heartbeat_payload
+    from gateway.metrics import GatewayMetrics
+
+    _, public_pem = generate_demo_keypair()
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        demo_config(
+            tmp_path,
+            gateway_id="gw-loja-042",
+            mqtt_port=1883,
+            public_key_pem=public_pem,
+            board_port=tmp_path / "board",
+        )
+    )
+    config = load_config(path)
+    journal = Journal(config.journal.path, config.gateway.id)
+    payloads = []
+    for healthy in (True, False):
+        clock = ClockWatch(probe=lambda healthy=healthy: healthy)
+        monitor = HealthMonitor(
+            config,
+            journal,
+            GatewayMetrics(),
+            clock,
+            Links(
+                board_up=lambda healthy=healthy: healthy,
+                broker_up=lambda healthy=healthy: healthy,
+                journal_fault=lambda healthy=healthy: None if healthy else "disk full",
+                breakers=lambda healthy=healthy: {"mqtt": "closed" if healthy else "open"},
+                https_configured=not healthy,
+            ),
+            started_at=time.time(),
+        )
+        dead = DeadLetterWatch(journal.dlq_size, lambda alert: None)
+        payloads.append(
+            heartbeat_payload(
+                monitor,
+                monitor.snapshot(),
+                gateway_id=config.gateway.id,
+                store_id="" if healthy else "loja-042",
+                now=time.time(),
+                last_dead_at=dead.last_dead_at if healthy else time.time(),
+            )
+        )
+    journal.close()
+    return payloads
+
+
+def test_heartbeat_the_code_builds_matches_the_contract(tmp_path: Path) -> None:
+    healthy, failing = _heartbeats(tmp_path)
+    for payload in (healthy, failing):
+        _assert_valid("heartbeat", payload)
+    assert failing["level"] == "critical" and failing["open_breakers"] == ["mqtt"]
+    names = SCHEMAS["heartbeat"]["properties"]["checks"]["propertyNames"]["enum"]
+    assert sorted(healthy["checks"]) == sorted(names)
+
+
+# Alert codes the code raises: Alert("code", ...) literals, and the outbox depth family.
+_ALERT_LITERAL = re.compile(r'Alert\(\s*"([a-z_]+)"')
+
+
+def test_every_alert_code_the_code_raises_is_in_the_contract_table() -> None:
+    root = Path(__file__).resolve().parents[1]
+    raised = {
+        code
+        for package in ("gateway", "cloud_sync")
+        for source in (root / package).rglob("*.py")
+        for code in _ALERT_LITERAL.findall(source.read_text())
+    }
+    raised |= {f"outbox_depth_{level}" for level in ("normal", "warning", "critical")}
+    text = CONTRACT.read_text()
+    table = text[text.index("| code | severity | meaning |") :]
+    documented = set(re.findall(r"`([a-z_]+)`", table.split("\n\n")[0]))
+    assert raised <= documented, sorted(raised - documented)

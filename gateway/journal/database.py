@@ -65,6 +65,8 @@ class Database:
         self.fault: JournalFault | None = None
         #: Called with the new fault (or None) whenever it appears or clears.
         self.on_fault_change: Callable[[JournalFault | None], None] | None = None
+        #: Called with the seconds each durable COMMIT took (metrics; issue 11).
+        self.on_commit: Callable[[float], None] | None = None
         #: Tests only: a commit whose label this answers True for fails as on a full
         #: disk (``METALAV_TEST_JOURNAL_FAULTS`` sets it for a whole process).
         self.fail_commit: Callable[[str], bool] | None = _faults_from_file if _FAULTS_FILE else None
@@ -115,7 +117,10 @@ class Database:
             except BaseException:
                 self._rollback()
                 raise
+            started = time.perf_counter()
             conn.execute("COMMIT")
+            if durable and self.on_commit is not None:
+                self.on_commit(time.perf_counter() - started)
         except sqlite3.Error as exc:
             if not _is_storage_error(exc):
                 raise
