@@ -74,10 +74,8 @@ def client_tls_context(
         _read("tls_ca_file", ca_file)
         try:
             ctx.load_verify_locations(cafile=str(ca_file))
-        except ssl.SSLError as exc:
-            raise MqttTlsError(
-                f"mqtt.tls_ca_file {ca_file}: no PEM CA certificate in it ({exc.reason})"
-            ) from None
+        except ssl.SSLError:
+            raise MqttTlsError(f"mqtt.tls_ca_file {ca_file}: no PEM CA certificate in it") from None
     if cert_file is not None:
         pem = _read("tls_cert_file", cert_file)
         if key_file is not None:
