@@ -64,6 +64,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+# aiomqtt's and paho's own lines (paho logs packets at DEBUG, socket errors at ERROR).
+_client_log = log.getChild("client")
 
 # The contract's topics, under P = base_topic(...) (docs/mqtt-contract.md "Topics");
 # the core publishes its events under these names.
@@ -386,6 +388,7 @@ class MqttSession:
             # paho's default window is 20 unacked QoS 1 messages; publish_many's
             # pipeline needs a wider one (brokers cap it with their receive maximum).
             max_inflight_messages=MAX_INFLIGHT,
+            logger=_client_log,
             will=aiomqtt.Will(
                 self.presence_topic, _presence("offline", self.gateway_id), qos=1, retain=True
             ),
@@ -427,8 +430,24 @@ class MqttSession:
             # paho calls this from the event loop's reader, or from connect's thread.
             loop.call_soon_threadsafe(_settle, lost)
 
+        aiomqtt_register_write = paho_client.on_socket_register_write
+
+        def on_register_write(c: paho.Client, userdata: Any, sock: Any) -> None:
+            # paho queues the CONNECT from connect's thread, when the loop may already
+            # have read the broker's refusal and closed the socket; aiomqtt would then
+            # register a closed socket (a traceback in the log). Check in the loop.
+            def register() -> None:
+                if aiomqtt_register_write is not None and sock.fileno() != -1:
+                    aiomqtt_register_write(c, userdata, sock)
+
+            loop.call_soon_threadsafe(register)
+
         paho_client.on_log = on_log
         paho_client.on_disconnect = on_disconnect
+        paho_client.on_socket_register_write = on_register_write
+        # Until the CONNACK, paho's errors go to on_log only: the failure is logged
+        # once, explained, by run().
+        paho_client.disable_logger()
         enter: asyncio.Future[Any] = asyncio.ensure_future(client.__aenter__())
         try:
             await asyncio.wait(
@@ -436,7 +455,9 @@ class MqttSession:
             )
         finally:
             lost.cancel()
+            paho_client.enable_logger(_client_log)
             paho_client.on_log = None
+            paho_client.on_socket_register_write = aiomqtt_register_write
             paho_client.on_disconnect = aiomqtt_on_disconnect
         if not enter.done():
             enter.cancel()
