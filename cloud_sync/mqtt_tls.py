@@ -51,7 +51,7 @@ def _read(key: str, path: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise MqttTlsError(f"mqtt.{key} {path}: cannot read: {exc.strerror or exc}") from None
+        raise MqttTlsError(f"mqtt.{key}: cannot read {path}: {exc.strerror or exc}") from None
 
 
 def _no_password() -> bytes:
@@ -75,7 +75,7 @@ def client_tls_context(
         try:
             ctx.load_verify_locations(cafile=str(ca_file))
         except ssl.SSLError:
-            raise MqttTlsError(f"mqtt.tls_ca_file {ca_file}: no PEM CA certificate in it") from None
+            raise MqttTlsError(f"mqtt.tls_ca_file: no PEM CA certificate in {ca_file}") from None
     if cert_file is not None:
         pem = _read("tls_cert_file", cert_file)
         if key_file is not None:
@@ -83,7 +83,7 @@ def client_tls_context(
         try:
             x509.load_pem_x509_certificate(pem)
         except ValueError:
-            raise MqttTlsError(f"mqtt.tls_cert_file {cert_file}: not a PEM certificate") from None
+            raise MqttTlsError(f"mqtt.tls_cert_file: no PEM certificate in {cert_file}") from None
         try:
             ctx.load_cert_chain(
                 str(cert_file), str(key_file) if key_file else None, password=_no_password
@@ -91,11 +91,16 @@ def client_tls_context(
         except ssl.SSLError as exc:
             if exc.reason == "KEY_VALUES_MISMATCH":
                 raise MqttTlsError(
-                    f"mqtt.tls_key_file {key_file}: not the key of mqtt.tls_cert_file {cert_file}"
+                    f"mqtt.tls_key_file: {key_file} is not the key of "
+                    f"mqtt.tls_cert_file {cert_file}"
                 ) from None
-            where = f"tls_key_file {key_file}" if key_file else f"tls_cert_file {cert_file}"
+            if key_file is None:
+                raise MqttTlsError(
+                    f"mqtt.tls_cert_file: no private key in {cert_file}, "
+                    "and mqtt.tls_key_file is not set"
+                ) from None
             raise MqttTlsError(
-                f"mqtt.{where}: no usable unencrypted PEM private key in it"
+                f"mqtt.tls_key_file: no usable unencrypted PEM private key in {key_file}"
             ) from None
     return ctx
 

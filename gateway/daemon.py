@@ -31,7 +31,7 @@ from cloud_sync.mqtt_session import ALERTS_TOPIC, MqttSession
 from . import instance_lock
 from .api import LocalApi
 from .boards import build_driver
-from .config import ConfigError, GatewayConfig, load_config
+from .config import ConfigError, GatewayConfig, file_problems, load_config
 from .core import build_core
 from .journal import (
     Alert,
@@ -267,6 +267,12 @@ def main(argv: list[str] | None = None) -> int:
 
     config = _load(args.config)
     if config is None:
+        return 2
+    # check-config: every file the config names; run: those it could not start without.
+    problems = file_problems(config, read_once_only=args.command == "run")
+    for line in problems:
+        print(f"config error: {line}", file=sys.stderr)
+    if problems:
         return 2
     if args.command == "check-config":
         print(f"config OK: gateway {config.gateway.id}, {len(config.machines)} machines")

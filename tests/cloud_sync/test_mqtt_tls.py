@@ -196,7 +196,7 @@ def test_a_certificate_that_cannot_work_is_named_and_retried_with_backoff(
         )
     else:
         ca_file = ca_file.parent / "missing-ca.pem"
-        expected = f"mqtt.tls_ca_file {ca_file}: cannot read: No such file or directory"
+        expected = f"mqtt.tls_ca_file: cannot read {ca_file}: No such file or directory"
 
     async def main() -> None:
         links: list[bool] = []
@@ -232,21 +232,26 @@ def test_tls_files_that_cannot_be_used_are_named_with_their_key(
     not_pem.write_text("hello\n")
     ca = fleet_pki.ca.ca_file
     cases: list[tuple[tuple[Path | None, Path | None, Path | None], str]] = [
-        ((not_pem, None, None), f"mqtt.tls_ca_file {not_pem}: no PEM CA certificate in it"),
-        ((tmp_path, None, None), f"mqtt.tls_ca_file {tmp_path}: cannot read: Is a directory"),
-        ((ca, not_pem, good.key_file), f"mqtt.tls_cert_file {not_pem}: not a PEM certificate"),
+        ((not_pem, None, None), f"mqtt.tls_ca_file: no PEM CA certificate in {not_pem}"),
+        ((tmp_path, None, None), f"mqtt.tls_ca_file: cannot read {tmp_path}: Is a directory"),
+        ((ca, not_pem, good.key_file), f"mqtt.tls_cert_file: no PEM certificate in {not_pem}"),
         (
             (ca, good.cert_file, tmp_path / "gone.key"),
-            f"mqtt.tls_key_file {tmp_path / 'gone.key'}: cannot read: No such file or directory",
+            f"mqtt.tls_key_file: cannot read {tmp_path / 'gone.key'}: No such file or directory",
         ),
         (
             (ca, good.cert_file, other.key_file),
-            f"mqtt.tls_key_file {other.key_file}: not the key of mqtt.tls_cert_file "
+            f"mqtt.tls_key_file: {other.key_file} is not the key of mqtt.tls_cert_file "
             f"{good.cert_file}",
         ),
         (
             (ca, good.cert_file, not_pem),
-            f"mqtt.tls_key_file {not_pem}: no usable unencrypted PEM private key in it",
+            f"mqtt.tls_key_file: no usable unencrypted PEM private key in {not_pem}",
+        ),
+        (
+            (ca, good.cert_file, None),
+            f"mqtt.tls_cert_file: no private key in {good.cert_file}, "
+            "and mqtt.tls_key_file is not set",
         ),
     ]
     for files, message in cases:

@@ -47,7 +47,7 @@ def test_daemon_names_a_missing_tls_file_keeps_retrying_and_serves_once_it_appea
             "METALAV_MQTT__TLS_KEY_FILE": str(gateway_cert.key_file),
         },
     )
-    line = f"mqtt.tls_ca_file {ca_file}: cannot read: No such file or directory"
+    line = f"mqtt.tls_ca_file: cannot read {ca_file}: No such file or directory"
     try:
         sim.start()
         daemon.start()
