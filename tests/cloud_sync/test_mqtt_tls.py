@@ -19,7 +19,7 @@ import pytest
 
 from cloud_sync.mqtt_session import MqttSession, MqttSettings
 from cloud_sync.mqtt_tls import MqttTlsError, client_tls_context
-from devtools.broker import LocalBroker
+from devtools.broker import _MOSQUITTO_TLS, LocalBroker
 from devtools.certificates import IssuedCertificate
 from tests.cloud_sync.test_mqtt_session import RecordingSink, new_gateway_id, run, wait_until
 from tests.conftest import FleetPki
@@ -259,3 +259,17 @@ def test_tls_files_that_cannot_be_used_are_named_with_their_key(
             client_tls_context(*files)
         assert str(err.value) == message
     assert client_tls_context(ca, good.cert_file, good.key_file).verify_mode == ssl.CERT_REQUIRED
+
+
+def test_the_shipped_mosquitto_conf_has_the_tls_settings_the_tests_run_with() -> None:
+    # docs/brokers/mosquitto.conf is what fleet operators copy; the tests' broker
+    # (devtools/broker.py) must run with the same identity and TLS settings, only on
+    # test files and a free port.
+    shipped = (Path(__file__).parents[2] / "docs" / "brokers" / "mosquitto.conf").read_text()
+    shipped_lines = {line.split()[0]: line for line in shipped.splitlines() if line[:1].isalpha()}
+    for line in _MOSQUITTO_TLS.splitlines():
+        name, value = line.split(maxsplit=1)
+        assert name in shipped_lines, name
+        if "{" not in value:  # file paths differ
+            assert shipped_lines[name] == line
+    assert "acl_file" in shipped_lines
