@@ -434,11 +434,20 @@ class MqttSession:
 
         def on_register_write(c: paho.Client, userdata: Any, sock: Any) -> None:
             # paho queues the CONNECT from connect's thread, when the loop may already
-            # have read the broker's refusal and closed the socket; aiomqtt would then
-            # register a closed socket (a traceback in the log). Check in the loop.
+            # have read the broker's refusal and closed the socket: aiomqtt would then
+            # register a closed socket (a traceback in the log). Here the writer is
+            # added in the loop, at once, only if the socket is still open; paho's
+            # close removes it through aiomqtt's unregister callback.
+            def write() -> None:
+                try:
+                    c.loop_write()
+                except Exception as exc:  # like aiomqtt: the link is gone
+                    errors.append(str(exc))
+                    _settle(lost)
+
             def register() -> None:
-                if aiomqtt_register_write is not None and sock.fileno() != -1:
-                    aiomqtt_register_write(c, userdata, sock)
+                if sock.fileno() != -1:
+                    loop.add_writer(sock, write)
 
             loop.call_soon_threadsafe(register)
 
@@ -453,21 +462,37 @@ class MqttSession:
             await asyncio.wait(
                 {enter, lost}, timeout=CONNACK_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
             )
+            if not enter.done():
+                dropped = lost.done()
+                if not dropped:
+                    # A silent broker: DISCONNECT. paho closes the socket right after
+                    # writing it, then calls on_disconnect (which settles ``lost``).
+                    paho_client.disconnect()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(lost), OFFLINE_PUBLISH_TIMEOUT_S)
+                # Only with the socket closed: once the CONNACK wait is cancelled,
+                # aiomqtt's on_disconnect would raise in paho's callback.
+                enter.cancel()
+                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                    await enter
+                if errors:
+                    reason = errors[-1]
+                elif dropped:
+                    reason = "the broker closed the connection before its CONNACK"
+                else:
+                    reason = f"no CONNACK in {CONNACK_TIMEOUT_S:g} s"
+                raise _tls_or_link_error(reason, s)
+        except asyncio.CancelledError:
+            # Stopped mid-connect: the attempt's outcome no longer matters.
+            enter.cancel()
+            enter.add_done_callback(_retrieve)
+            raise
         finally:
             lost.cancel()
             paho_client.enable_logger(_client_log)
             paho_client.on_log = None
             paho_client.on_socket_register_write = aiomqtt_register_write
             paho_client.on_disconnect = aiomqtt_on_disconnect
-        if not enter.done():
-            enter.cancel()
-            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                await enter
-            if not errors:
-                # The broker went silent: close the link (paho closed it if it dropped).
-                paho_client.disconnect()
-            reason = errors[-1] if errors else f"no CONNACK in {CONNACK_TIMEOUT_S:.0f} s"
-            raise _tls_or_link_error(reason, s)
         try:
             enter.result()
         except aiomqtt.MqttError as exc:
@@ -549,6 +574,11 @@ class MqttSession:
                 self._on_link_change(up)
             except Exception:
                 log.exception("on_link_change callback failed")
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _settle(future: asyncio.Future[None]) -> None:

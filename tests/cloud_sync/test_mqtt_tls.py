@@ -17,6 +17,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
+from cloud_sync import mqtt_session
 from cloud_sync.mqtt_session import MqttSession, MqttSettings
 from cloud_sync.mqtt_tls import MqttTlsError, client_tls_context
 from devtools.broker import _MOSQUITTO_TLS, LocalBroker
@@ -273,3 +274,37 @@ def test_the_shipped_mosquitto_conf_has_the_tls_settings_the_tests_run_with() ->
         if "{" not in value:  # file paths differ
             assert shipped_lines[name] == line
     assert "acl_file" in shipped_lines
+
+
+def test_a_broker_that_never_sends_its_connack_is_given_up_and_tried_again(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # aiomqtt alone waits for the CONNACK forever: the session would hang, never retry.
+    monkeypatch.setattr(mqtt_session, "CONNACK_TIMEOUT_S", 0.2)
+    connections: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        await reader.read()  # takes the CONNECT, answers nothing
+        writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        settings = MqttSettings(
+            host="127.0.0.1", port=port, reconnect_min_s=0.05, reconnect_max_s=0.1
+        )
+        session = MqttSession(settings, RecordingSink(), gateway_id=new_gateway_id())
+        task = asyncio.create_task(session.run())
+        try:
+            await wait_until(lambda: len(_tls_errors(caplog, "no CONNACK in 0.2 s")) >= 2)
+            # The session gave up each silent connection itself.
+            await wait_until(lambda: all(w.is_closing() for w in connections[:-1]))
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            server.close()
+            await server.wait_closed()
+
+    with caplog.at_level(logging.WARNING, logger="cloud_sync.mqtt_session"):
+        run(main())
