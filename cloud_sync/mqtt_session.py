@@ -87,6 +87,8 @@ PUBLISH_TIMEOUT_S = 10.0
 PENDING_CALLS_WARNING = 10_000
 #: How long a connect waits for the broker's CONNACK before it tries again.
 CONNACK_TIMEOUT_S = 30.0
+#: How long giving up a silent broker waits for paho to close the socket.
+CLOSE_TIMEOUT_S = 2.0
 #: How long a clean stop waits for the broker to take the "offline" presence.
 OFFLINE_PUBLISH_TIMEOUT_S = 2.0
 #: QoS 1 messages awaiting their PUBACK at once (mosquitto's default cap).
@@ -469,7 +471,7 @@ class MqttSession:
                     # writing it, then calls on_disconnect (which settles ``lost``).
                     paho_client.disconnect()
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(asyncio.shield(lost), OFFLINE_PUBLISH_TIMEOUT_S)
+                        await asyncio.wait_for(asyncio.shield(lost), CLOSE_TIMEOUT_S)
                 # Only with the socket closed: once the CONNACK wait is cancelled,
                 # aiomqtt's on_disconnect would raise in paho's callback.
                 enter.cancel()
