@@ -159,6 +159,44 @@ def test_a_gateway_certificate_cannot_read_another_stores_topics(
     run(main())
 
 
+@pytest.mark.broker_tls
+def test_a_gateway_certificate_cannot_take_over_another_stores_session(
+    fleet_pki: FleetPki, tls_broker: LocalBroker
+) -> None:
+    # The persistent session (and the commands queued in it) belongs to the client id.
+    # The broker replaces the asked-for id by the certificate's name, so connecting
+    # "as" another gateway does not push that gateway off its session.
+    victim, intruder = new_gateway_id(), new_gateway_id()
+    victim_cert = fleet_pki.ca.issue(victim)
+    intruder_cert = fleet_pki.ca.issue(intruder)
+
+    async def main() -> None:
+        links: list[bool] = []
+        session = MqttSession(
+            tls_settings(tls_broker, victim_cert, fleet_pki.ca.ca_file),
+            RecordingSink(),
+            gateway_id=victim,
+            on_link_change=links.append,
+        )
+        task = asyncio.create_task(session.run())
+        try:
+            await wait_until(lambda: session.connected)
+            ctx = ssl.create_default_context(cafile=str(fleet_pki.ca.ca_file))
+            ctx.load_cert_chain(str(intruder_cert.cert_file), str(intruder_cert.key_file))
+            async with aiomqtt.Client(
+                tls_broker.host, tls_broker.port, identifier=victim, tls_context=ctx
+            ):
+                # A takeover would have closed the victim's connection before this
+                # CONNACK; a PUBACK on it now proves it is still the same one.
+                assert await session.publish_many([("results", b"still-here")]) == [None]
+            assert links == [True]
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    run(main())
+
+
 def _tls_errors(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
     return [
         r for r in caplog.records if r.name == "cloud_sync.mqtt_session" and text in r.getMessage()
