@@ -62,7 +62,14 @@ from firmware_bridge.driver import (
 from firmware_bridge.gpio_board import check_lines
 from firmware_bridge.host_timed import check_channels
 
-__all__ = ["ConfigError", "GatewayConfig", "load_config", "config_from_dict", "file_problems"]
+__all__ = [
+    "ConfigError",
+    "GatewayConfig",
+    "load_config",
+    "config_from_dict",
+    "file_problems",
+    "file_warnings",
+]
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -443,6 +450,18 @@ def file_problems(config: GatewayConfig, *, read_once_only: bool = False) -> lis
     if problem:
         problems.append(f"journal.path: {problem}")
     return problems
+
+
+def file_warnings(config: GatewayConfig) -> list[str]:
+    """What ``check-config`` mentions without refusing: a serial port that is not there
+    now. The board may be plugged in after the install, and the daemon reopens the port
+    every ``board.reconnect_s`` until it is; a typo in the path shows here too."""
+    board = config.board
+    if board.driver == "gpio" or os.path.exists(board.port):
+        return []
+    return [
+        f"board.port: {board.port} does not exist now (board unplugged?); the daemon waits for it"
+    ]
 
 
 def _journal_problem(path: Path) -> str | None:

@@ -31,7 +31,7 @@ from cloud_sync.mqtt_session import ALERTS_TOPIC, MqttSession
 from . import instance_lock
 from .api import LocalApi
 from .boards import build_driver
-from .config import ConfigError, GatewayConfig, file_problems, load_config
+from .config import ConfigError, GatewayConfig, file_problems, file_warnings, load_config
 from .core import build_core
 from .journal import (
     Alert,
@@ -275,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         return 2
     if args.command == "check-config":
+        for line in file_warnings(config):
+            print(f"warning: {line}", file=sys.stderr)
         print(f"config OK: gateway {config.gateway.id}, {len(config.machines)} machines")
         return 0
 

@@ -138,3 +138,19 @@ def test_check_config_refuses_a_client_key_without_a_certificate(tmp_path: Path)
     result = _daemon("check-config", "--config", str(path))
     assert result.returncode == 2
     assert _errors(result.stderr) == ["mqtt.tls_key_file: is set without tls_cert_file"]
+
+
+def test_check_config_only_warns_about_a_serial_port_that_is_not_there_now(
+    tmp_path: Path,
+) -> None:
+    # A board plugged in after the install is normal: the daemon waits for its port.
+    port = tmp_path / "ttyACM9"
+    result = _daemon(
+        "check-config", "--config", str(_config(tmp_path, f'[board]\nport = "{port}"\n'))
+    )
+    assert result.returncode == 0
+    assert result.stderr.splitlines() == [
+        f"warning: board.port: {port} does not exist now (board unplugged?); "
+        "the daemon waits for it"
+    ]
+    assert result.stdout.startswith("config OK")
