@@ -19,7 +19,7 @@ import pytest
 
 from cloud_sync import mqtt_session
 from cloud_sync.mqtt_session import MqttSession, MqttSettings
-from cloud_sync.mqtt_tls import MqttTlsError, client_tls_context
+from cloud_sync.mqtt_tls import MqttTlsError, client_tls_context, explain_tls_failure
 from devtools.broker import _MOSQUITTO_TLS, LocalBroker
 from devtools.certificates import IssuedCertificate
 from tests.cloud_sync.test_mqtt_session import RecordingSink, new_gateway_id, run, wait_until
@@ -346,3 +346,41 @@ def test_a_broker_that_never_sends_its_connack_is_given_up_and_tried_again(
 
     with caplog.at_level(logging.WARNING, logger="cloud_sync.mqtt_session"):
         run(main())
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (
+            "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: Hostname mismatch, "
+            "certificate is not valid for 'mqtt.example'. (_ssl.c:1006)",
+            "MQTT TLS: the broker's certificate does not verify against mqtt.tls_ca_file "
+            "/etc/metalav/ca.pem: Hostname mismatch, certificate is not valid for "
+            "'mqtt.example'.",
+        ),
+        (
+            "[SSL: WRONG_VERSION_NUMBER] wrong version number (_ssl.c:1006)",
+            "MQTT TLS: the broker did not complete a TLS handshake on port 8883 "
+            "(wrong_version_number)",
+        ),
+        (
+            "failed to receive on socket: [SSL: SSLV3_ALERT_CERTIFICATE_REVOKED] sslv3 alert "
+            "certificate revoked (_ssl.c:2580)",
+            "MQTT TLS: the broker refused this gateway's certificate mqtt.tls_cert_file "
+            "/nonexistent/gw.pem: the broker says it is revoked "
+            "(sslv3_alert_certificate_revoked)",
+        ),
+        ("[Errno 111] Connection refused", None),
+        ("Connection refused: Not authorized", None),
+    ],
+)
+def test_tls_failures_are_told_in_words_and_other_errors_left_alone(
+    error: str, expected: str | None
+) -> None:
+    explained = explain_tls_failure(
+        error,
+        ca_file=Path("/etc/metalav/ca.pem"),
+        cert_file=Path("/nonexistent/gw.pem"),
+        port=8883,
+    )
+    assert explained == expected
