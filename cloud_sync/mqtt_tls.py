@@ -13,9 +13,10 @@ the config key and the file:
   only after the handshake, as an alert on the first read; the session reports it from
   paho's log line, since aiomqtt ignores a disconnect before the CONNACK.
 
-Nothing here reads the clock to refuse a certificate: a Raspberry Pi has no RTC, and
-the broker, which checks the dates, is the judge. The local dates only explain a
-refusal.
+Nothing here refuses the gateway's own certificate by the clock: a Raspberry Pi has no
+RTC, and the broker, which checks the dates, is the judge; the local dates only explain
+its refusal. (OpenSSL does check the broker's certificate against this clock: before
+NTP has set it, the error says "certificate is not yet valid".)
 """
 
 from __future__ import annotations
