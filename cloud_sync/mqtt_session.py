@@ -33,10 +33,18 @@ from typing import Any, Protocol, Self
 
 import aiomqtt
 import paho.mqtt.client as paho
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from cloud_sync.backoff import Backoff
+from cloud_sync.mqtt_tls import MqttTlsError, client_tls_context, explain_tls_failure
 
 __all__ = [
     "ALERTS_TOPIC",
@@ -51,12 +59,15 @@ __all__ = [
     "TOPIC_PREFIX",
     "CommandSink",
     "MqttLinkDown",
+    "MqttTlsError",
     "MqttSettings",
     "MqttSession",
     "base_topic",
 ]
 
 log = logging.getLogger(__name__)
+# aiomqtt's and paho's own lines (paho logs packets at DEBUG, socket errors at ERROR).
+_client_log = log.getChild("client")
 
 # The contract's topics, under P = base_topic(...) (docs/mqtt-contract.md "Topics");
 # the core publishes its events under these names.
@@ -79,6 +90,10 @@ STABLE_CONNECTION_S = 30.0
 PUBLISH_TIMEOUT_S = 10.0
 #: aiomqtt warns above this many calls awaiting the broker (its default is 10).
 PENDING_CALLS_WARNING = 10_000
+#: How long a connect waits for the broker's CONNACK before it tries again.
+CONNACK_TIMEOUT_S = 30.0
+#: How long giving up a silent broker waits for paho to close the socket.
+CLOSE_TIMEOUT_S = 2.0
 #: How long a clean stop waits for the broker to take the "offline" presence.
 OFFLINE_PUBLISH_TIMEOUT_S = 2.0
 #: QoS 1 messages awaiting their PUBACK at once (mosquitto's default cap).
@@ -168,22 +183,40 @@ class MqttSettings(BaseModel):
     reconnect_min_s: float = Field(default=1.0, gt=0)
     reconnect_max_s: float = Field(default=60.0, gt=0)
 
+    @field_validator("topic_prefix")
+    @classmethod
+    def _plain_prefix(cls, v: str) -> str:
+        # The prefix is a literal part of every topic and of the broker's ACL patterns:
+        # a wildcard would subscribe the gateway to other stores' commands (where the
+        # ACL lets it) and can never be published to.
+        if any(c in v for c in "+#\0"):
+            raise ValueError("must not contain the MQTT wildcards '+' or '#' (nor NUL)")
+        if not v or v.startswith("/") or v.endswith("/") or "//" in v:
+            raise ValueError("must be topic levels separated by single '/', e.g. metalav/v1")
+        return v
+
     @model_validator(mode="after")
     def _reconnect_bounds(self) -> Self:
         if self.reconnect_min_s > self.reconnect_max_s:
             # A ValidationError rather than a ValueError, so that the error names the
             # key (mqtt.reconnect_min_s) and not only the section.
-            raise ValidationError.from_exception_data(
-                type(self).__name__,
-                [
-                    InitErrorDetails(
-                        type=PydanticCustomError("value_error", "must not exceed reconnect_max_s"),
-                        loc=("reconnect_min_s",),
-                        input=self.reconnect_min_s,
-                    )
-                ],
-            )
+            raise _error_at(self, "reconnect_min_s", "must not exceed reconnect_max_s")
+        if self.tls_key_file is not None and self.tls_cert_file is None:
+            raise _error_at(self, "tls_key_file", "is set without tls_cert_file")
         return self
+
+
+def _error_at(model: BaseModel, key: str, message: str) -> ValidationError:
+    return ValidationError.from_exception_data(
+        type(model).__name__,
+        [
+            InitErrorDetails(
+                type=PydanticCustomError("value_error", message),
+                loc=(key,),
+                input=getattr(model, key),
+            )
+        ],
+    )
 
 
 def base_topic(topic_prefix: str, gateway_id: str) -> str:
@@ -322,6 +355,10 @@ class MqttSession:
             started = time.monotonic()
             try:
                 await self._connect_and_serve(sink)
+            except* MqttTlsError as group:
+                # A file or a certificate to fix: one line naming it, then the usual
+                # back-off (a renewed certificate is picked up at the next attempt).
+                log.error("%s", "; ".join(map(str, group.exceptions)))
             except* aiomqtt.MqttError as group:
                 log.warning("MQTT link lost: %s", "; ".join(map(str, group.exceptions)))
             except* Exception as group:
@@ -349,11 +386,9 @@ class MqttSession:
         s = self._settings
         tls = None
         if s.tls_ca_file or s.tls_cert_file:
-            tls = aiomqtt.TLSParameters(
-                ca_certs=_path(s.tls_ca_file),
-                certfile=_path(s.tls_cert_file),
-                keyfile=_path(s.tls_key_file),
-            )
+            # Built here, at every attempt, rather than by paho: its errors name no
+            # file, and a file fixed meanwhile is read again.
+            tls = client_tls_context(s.tls_ca_file, s.tls_cert_file, s.tls_key_file)
         client = aiomqtt.Client(
             s.host,
             s.port,
@@ -363,10 +398,11 @@ class MqttSession:
             identifier=self.gateway_id,
             clean_session=False,
             keepalive=s.keepalive_s,
-            tls_params=tls,
+            tls_context=tls,
             # paho's default window is 20 unacked QoS 1 messages; publish_many's
             # pipeline needs a wider one (brokers cap it with their receive maximum).
             max_inflight_messages=MAX_INFLIGHT,
+            logger=_client_log,
             will=aiomqtt.Will(
                 self.presence_topic, _presence("offline", self.gateway_id), qos=1, retain=True
             ),
@@ -384,9 +420,103 @@ class MqttSession:
         # aiomqtt 2.5 wraps a paho client without exposing manual acks (issue 345).
         return client._client
 
+    async def _connect(self, client: aiomqtt.Client) -> None:
+        """``client.__aenter__`` (CONNECT .. CONNACK), failing as soon as the link drops
+        before the CONNACK, with a TLS failure told by :func:`explain_tls_failure`.
+
+        aiomqtt 2.5 ignores a disconnect before the CONNACK and would wait forever: a
+        TLS 1.3 broker that refuses the client certificate does just that (the alert
+        arrives on the first read, after the handshake; paho logs it and drops the link)."""
+        s = self._settings
+        paho_client = self._paho(client)
+        loop = asyncio.get_running_loop()
+        lost: asyncio.Future[None] = loop.create_future()
+        errors: list[str] = []
+        aiomqtt_on_disconnect = paho_client.on_disconnect
+
+        def on_log(_c: paho.Client, _u: object, level: int, text: str) -> None:
+            if level == paho.MQTT_LOG_ERR:
+                errors.append(text)
+
+        def on_disconnect(*args: Any) -> None:
+            if aiomqtt_on_disconnect is not None:
+                aiomqtt_on_disconnect(*args)
+            # paho calls this from the event loop's reader, or from connect's thread.
+            loop.call_soon_threadsafe(_settle, lost)
+
+        aiomqtt_register_write = paho_client.on_socket_register_write
+
+        def on_register_write(c: paho.Client, userdata: Any, sock: Any) -> None:
+            # paho queues the CONNECT from connect's thread, when the loop may already
+            # have read the broker's refusal and closed the socket: aiomqtt would then
+            # register a closed socket (a traceback in the log). Here the writer is
+            # added in the loop, at once, only if the socket is still open; paho's
+            # close removes it through aiomqtt's unregister callback.
+            def write() -> None:
+                try:
+                    c.loop_write()
+                except Exception as exc:  # like aiomqtt: the link is gone
+                    errors.append(str(exc))
+                    _settle(lost)
+
+            def register() -> None:
+                if sock.fileno() != -1:
+                    loop.add_writer(sock, write)
+
+            loop.call_soon_threadsafe(register)
+
+        paho_client.on_log = on_log
+        paho_client.on_disconnect = on_disconnect
+        paho_client.on_socket_register_write = on_register_write
+        # Until the CONNACK, paho's errors go to on_log only: the failure is logged
+        # once, explained, by run().
+        paho_client.disable_logger()
+        enter: asyncio.Future[Any] = asyncio.ensure_future(client.__aenter__())
+        try:
+            await asyncio.wait(
+                {enter, lost}, timeout=CONNACK_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+            )
+            if not enter.done():
+                dropped = lost.done()
+                if not dropped:
+                    # A silent broker: DISCONNECT. paho closes the socket right after
+                    # writing it, then calls on_disconnect (which settles ``lost``).
+                    paho_client.disconnect()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(lost), CLOSE_TIMEOUT_S)
+                # Only with the socket closed: once the CONNACK wait is cancelled,
+                # aiomqtt's on_disconnect would raise in paho's callback.
+                enter.cancel()
+                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                    await enter
+                if errors:
+                    reason = errors[-1]
+                elif dropped:
+                    reason = "the broker closed the connection before its CONNACK"
+                else:
+                    reason = f"no CONNACK in {CONNACK_TIMEOUT_S:g} s"
+                raise _tls_or_link_error(reason, s)
+        except asyncio.CancelledError:
+            # Stopped mid-connect: the attempt's outcome no longer matters.
+            enter.cancel()
+            enter.add_done_callback(_retrieve)
+            raise
+        finally:
+            lost.cancel()
+            paho_client.enable_logger(_client_log)
+            paho_client.on_log = None
+            paho_client.on_socket_register_write = aiomqtt_register_write
+            paho_client.on_disconnect = aiomqtt_on_disconnect
+        try:
+            enter.result()
+        except aiomqtt.MqttError as exc:
+            raise _tls_or_link_error(str(exc), s) from None
+
     async def _connect_and_serve(self, sink: CommandSink) -> None:
         client = self._make_client()
-        async with client:
+        await self._connect(client)
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_exit(client)
             self._client = client
             _no_delay(self._paho(client).socket())
             try:
@@ -461,8 +591,21 @@ class MqttSession:
                 log.exception("on_link_change callback failed")
 
 
-def _path(path: Path | None) -> str | None:
-    return None if path is None else str(path)
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _tls_or_link_error(error: str, s: MqttSettings) -> Exception:
+    explained = explain_tls_failure(
+        error, ca_file=s.tls_ca_file, cert_file=s.tls_cert_file, port=s.port
+    )
+    return aiomqtt.MqttError(error) if explained is None else MqttTlsError(explained)
 
 
 def _no_delay(sock: object) -> None:

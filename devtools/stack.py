@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -305,6 +306,7 @@ class CloudStandIn:
         topic_prefix: str = "metalav/v1",
         private_key_pem: str | None = None,
         public_key_pem: str | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         if private_key_pem is None:
             private_key_pem, public_key_pem = generate_demo_keypair()
@@ -325,6 +327,8 @@ class CloudStandIn:
             CallbackAPIVersion.VERSION2, client_id=f"cloud-standin-{uuid.uuid4().hex[:8]}"
         )
         self._client.on_message = self._on_message
+        if tls is not None:  # the cloud's own client certificate, on a TLS broker
+            self._client.tls_set_context(tls)
         self._client.connect(host, port, keepalive=30)
         sock = self._client.socket()
         if isinstance(sock, socket.socket):  # see cloud_sync.mqtt_session._no_delay

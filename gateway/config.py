@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import ssl
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -46,6 +47,7 @@ from pydantic_settings import (
 from cloud_sync import breaker, dispatcher, https_client
 from cloud_sync.commands import LEEWAY_S, SUPPORTED_ALGORITHMS, Algorithm, CommandVerifier
 from cloud_sync.mqtt_session import MqttSettings
+from cloud_sync.mqtt_tls import MqttTlsError, client_tls_context
 from firmware_bridge import modbus_board, serial_board
 from firmware_bridge.driver import (
     MAX_CHANNELS,
@@ -64,7 +66,15 @@ from firmware_bridge.host_timed import check_channels
 from .credentials import CredentialError, apply_credentials
 from .profiles import DEFAULT_GROUPS, Profile
 
-__all__ = ["ConfigError", "GatewayConfig", "config_from_dict", "config_version", "load_config"]
+__all__ = [
+    "ConfigError",
+    "GatewayConfig",
+    "config_from_dict",
+    "config_version",
+    "file_problems",
+    "file_warnings",
+    "load_config",
+]
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -515,3 +525,68 @@ def config_version(config: GatewayConfig) -> str:
     overrides alike), so two gateways with the same settings report the same version."""
     digest = hashlib.sha256(config.model_dump_json().encode()).hexdigest()
     return f"sha256:{digest[:16]}"
+def file_problems(config: GatewayConfig, *, read_once_only: bool = False) -> list[str]:
+    """The files the config names that cannot be used, one line per problem naming the
+    key: ``metalav-gateway check-config`` refuses them (exit 2). Checked as the user
+    who runs the check, so run it as the service's user to check the permissions too.
+
+    Values from systemd's credentials are already in ``config`` (``load_config``), so a
+    credential handed over as a file is checked like any other path.
+
+    ``read_once_only``: only the files the daemon reads once, at start, and cannot run
+    without (``cloud.ca_file``): ``run`` refuses those rather than die on them. The
+    MQTT TLS files are read again at every connect (a renewed certificate is picked
+    up), so ``run`` names them at each failed attempt and keeps trying; the journal's
+    folder is created by the daemon itself."""
+    problems: list[str] = []
+    cloud_ca = config.cloud.ca_file
+    if cloud_ca is not None:
+        try:
+            cloud_ca.read_bytes()
+            ssl.create_default_context(cafile=str(cloud_ca))
+        except ssl.SSLError:
+            problems.append(f"cloud.ca_file: no PEM CA certificate in {cloud_ca}")
+        except OSError as exc:
+            problems.append(f"cloud.ca_file: cannot read {cloud_ca}: {exc.strerror or exc}")
+    if read_once_only:
+        return problems
+    mqtt = config.mqtt
+    if mqtt.tls_ca_file or mqtt.tls_cert_file:
+        # The session's own loader: check-config refuses exactly what it would.
+        try:
+            client_tls_context(mqtt.tls_ca_file, mqtt.tls_cert_file, mqtt.tls_key_file)
+        except MqttTlsError as exc:
+            problems.append(str(exc))
+    problem = _journal_problem(config.journal.path)
+    if problem:
+        problems.append(f"journal.path: {problem}")
+    return problems
+
+
+def file_warnings(config: GatewayConfig) -> list[str]:
+    """What ``check-config`` mentions without refusing: a serial port that is not there
+    now. The board may be plugged in after the install, and the daemon reopens the port
+    every ``board.reconnect_s`` until it is; a typo in the path shows here too."""
+    board = config.board
+    if board.driver == "gpio" or os.path.exists(board.port):
+        return []
+    return [
+        f"board.port: {board.port} does not exist now (board unplugged?); the daemon waits for it"
+    ]
+
+
+def _journal_problem(path: Path) -> str | None:
+    if path.exists():
+        if not path.is_file():
+            return f"{path} is not a file"
+        if not os.access(path, os.R_OK | os.W_OK):
+            return f"cannot read and write {path}"
+    folder = path.parent
+    while not folder.exists():  # the daemon creates the missing folders
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        # SQLite writes its -wal and -shm files beside the journal.
+        return f"cannot create files in {folder} (for {path.name} and its WAL)"
+    return None

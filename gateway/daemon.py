@@ -34,7 +34,7 @@ from .api import LocalApi
 from .backup import BackupSchedule, backup_dir
 from .boards import build_driver
 from .clock import ClockWatch, TimePolicy, kernel_clock_synchronized, test_clock_from_env
-from .config import ConfigError, GatewayConfig, load_config
+from .config import ConfigError, GatewayConfig, file_problems, file_warnings, load_config
 from .core import build_core
 from .health import HealthMonitor, HealthServer, Links
 from .heartbeat import Heartbeat
@@ -506,7 +506,15 @@ def main(argv: list[str] | None = None) -> int:
     config = _load(args.config)
     if config is None:
         return 2
+    # check-config: every file the config names; run: those it could not start without.
+    problems = file_problems(config, read_once_only=args.command == "run")
+    for line in problems:
+        print(f"config error: {line}", file=sys.stderr)
+    if problems:
+        return 2
     if args.command == "check-config":
+        for line in file_warnings(config):
+            print(f"warning: {line}", file=sys.stderr)
         print(f"config OK: gateway {config.gateway.id}, {len(config.machines)} machines")
         return 0
 
