@@ -46,7 +46,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from cloud_sync.backoff import Backoff
@@ -128,6 +128,7 @@ class OutboxDispatcher:
         backoff_max_s: float = BACKOFF_MAX_S,
         https_bulk_threshold: int | None = HTTPS_BULK_THRESHOLD,
         idle_poll_s: float = IDLE_POLL_S,
+        before_send: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         if max_attempts < 1 or batch_size < 1:
             raise ValueError("need max_attempts >= 1 and batch_size >= 1")
@@ -145,6 +146,11 @@ class OutboxDispatcher:
         self._backoff = Backoff(backoff_base_s, backoff_max_s)
         self.https_bulk_threshold = https_bulk_threshold
         self.idle_poll_s = idle_poll_s
+        # Awaited between a claim and the send: a store that writes without flushing
+        # (the gateway's journal) makes the claimed items durable there, so the cloud
+        # never hears of something a power cut could take back. Raising skips the
+        # round; the items return through requeue_stale.
+        self._before_send = before_send
         self._wakeup = asyncio.Event()
         self._progress = 0
 
@@ -188,6 +194,18 @@ class OutboxDispatcher:
             # The breaker's allow() may have handed us a probe slot: give it back.
             self._breaker(BREAKER_MQTT if channel == "mqtt" else BREAKER_EVENTS).cancel()
             return 0
+        if self._before_send is not None:
+            try:
+                await self._before_send()
+            except Exception as exc:
+                log.warning(
+                    "outbox: %d claimed item(s) not sent, the store cannot make them"
+                    " durable (%s); retried after the sending timeout",
+                    len(items),
+                    type(exc).__name__,
+                )
+                self._breaker(BREAKER_MQTT if channel == "mqtt" else BREAKER_EVENTS).cancel()
+                return 0
         if channel == "mqtt":
             delivered = await self._send_mqtt(items)
         else:

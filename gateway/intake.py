@@ -7,6 +7,11 @@ command the store cannot run is refused (journaled, answered, compensated); the 
 are journaled ``dispatching`` with their DispatchStamp (or ``accepted`` while the board
 is away) and handed to the dispatch worker. ``handle_command`` returns only once that
 decision is durable; the session acknowledges the message after that (promise 3).
+
+The decision is written without a flush and then awaited durable (journal/database.py):
+commands that arrive together share one fdatasync, which runs off the event loop. The
+dispatch worker flushes too before the first byte of a release, so no release, answer
+or acknowledgement ever leaves on a decision a power cut could take back.
 """
 
 from __future__ import annotations
@@ -96,8 +101,9 @@ class Intake:
         Raises only when the journal itself fails (then the message is not acked and
         is offered again once the journal writes)."""
         now = self._clock()
+        answer: bytes | None = None
         try:
-            self._decide(payload, now)
+            answer = self._decide(payload, now)
         except (JournalUnwritable, sqlite3.Error):
             # Not durable: no acknowledgement; the session offers it again later.
             raise
@@ -109,18 +115,23 @@ class Intake:
             self._journal.log_rejection(
                 execute_key=None, reason="internal_error", detail=type(exc).__name__, now=now
             )
+        # The decision (or the one a duplicate repeats, maybe written a moment ago by the
+        # command it duplicates) is durable before it is acknowledged or answered.
+        await self._journal.flushed()
+        if answer is not None:
+            self._publish(RESULTS_TOPIC, answer)
 
-    def _decide(self, payload: bytes, now: float) -> None:
+    def _decide(self, payload: bytes, now: float) -> bytes | None:
+        """Decide and write (unflushed); returns a stored result to re-send, if any."""
         try:
             cmd = self._verifier.verify(payload, now=now)
         except CommandRejected as rej:
             self._reject_unjournaled(rej, now)
-            return
+            return None
 
         known = self._stored(cmd.execute_key)
         if known is not None:
-            self._answer_duplicate(cmd, known)
-            return
+            return self._answer_duplicate(cmd, known)
         machine = self._config.machine(cmd.machine_id)
         refusal: tuple[ExecutionState, str | None] | None = None
         if machine is None:
@@ -138,7 +149,7 @@ class Intake:
             state, reason = refusal
             self._record(cmd, state=state, reason=reason, now=now)
             log.info("execution %s %s (%s)", cmd.execute_key, state, reason)
-            return
+            return None
 
         assert machine is not None  # no refusal: the machine exists
         stamp = self._dispatch.stamp()
@@ -166,6 +177,7 @@ class Intake:
         # After the dispatch task is queued, so the release goes out before the
         # "accepted" event: the customer waits on the first, nobody on the second.
         self._outbox_changed()
+        return None
 
     def _record(
         self,
@@ -191,7 +203,8 @@ class Intake:
             amount_cents=cmd.amount_cents,
             awaits_start=awaits_start,
         )
-        self._journal.record(new, state, reason=reason, now=now, dispatch=dispatch)
+        # Flushed by handle_command (and by the worker before the release's first byte).
+        self._journal.record(new, state, reason=reason, now=now, dispatch=dispatch, durable=False)
         if notify:
             self._outbox_changed()
 
@@ -199,7 +212,7 @@ class Intake:
         """The journaled execution of this key: a duplicate never reaches the board."""
         return self._journal.get(execute_key)
 
-    def _answer_duplicate(self, cmd: ExecuteCommand, known: Execution) -> None:
+    def _answer_duplicate(self, cmd: ExecuteCommand, known: Execution) -> bytes:
         if (cmd.payment_id, cmd.machine_id) != (known.payment_id, known.machine_id):
             # Same key, different content: the key wins, nothing is executed again.
             log.warning(
@@ -209,7 +222,7 @@ class Intake:
         log.info(
             "execution %s duplicate; re-sending stored result (%s)", known.execute_key, known.state
         )
-        self._publish(RESULTS_TOPIC, known.last_result.encode())
+        return known.last_result.encode()
 
     def _reject_unjournaled(self, rej: CommandRejected, now: float) -> None:
         """A command we cannot tie to a journal row: forged, malformed or not ours.
