@@ -442,7 +442,7 @@ class Profiler:
     def __init__(self, pid: int, out: Path) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         self._proc = subprocess.Popen(
-            ["py-spy", "record", "--pid", str(pid), "--rate", "500", "--format", "raw",
+            ["py-spy", "record", "--pid", str(pid), "--rate", "500", "--gil", "--format", "raw",
              "--output", str(out), "--nonblocking"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
