@@ -129,6 +129,7 @@ class OutboxDispatcher:
         https_bulk_threshold: int | None = HTTPS_BULK_THRESHOLD,
         idle_poll_s: float = IDLE_POLL_S,
         before_send: Callable[[], Awaitable[None]] | None = None,
+        coalesce_s: float = 0.0,
     ) -> None:
         if max_attempts < 1 or batch_size < 1:
             raise ValueError("need max_attempts >= 1 and batch_size >= 1")
@@ -151,6 +152,10 @@ class OutboxDispatcher:
         # never hears of something a power cut could take back. Raising skips the
         # round; the items return through requeue_stale.
         self._before_send = before_send
+        # After a wake-up from idle, wait this long before claiming, so that the events
+        # written together (a release's "accepted" and its outcome, a burst's results)
+        # go in one round: one claim and one "sent" write for all of them.
+        self.coalesce_s = coalesce_s
         self._wakeup = asyncio.Event()
         self._progress = 0
 
@@ -177,6 +182,8 @@ class OutboxDispatcher:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.idle_poll_s):
                     await self._wakeup.wait()
+            if self._wakeup.is_set() and self.coalesce_s > 0:
+                await asyncio.sleep(self.coalesce_s)
 
     async def run_once(self) -> int:
         """One round; returns how many items made progress: ``sent``, ``failed`` or

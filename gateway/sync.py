@@ -42,6 +42,9 @@ DEPTH_CHECK_S = 5.0
 # busy store the events of a release share its fsync; alone, an event leaves at most
 # this much later, which nobody waits for (the customer waits for the machine).
 OUTBOX_FLUSH_GRACE_S = 0.05
+# Woken by a new event, the dispatcher waits this long before claiming, so a release's
+# "accepted" and outcome events (about a millisecond apart) go out in one round.
+OUTBOX_COALESCE_S = 0.005
 RETENTION_FIRST_S = 300.0
 RETENTION_EVERY_S = 24 * 3600.0
 
@@ -89,6 +92,7 @@ class CloudSync:
             backoff_max_s=out.backoff_max_s,
             https_bulk_threshold=out.https_bulk_threshold,
             before_send=partial(journal.flushed, grace_s=OUTBOX_FLUSH_GRACE_S),
+            coalesce_s=OUTBOX_COALESCE_S,
         )
         self._depth_level = "normal"
 

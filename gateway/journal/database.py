@@ -28,6 +28,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -101,6 +102,9 @@ class Database:
         self.written = 0
         self.durable = 0
         self._flushing: asyncio.Future[None] | None = None
+        # One thread of its own, started at the first flush: flushes never overlap, and
+        # a disk that stalls holds up no other work of the loop's default executor.
+        self._flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-flush")
         self._durable_changed: asyncio.Event | None = None
         #: Tests only: called instead of os.fdatasync(fd) (e.g. to keep a copy of what
         #: a power cut would leave: the files as of each flush).
@@ -113,6 +117,7 @@ class Database:
         # A clean stop leaves nothing a power cut right after it could take back.
         with contextlib.suppress(JournalUnwritable):
             self._flush_now()
+        self._flusher.shutdown(wait=False)
         self._conn.close()
 
     # -- durability ------------------------------------------------------------
@@ -182,7 +187,7 @@ class Database:
     async def _flush_in_thread(self) -> None:
         mark = self.written
         try:
-            await asyncio.get_running_loop().run_in_executor(None, self._wal_sync)
+            await asyncio.get_running_loop().run_in_executor(self._flusher, self._wal_sync)
         except OSError as exc:
             self._set_fault(f"flush of the journal failed: {exc.strerror or exc}")
             raise JournalUnwritable(str(exc)) from exc
