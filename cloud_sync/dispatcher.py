@@ -156,6 +156,8 @@ class OutboxDispatcher:
         # written together (a release's "accepted" and its outcome, a burst's results)
         # go in one round: one claim and one "sent" write for all of them.
         self.coalesce_s = coalesce_s
+        # Delivered items whose "sent" the store could not write yet (ids, channel).
+        self._unmarked: list[tuple[list[int], str]] = []
         self._wakeup = asyncio.Event()
         self._progress = 0
 
@@ -189,6 +191,8 @@ class OutboxDispatcher:
         """One round; returns how many items made progress: ``sent``, ``failed`` or
         ``dead`` (0: nothing to do, no channel, or every claimed item was released)."""
         self._progress = 0
+        if not self._mark_delivered_earlier():
+            return 0
         now = self._clock()
         requeued = self._store.requeue_stale(self.sending_timeout_s, now)
         if requeued:
@@ -338,8 +342,31 @@ class OutboxDispatcher:
             self._mark_sent(done, channel)
 
     def _mark_sent(self, ids: list[int], channel: str) -> None:
-        self._store.mark_sent(ids, channel=channel, now=self._clock())
         self._progress += len(ids)
+        try:
+            self._store.mark_sent(ids, channel=channel, now=self._clock())
+        except Exception as exc:
+            # Delivered, but the store cannot write it down now (disk full): remember
+            # it here and mark it first thing in the next rounds. Left in ``sending``
+            # it would hold its stream back for sending_timeout_s.
+            self._unmarked.append((ids, channel))
+            log.warning(
+                "outbox: %d delivered item(s) not marked sent yet (%s)",
+                len(ids),
+                type(exc).__name__,
+            )
+
+    def _mark_delivered_earlier(self) -> bool:
+        """Mark what was delivered in rounds whose store write failed; False while the
+        store still cannot write."""
+        while self._unmarked:
+            ids, channel = self._unmarked[0]
+            try:
+                self._store.mark_sent(ids, channel=channel, now=self._clock())
+            except Exception:
+                return False
+            self._unmarked.pop(0)
+        return True
 
     # -- outcomes -------------------------------------------------------------------
 
