@@ -101,6 +101,9 @@ MAX_INFLIGHT = 100
 #: Back-off between offers of a command the sink could not make durable: doubling,
 #: no jitter (one message of this gateway waits; nothing is sent to the broker).
 NOT_DURABLE_RETRY = Backoff(0.5, 30.0, jitter=False)
+#: Commands handed to the sink and not yet acknowledged, at most (then the session
+#: stops reading the socket until the oldest is acknowledged).
+COMMAND_PIPELINE = 64
 
 
 class CommandSink(Protocol):
@@ -108,8 +111,12 @@ class CommandSink(Protocol):
         """Return only once the command's outcome is durable (journal commit).
 
         Raising means "not durable" (e.g. the disk is full): the message is not
-        acknowledged, and the session offers the same message again after a back-off,
-        taking nothing after it meanwhile."""
+        acknowledged, and the session offers the same message again after a back-off;
+        no later message is acknowledged before it.
+
+        Calls overlap: the next command is handed over while this one awaits its
+        durability, so the synchronous part of a handler runs in arrival order and
+        its await is where commands that arrived together share one flush."""
         ...
 
 
@@ -543,22 +550,51 @@ class MqttSession:
                 raise
 
     async def _serve_commands(self, client: aiomqtt.Client, sink: CommandSink) -> None:
-        # One at a time, in arrival order, so PUBACKs go out in order.
-        async for message in client.messages:
-            if message.topic.matches(self.command_topic):
-                await self._until_durable(sink, _as_bytes(message.payload), message.mid)
-            else:
-                log.warning("ignoring message on unexpected topic %s", message.topic)
-            if message.qos > 0:
+        """Hand each command to the sink as it arrives, acknowledge in arrival order.
+
+        A command is handed over without waiting for the one before it to be durable,
+        so commands that arrive together share one flush of the journal (the sink's
+        synchronous part runs in arrival order: each handler task starts in the order
+        it was created). The PUBACKs go out in arrival order (MQTT 3.1.1, 4.6), each
+        only once its own handle_command returned (promise 3)."""
+        in_order: asyncio.Queue[tuple[asyncio.Task[None] | None, int, int]] = asyncio.Queue(
+            maxsize=COMMAND_PIPELINE
+        )
+        async with asyncio.TaskGroup() as tg:
+            acker = tg.create_task(self._ack_in_order(client, in_order), name="mqtt-acks")
+            async for message in client.messages:
+                task: asyncio.Task[None] | None = None
+                if message.topic.matches(self.command_topic):
+                    task = tg.create_task(
+                        self._until_durable(sink, _as_bytes(message.payload), message.mid)
+                    )
+                else:
+                    log.warning("ignoring message on unexpected topic %s", message.topic)
+                await in_order.put((task, message.mid, message.qos))
+            await in_order.join()
+            acker.cancel()
+
+    async def _ack_in_order(
+        self,
+        client: aiomqtt.Client,
+        in_order: asyncio.Queue[tuple[asyncio.Task[None] | None, int, int]],
+    ) -> None:
+        while True:
+            task, mid, qos = await in_order.get()
+            if task is not None:
+                await task  # returns once durable (it retries until then)
+            if qos > 0:
                 # The PUBACK must never precede the journal commit (promise 3): only
                 # now, with handle_command returned, does the broker forget the command.
-                self._paho(client).ack(message.mid, message.qos)
+                self._paho(client).ack(mid, qos)
+            in_order.task_done()
 
     async def _until_durable(self, sink: CommandSink, payload: bytes, mid: int) -> None:
         """Offer one command to the sink until it is durable. Unacknowledged meanwhile,
-        it stays with the broker (redelivered after a reconnect or a crash); later
-        commands wait behind it. No reconnect is forced: that only hammers the broker
-        (a fleet with full disks would stampede it) and redelivers nothing new."""
+        it stays with the broker (redelivered after a reconnect or a crash); the
+        acknowledgements of later commands wait behind it. No reconnect is forced: that
+        only hammers the broker (a fleet with full disks would stampede it) and
+        redelivers nothing new."""
         delays = NOT_DURABLE_RETRY.delays()
         while True:
             try:

@@ -48,7 +48,7 @@ from cloud_sync import breaker, dispatcher, https_client
 from cloud_sync.commands import LEEWAY_S, SUPPORTED_ALGORITHMS, Algorithm, CommandVerifier
 from cloud_sync.mqtt_session import MqttSettings
 from cloud_sync.mqtt_tls import MqttTlsError, client_tls_context
-from firmware_bridge import modbus_board, serial_board
+from firmware_bridge import modbus_limits, serial_board
 from firmware_bridge.driver import (
     MAX_CHANNELS,
     MAX_EDGE_MS,
@@ -129,13 +129,13 @@ class CommandsSection(_Section):
 
 
 class ModbusSettings(_Section):
-    unit_id: int = Field(default=1, ge=1, le=modbus_board.MAX_UNIT_ID)
+    unit_id: int = Field(default=1, ge=1, le=modbus_limits.MAX_UNIT_ID)
     channels: int = Field(default=8, ge=1, le=MAX_CHANNELS)
     inputs: int = Field(default=8, ge=0, le=MAX_INPUTS)
     coil_offset: int = Field(default=0, ge=0)
     input_offset: int = Field(default=0, ge=0)
     relay_sense_offset: int | None = Field(default=None, ge=0)
-    timeout_s: float = Field(default=modbus_board.TIMEOUT_S, gt=0, le=10)
+    timeout_s: float = Field(default=modbus_limits.TIMEOUT_S, gt=0, le=10)
 
 
 class GpioSettings(_Section):

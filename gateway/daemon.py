@@ -300,7 +300,7 @@ class Daemon:
             if timeout is not None:
                 link = self.core.link
                 progress = Progress(
-                    journal_commit_since=lambda: self.journal.commit_since,
+                    journal_commit_since=self.journal.stalled_since,
                     board_ticked_at=lambda: link.ticked_at,
                     board_allowance_s=link.tick_allowance_s,
                 )

@@ -7,12 +7,18 @@ command the store cannot run is refused (journaled, answered, compensated); the 
 are journaled ``dispatching`` with their DispatchStamp (or ``accepted`` while the board
 is away) and handed to the dispatch worker. ``handle_command`` returns only once that
 decision is durable; the session acknowledges the message after that (promise 3).
+
+The decision is written without a flush and then awaited durable (journal/database.py):
+commands that arrive together share one fdatasync, which runs off the event loop. The
+dispatch worker flushes too before the first byte of a release, so no release, answer
+or acknowledgement ever leaves on a decision a power cut could take back.
 """
 
 from __future__ import annotations
 
 import logging
 import sqlite3
+from collections import OrderedDict
 from collections.abc import Callable
 
 from cloud_sync.commands import CommandRejected, CommandVerifier, ExecuteCommand
@@ -38,6 +44,12 @@ from .metrics import GatewayMetrics
 __all__ = ["Availability", "Intake"]
 
 log = logging.getLogger(__name__)
+
+#: Tokens whose command is journaled, remembered (token -> execute_key) so that the
+#: same token again — the cloud re-sends a command until it sees its result — is
+#: answered from the journal without verifying the signature again (~0.2 ms each).
+#: Only exact bytes that were verified once; any other token is verified in full.
+KNOWN_TOKENS_MAX = 1024
 
 
 class Availability:
@@ -98,6 +110,7 @@ class Intake:
         self._clock = clock
         self._metrics = metrics or GatewayMetrics()
         self._time = time_policy or TimePolicy(lambda: True)
+        self._known_tokens: OrderedDict[bytes, str] = OrderedDict()
 
     async def handle_command(self, payload: bytes) -> None:
         """Decide and journal the command; return once that decision is durable.
@@ -105,8 +118,9 @@ class Intake:
         Raises only when the journal itself fails (then the message is not acked and
         is offered again once the journal writes)."""
         now = self._clock()
+        answer: bytes | None = None
         try:
-            self._decide(payload, now)
+            answer = self._decide(payload, now)
         except (JournalUnwritable, sqlite3.Error):
             # Not durable: no acknowledgement; the session offers it again later.
             raise
@@ -118,24 +132,40 @@ class Intake:
             self._journal.log_rejection(
                 execute_key=None, reason="internal_error", detail=type(exc).__name__, now=now
             )
+        # The decision (or the one a duplicate repeats, maybe written a moment ago by the
+        # command it duplicates) is durable before it is acknowledged or answered.
+        await self._journal.flushed()
+        if answer is not None:
+            self._publish(RESULTS_TOPIC, answer)
 
-    def _decide(self, payload: bytes, now: float) -> None:
+    def _decide(self, payload: bytes, now: float) -> bytes | None:
+        """Decide and write (unflushed); returns a stored result to re-send, if any."""
         self._metrics.received()  # the release latency starts here
+        seen = self._known_tokens.get(payload)
+        if seen is not None:
+            stored = self._stored(seen)
+            if stored is not None:  # else pruned by retention since: decide afresh
+                log.info(
+                    "execution %s duplicate; re-sending stored result (%s)", seen, stored.state
+                )
+                self._metrics.duplicate()
+                return stored.last_result.encode()
         # An unsynchronised clock reads no token time (gateway/clock.py, README).
         trusted = self._time.trusted
         try:
             cmd = self._verifier.verify(payload, now=now, check_time=trusted)
         except CommandRejected as rej:
             self._reject_unjournaled(rej, now)
-            return
+            return None
         if not trusted:
             cmd = TimePolicy.own_lifetime(cmd, now)
 
         known = self._stored(cmd.execute_key)
         if known is not None:
-            self._answer_duplicate(cmd, known)
+            self._remember(payload, cmd.execute_key)
             self._metrics.duplicate()
-            return
+            return self._answer_duplicate(cmd, known)
+        self._remember(payload, cmd.execute_key)
         machine = self._config.machine(cmd.machine_id)
         refusal: tuple[ExecutionState, str | None] | None = None
         if machine is None:
@@ -154,7 +184,7 @@ class Intake:
             self._record(cmd, state=state, reason=reason, now=now)
             self._metrics.decided(cmd.execute_key, state, reason)
             log.info("execution %s %s (%s)", cmd.execute_key, state, reason)
-            return
+            return None
 
         assert machine is not None  # no refusal: the machine exists
         stamp = self._dispatch.stamp()
@@ -184,6 +214,7 @@ class Intake:
         # "accepted" event: the customer waits on the first, nobody on the second.
         self._outbox_changed()
         self._alert_duplicate_payment(cmd, now)
+        return None
 
     def _alert_duplicate_payment(self, cmd: ExecuteCommand, now: float) -> None:
         """Runbook 4C: a payment already released under another execute_key. The
@@ -238,15 +269,24 @@ class Intake:
             amount_cents=cmd.amount_cents,
             awaits_start=awaits_start,
         )
-        self._journal.record(new, state, reason=reason, now=now, dispatch=dispatch)
+        # Flushed by handle_command (and by the worker before the release's first byte).
+        self._journal.record(new, state, reason=reason, now=now, dispatch=dispatch, durable=False)
         if notify:
             self._outbox_changed()
+
+    def _remember(self, token: bytes, execute_key: str) -> None:
+        """This exact token is verified and (once this decision is written) journaled.
+        A decision that fails to write leaves no row: the lookup then misses."""
+        self._known_tokens[token] = execute_key
+        self._known_tokens.move_to_end(token)
+        if len(self._known_tokens) > KNOWN_TOKENS_MAX:
+            self._known_tokens.popitem(last=False)
 
     def _stored(self, execute_key: str) -> Execution | None:
         """The journaled execution of this key: a duplicate never reaches the board."""
         return self._journal.get(execute_key)
 
-    def _answer_duplicate(self, cmd: ExecuteCommand, known: Execution) -> None:
+    def _answer_duplicate(self, cmd: ExecuteCommand, known: Execution) -> bytes:
         if (cmd.payment_id, cmd.machine_id) != (known.payment_id, known.machine_id):
             # Same key, different content: the key wins, nothing is executed again.
             log.warning(
@@ -256,7 +296,7 @@ class Intake:
         log.info(
             "execution %s duplicate; re-sending stored result (%s)", known.execute_key, known.state
         )
-        self._publish(RESULTS_TOPIC, known.last_result.encode())
+        return known.last_result.encode()
 
     def _reject_unjournaled(self, rej: CommandRejected, now: float) -> None:
         """A command we cannot tie to a journal row: forged, malformed or not ours.

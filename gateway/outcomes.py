@@ -83,9 +83,12 @@ class Outcomes:
         boot_id: int,
         exec_count: int | None,
         now: float | None = None,
+        *,
+        durable: bool = True,
     ) -> None:
         """The board acted (or said it had): ``dispatching -> released``, with the start
-        confirmation's deadline for machines that have a busy input."""
+        confirmation's deadline for machines that have a busy input. ``durable=False``
+        for the dispatch worker, which flushes before its next release."""
         now = self._clock() if now is None else now
         times = {"released_at": now}
         machine = self._config.machine(row.machine_id)
@@ -100,6 +103,7 @@ class Outcomes:
             board_boot_id=boot_id,
             board_exec_count=exec_count,
             times=times,
+            durable=durable,
         ):
             self.outbox_changed()
             self.metrics.released(

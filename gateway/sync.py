@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 from cloud_sync.breaker import CircuitBreaker
@@ -36,6 +37,15 @@ __all__ = ["CloudSync"]
 log = logging.getLogger(__name__)
 
 DEPTH_CHECK_S = 5.0
+# Events are sent only once durable (a release's outcome is written without a flush,
+# journal/database.py). The dispatcher first waits this long for a flush the release
+# path does anyway (the next command's, the next release's), then flushes itself: in a
+# busy store the events of a release share its fsync; alone, an event leaves at most
+# this much later, which nobody waits for (the customer waits for the machine).
+OUTBOX_FLUSH_GRACE_S = 0.05
+# Woken by a new event, the dispatcher waits this long before claiming, so a release's
+# "accepted" and outcome events (about a millisecond apart) go out in one round.
+OUTBOX_COALESCE_S = 0.005
 RETENTION_FIRST_S = 300.0
 RETENTION_EVERY_S = 24 * 3600.0
 
@@ -82,6 +92,8 @@ class CloudSync:
             backoff_base_s=out.backoff_base_s,
             backoff_max_s=out.backoff_max_s,
             https_bulk_threshold=out.https_bulk_threshold,
+            before_send=partial(journal.flushed, grace_s=OUTBOX_FLUSH_GRACE_S),
+            coalesce_s=OUTBOX_COALESCE_S,
         )
         self._depth_level = "normal"
 

@@ -11,10 +11,12 @@ import sqlite3
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
-
-import sqlite_utils
+from typing import TYPE_CHECKING
 
 from .errors import JournalError
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "migrate"]
 
@@ -232,6 +234,11 @@ def migrate(
             f"{path}: schema version {version} is newer than this gateway "
             f"({SCHEMA_VERSION}); refusing to touch it"
         )
+    if version == SCHEMA_VERSION:
+        return
+    # Only a new or older journal loads sqlite-utils (~8 MB a daemon would keep for months).
+    import sqlite_utils
+
     db = sqlite_utils.Database(conn)
     for number in range(version + 1, SCHEMA_VERSION + 1):
         with transaction():
