@@ -435,6 +435,25 @@ class Window:
         return cpu, (self._fsyncs.stop() if self._fsyncs is not None else None)
 
 
+class Profiler:
+    """py-spy attached to the daemon (``--profile``): collapsed stacks, all threads,
+    idle frames left out, written when stopped."""
+
+    def __init__(self, pid: int, out: Path) -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self._proc = subprocess.Popen(
+            ["py-spy", "record", "--pid", str(pid), "--rate", "500", "--gil", "--format", "raw",
+             "--output", str(out), "--nonblocking"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(0.5)  # attached before the first timed command
+
+    def stop(self) -> None:
+        self._proc.send_signal(signal.SIGINT)
+        self._proc.wait(timeout=30)
+
+
 def _publish(cloud: CloudStandIn, token: bytes) -> float:
     t = time.monotonic()
     cloud._client.publish(cloud.command_topic, token, qos=1)  # noqa: SLF001 - no wait
@@ -712,6 +731,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="where journals live (default: $TMPDIR)")
     parser.add_argument("--keep", action="store_true", help="keep the working folder (logs)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="record the daemon with py-spy (collapsed stacks, one file per repetition) into"
+        " this folder; py-spy's sampling costs CPU, so the figures of such a run are not quoted",
+    )
     args = parser.parse_args(argv)
     base = QUICK if args.quick else FULL
     size = {
@@ -773,8 +798,11 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 for kind in order:
                     gw = kind(work / f"{rep}-{kind.name}", broker, cloud)
+                    spy: Profiler | None = None
                     try:
                         ready = gw.start()
+                        if args.profile is not None and kind is Daemon:
+                            spy = Profiler(gw.pid, args.profile / f"daemon-{rep}.txt")
                         result = measure(
                             gw,
                             tokens,
@@ -786,6 +814,8 @@ def main(argv: list[str] | None = None) -> int:
                         print(gw.log_tail(), file=sys.stderr)
                         raise
                     finally:
+                        if spy is not None:
+                            spy.stop()
                         gw.stop()
                     runs[kind.name].append({"ready_s": round(ready, 3), **result["figures"]})
                     checks[kind.name].append(result["checks"])

@@ -46,7 +46,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from cloud_sync.backoff import Backoff
@@ -128,6 +128,8 @@ class OutboxDispatcher:
         backoff_max_s: float = BACKOFF_MAX_S,
         https_bulk_threshold: int | None = HTTPS_BULK_THRESHOLD,
         idle_poll_s: float = IDLE_POLL_S,
+        before_send: Callable[[], Awaitable[None]] | None = None,
+        coalesce_s: float = 0.0,
     ) -> None:
         if max_attempts < 1 or batch_size < 1:
             raise ValueError("need max_attempts >= 1 and batch_size >= 1")
@@ -145,6 +147,17 @@ class OutboxDispatcher:
         self._backoff = Backoff(backoff_base_s, backoff_max_s)
         self.https_bulk_threshold = https_bulk_threshold
         self.idle_poll_s = idle_poll_s
+        # Awaited between a claim and the send: a store that writes without flushing
+        # (the gateway's journal) makes the claimed items durable there, so the cloud
+        # never hears of something a power cut could take back. Raising skips the
+        # round; the items return through requeue_stale.
+        self._before_send = before_send
+        # After a wake-up from idle, wait this long before claiming, so that the events
+        # written together (a release's "accepted" and its outcome, a burst's results)
+        # go in one round: one claim and one "sent" write for all of them.
+        self.coalesce_s = coalesce_s
+        # Delivered items whose "sent" the store could not write yet (ids, channel).
+        self._unmarked: list[tuple[list[int], str]] = []
         self._wakeup = asyncio.Event()
         self._progress = 0
 
@@ -171,11 +184,15 @@ class OutboxDispatcher:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.idle_poll_s):
                     await self._wakeup.wait()
+            if self._wakeup.is_set() and self.coalesce_s > 0:
+                await asyncio.sleep(self.coalesce_s)
 
     async def run_once(self) -> int:
         """One round; returns how many items made progress: ``sent``, ``failed`` or
         ``dead`` (0: nothing to do, no channel, or every claimed item was released)."""
         self._progress = 0
+        if not self._mark_delivered_earlier():
+            return 0
         now = self._clock()
         requeued = self._store.requeue_stale(self.sending_timeout_s, now)
         if requeued:
@@ -188,6 +205,18 @@ class OutboxDispatcher:
             # The breaker's allow() may have handed us a probe slot: give it back.
             self._breaker(BREAKER_MQTT if channel == "mqtt" else BREAKER_EVENTS).cancel()
             return 0
+        if self._before_send is not None:
+            try:
+                await self._before_send()
+            except Exception as exc:
+                log.warning(
+                    "outbox: %d claimed item(s) not sent, the store cannot make them"
+                    " durable (%s); retried after the sending timeout",
+                    len(items),
+                    type(exc).__name__,
+                )
+                self._breaker(BREAKER_MQTT if channel == "mqtt" else BREAKER_EVENTS).cancel()
+                return 0
         if channel == "mqtt":
             delivered = await self._send_mqtt(items)
         else:
@@ -313,8 +342,31 @@ class OutboxDispatcher:
             self._mark_sent(done, channel)
 
     def _mark_sent(self, ids: list[int], channel: str) -> None:
-        self._store.mark_sent(ids, channel=channel, now=self._clock())
         self._progress += len(ids)
+        try:
+            self._store.mark_sent(ids, channel=channel, now=self._clock())
+        except Exception as exc:
+            # Delivered, but the store cannot write it down now (disk full): remember
+            # it here and mark it first thing in the next rounds. Left in ``sending``
+            # it would hold its stream back for sending_timeout_s.
+            self._unmarked.append((ids, channel))
+            log.warning(
+                "outbox: %d delivered item(s) not marked sent yet (%s)",
+                len(ids),
+                type(exc).__name__,
+            )
+
+    def _mark_delivered_earlier(self) -> bool:
+        """Mark what was delivered in rounds whose store write failed; False while the
+        store still cannot write."""
+        while self._unmarked:
+            ids, channel = self._unmarked[0]
+            try:
+                self._store.mark_sent(ids, channel=channel, now=self._clock())
+            except Exception:
+                return False
+            self._unmarked.pop(0)
+        return True
 
     # -- outcomes -------------------------------------------------------------------
 

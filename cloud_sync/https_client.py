@@ -30,13 +30,15 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from cloud_sync.backoff import Backoff
 from cloud_sync.outbox import OutboxItem
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = [
     "CloudError",
@@ -95,6 +97,8 @@ class CloudRejected(CloudError):
 
 @contextmanager
 def _translate_httpx_errors() -> Iterator[None]:
+    import httpx
+
     try:
         yield
     except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
@@ -155,13 +159,16 @@ class CloudHttpClient:
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
         self.gateway_id = gateway_id
-        self._client = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"),
-            headers=headers,
-            timeout=timeout_s,
-            transport=transport,
-            verify=verify,
-        )
+        # httpx (and its TLS context) is loaded at the first request: a store whose
+        # events go over MQTT may never make one, and it costs ~10 MB of memory.
+        self._client_args: dict[str, Any] = {
+            "base_url": base_url.rstrip("/"),
+            "headers": headers,
+            "timeout": timeout_s,
+            "transport": transport,
+            "verify": verify,
+        }
+        self._http: httpx.AsyncClient | None = None
         self._retry_attempts = max(1, retry_attempts)
         self._retry_wait = Backoff(retry_base_s, retry_max_s).wait
         self._sleep = sleep
@@ -172,8 +179,17 @@ class CloudHttpClient:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
+    @property
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            import httpx
+
+            self._http = httpx.AsyncClient(**self._client_args)
+        return self._http
+
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._http is not None:
+            await self._http.aclose()
 
     async def post_events(self, items: Sequence[OutboxItem]) -> None:
         """``POST /api/gateways/{gateway_id}/events`` with ``{"events": [...]}``, in order."""

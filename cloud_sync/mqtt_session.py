@@ -33,40 +33,56 @@ from typing import Any, Protocol, Self
 
 import aiomqtt
 import paho.mqtt.client as paho
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from cloud_sync.backoff import Backoff
+from cloud_sync.mqtt_tls import MqttTlsError, client_tls_context, explain_tls_failure
 
 __all__ = [
     "ALERTS_TOPIC",
+    "OPERATIONS_TOPIC",
     "COMMANDS_TOPIC",
     "COMPENSATION_TOPIC",
     "CYCLES_TOPIC",
     "EVENT_TOPICS",
     "PRESENCE_TOPIC",
     "RESULTS_TOPIC",
+    "STATUS_TOPIC",
     "TOPIC_PREFIX",
     "CommandSink",
     "MqttLinkDown",
+    "MqttTlsError",
     "MqttSettings",
     "MqttSession",
     "base_topic",
 ]
 
 log = logging.getLogger(__name__)
+# aiomqtt's and paho's own lines (paho logs packets at DEBUG, socket errors at ERROR).
+_client_log = log.getChild("client")
 
 # The contract's topics, under P = base_topic(...) (docs/mqtt-contract.md "Topics");
 # the core publishes its events under these names.
 TOPIC_PREFIX = "metalav/v1"  # the default; configurable
 COMMANDS_TOPIC = "commands/execute"
 PRESENCE_TOPIC = "presence"
+#: The retained heartbeat (gateway/heartbeat.py), beside presence.
+STATUS_TOPIC = "status"
 RESULTS_TOPIC = "results"
 CYCLES_TOPIC = "cycles"
 COMPENSATION_TOPIC = "compensation"
 ALERTS_TOPIC = "alerts"
 #: Every topic an outbox item may have (OutboxItem.topic).
-EVENT_TOPICS = (RESULTS_TOPIC, CYCLES_TOPIC, COMPENSATION_TOPIC, ALERTS_TOPIC)
+OPERATIONS_TOPIC = "operations"  # technicians' operation records (issue 12)
+EVENT_TOPICS = (RESULTS_TOPIC, CYCLES_TOPIC, COMPENSATION_TOPIC, ALERTS_TOPIC, OPERATIONS_TOPIC)
 
 #: A connection that lasted this long resets the reconnect backoff.
 STABLE_CONNECTION_S = 30.0
@@ -74,6 +90,10 @@ STABLE_CONNECTION_S = 30.0
 PUBLISH_TIMEOUT_S = 10.0
 #: aiomqtt warns above this many calls awaiting the broker (its default is 10).
 PENDING_CALLS_WARNING = 10_000
+#: How long a connect waits for the broker's CONNACK before it tries again.
+CONNACK_TIMEOUT_S = 30.0
+#: How long giving up a silent broker waits for paho to close the socket.
+CLOSE_TIMEOUT_S = 2.0
 #: How long a clean stop waits for the broker to take the "offline" presence.
 OFFLINE_PUBLISH_TIMEOUT_S = 2.0
 #: QoS 1 messages awaiting their PUBACK at once (mosquitto's default cap).
@@ -81,6 +101,9 @@ MAX_INFLIGHT = 100
 #: Back-off between offers of a command the sink could not make durable: doubling,
 #: no jitter (one message of this gateway waits; nothing is sent to the broker).
 NOT_DURABLE_RETRY = Backoff(0.5, 30.0, jitter=False)
+#: Commands handed to the sink and not yet acknowledged, at most (then the session
+#: stops reading the socket until the oldest is acknowledged).
+COMMAND_PIPELINE = 64
 
 
 class CommandSink(Protocol):
@@ -88,8 +111,12 @@ class CommandSink(Protocol):
         """Return only once the command's outcome is durable (journal commit).
 
         Raising means "not durable" (e.g. the disk is full): the message is not
-        acknowledged, and the session offers the same message again after a back-off,
-        taking nothing after it meanwhile."""
+        acknowledged, and the session offers the same message again after a back-off;
+        no later message is acknowledged before it.
+
+        Calls overlap: the next command is handed over while this one awaits its
+        durability, so the synchronous part of a handler runs in arrival order and
+        its await is where commands that arrived together share one flush."""
         ...
 
 
@@ -163,22 +190,40 @@ class MqttSettings(BaseModel):
     reconnect_min_s: float = Field(default=1.0, gt=0)
     reconnect_max_s: float = Field(default=60.0, gt=0)
 
+    @field_validator("topic_prefix")
+    @classmethod
+    def _plain_prefix(cls, v: str) -> str:
+        # The prefix is a literal part of every topic and of the broker's ACL patterns:
+        # a wildcard would subscribe the gateway to other stores' commands (where the
+        # ACL lets it) and can never be published to.
+        if any(c in v for c in "+#\0"):
+            raise ValueError("must not contain the MQTT wildcards '+' or '#' (nor NUL)")
+        if not v or v.startswith("/") or v.endswith("/") or "//" in v:
+            raise ValueError("must be topic levels separated by single '/', e.g. metalav/v1")
+        return v
+
     @model_validator(mode="after")
     def _reconnect_bounds(self) -> Self:
         if self.reconnect_min_s > self.reconnect_max_s:
             # A ValidationError rather than a ValueError, so that the error names the
             # key (mqtt.reconnect_min_s) and not only the section.
-            raise ValidationError.from_exception_data(
-                type(self).__name__,
-                [
-                    InitErrorDetails(
-                        type=PydanticCustomError("value_error", "must not exceed reconnect_max_s"),
-                        loc=("reconnect_min_s",),
-                        input=self.reconnect_min_s,
-                    )
-                ],
-            )
+            raise _error_at(self, "reconnect_min_s", "must not exceed reconnect_max_s")
+        if self.tls_key_file is not None and self.tls_cert_file is None:
+            raise _error_at(self, "tls_key_file", "is set without tls_cert_file")
         return self
+
+
+def _error_at(model: BaseModel, key: str, message: str) -> ValidationError:
+    return ValidationError.from_exception_data(
+        type(model).__name__,
+        [
+            InitErrorDetails(
+                type=PydanticCustomError("value_error", message),
+                loc=(key,),
+                input=getattr(model, key),
+            )
+        ],
+    )
 
 
 def base_topic(topic_prefix: str, gateway_id: str) -> str:
@@ -225,6 +270,9 @@ class MqttSession:
         self._connected = False
         self._link_down = asyncio.Event()
         self._link_down.set()
+        #: Set once the first connection was tried, whatever came of it (the daemon's
+        #: READY=1 to systemd waits for it).
+        self.tried = asyncio.Event()
         self.base_topic = base_topic(settings.topic_prefix, gateway_id)
         self.command_topic = f"{self.base_topic}/{COMMANDS_TOPIC}"
         self.presence_topic = f"{self.base_topic}/{PRESENCE_TOPIC}"
@@ -285,8 +333,9 @@ class MqttSession:
             for i in range(len(items))
         ]
 
-    def publish_best_effort(self, topic: str, payload: bytes) -> None:
+    def publish_best_effort(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         """QoS 1 publish of ``P/<topic>`` if connected, silently dropped otherwise.
+        ``retain``: the broker keeps it for later subscribers (the heartbeat).
 
         Used to re-publish a stored result for a duplicate command; the cloud keeps
         re-sending the command until a result arrives, so a loss here is harmless."""
@@ -295,7 +344,9 @@ class MqttSession:
             return
         # paho's publish only queues the packet (no await needed); aiomqtt's
         # on_publish callback ignores mids it is not waiting for.
-        info = self._paho(client).publish(f"{self.base_topic}/{topic}", payload, qos=1)
+        info = self._paho(client).publish(
+            f"{self.base_topic}/{topic}", payload, qos=1, retain=retain
+        )
         if info.rc != paho.MQTT_ERR_SUCCESS:
             log.debug("best-effort publish to %s dropped (rc=%s)", topic, info.rc)
 
@@ -311,6 +362,10 @@ class MqttSession:
             started = time.monotonic()
             try:
                 await self._connect_and_serve(sink)
+            except* MqttTlsError as group:
+                # A file or a certificate to fix: one line naming it, then the usual
+                # back-off (a renewed certificate is picked up at the next attempt).
+                log.error("%s", "; ".join(map(str, group.exceptions)))
             except* aiomqtt.MqttError as group:
                 log.warning("MQTT link lost: %s", "; ".join(map(str, group.exceptions)))
             except* Exception as group:
@@ -323,6 +378,7 @@ class MqttSession:
             finally:
                 self._client = None
                 self._set_link(False)
+                self.tried.set()
             if time.monotonic() - started >= STABLE_CONNECTION_S:
                 attempt = 0
             delay = self._backoff(attempt)
@@ -337,11 +393,9 @@ class MqttSession:
         s = self._settings
         tls = None
         if s.tls_ca_file or s.tls_cert_file:
-            tls = aiomqtt.TLSParameters(
-                ca_certs=_path(s.tls_ca_file),
-                certfile=_path(s.tls_cert_file),
-                keyfile=_path(s.tls_key_file),
-            )
+            # Built here, at every attempt, rather than by paho: its errors name no
+            # file, and a file fixed meanwhile is read again.
+            tls = client_tls_context(s.tls_ca_file, s.tls_cert_file, s.tls_key_file)
         client = aiomqtt.Client(
             s.host,
             s.port,
@@ -351,10 +405,11 @@ class MqttSession:
             identifier=self.gateway_id,
             clean_session=False,
             keepalive=s.keepalive_s,
-            tls_params=tls,
+            tls_context=tls,
             # paho's default window is 20 unacked QoS 1 messages; publish_many's
             # pipeline needs a wider one (brokers cap it with their receive maximum).
             max_inflight_messages=MAX_INFLIGHT,
+            logger=_client_log,
             will=aiomqtt.Will(
                 self.presence_topic, _presence("offline", self.gateway_id), qos=1, retain=True
             ),
@@ -372,9 +427,103 @@ class MqttSession:
         # aiomqtt 2.5 wraps a paho client without exposing manual acks (issue 345).
         return client._client
 
+    async def _connect(self, client: aiomqtt.Client) -> None:
+        """``client.__aenter__`` (CONNECT .. CONNACK), failing as soon as the link drops
+        before the CONNACK, with a TLS failure told by :func:`explain_tls_failure`.
+
+        aiomqtt 2.5 ignores a disconnect before the CONNACK and would wait forever: a
+        TLS 1.3 broker that refuses the client certificate does just that (the alert
+        arrives on the first read, after the handshake; paho logs it and drops the link)."""
+        s = self._settings
+        paho_client = self._paho(client)
+        loop = asyncio.get_running_loop()
+        lost: asyncio.Future[None] = loop.create_future()
+        errors: list[str] = []
+        aiomqtt_on_disconnect = paho_client.on_disconnect
+
+        def on_log(_c: paho.Client, _u: object, level: int, text: str) -> None:
+            if level == paho.MQTT_LOG_ERR:
+                errors.append(text)
+
+        def on_disconnect(*args: Any) -> None:
+            if aiomqtt_on_disconnect is not None:
+                aiomqtt_on_disconnect(*args)
+            # paho calls this from the event loop's reader, or from connect's thread.
+            loop.call_soon_threadsafe(_settle, lost)
+
+        aiomqtt_register_write = paho_client.on_socket_register_write
+
+        def on_register_write(c: paho.Client, userdata: Any, sock: Any) -> None:
+            # paho queues the CONNECT from connect's thread, when the loop may already
+            # have read the broker's refusal and closed the socket: aiomqtt would then
+            # register a closed socket (a traceback in the log). Here the writer is
+            # added in the loop, at once, only if the socket is still open; paho's
+            # close removes it through aiomqtt's unregister callback.
+            def write() -> None:
+                try:
+                    c.loop_write()
+                except Exception as exc:  # like aiomqtt: the link is gone
+                    errors.append(str(exc))
+                    _settle(lost)
+
+            def register() -> None:
+                if sock.fileno() != -1:
+                    loop.add_writer(sock, write)
+
+            loop.call_soon_threadsafe(register)
+
+        paho_client.on_log = on_log
+        paho_client.on_disconnect = on_disconnect
+        paho_client.on_socket_register_write = on_register_write
+        # Until the CONNACK, paho's errors go to on_log only: the failure is logged
+        # once, explained, by run().
+        paho_client.disable_logger()
+        enter: asyncio.Future[Any] = asyncio.ensure_future(client.__aenter__())
+        try:
+            await asyncio.wait(
+                {enter, lost}, timeout=CONNACK_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+            )
+            if not enter.done():
+                dropped = lost.done()
+                if not dropped:
+                    # A silent broker: DISCONNECT. paho closes the socket right after
+                    # writing it, then calls on_disconnect (which settles ``lost``).
+                    paho_client.disconnect()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(lost), CLOSE_TIMEOUT_S)
+                # Only with the socket closed: once the CONNACK wait is cancelled,
+                # aiomqtt's on_disconnect would raise in paho's callback.
+                enter.cancel()
+                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                    await enter
+                if errors:
+                    reason = errors[-1]
+                elif dropped:
+                    reason = "the broker closed the connection before its CONNACK"
+                else:
+                    reason = f"no CONNACK in {CONNACK_TIMEOUT_S:g} s"
+                raise _tls_or_link_error(reason, s)
+        except asyncio.CancelledError:
+            # Stopped mid-connect: the attempt's outcome no longer matters.
+            enter.cancel()
+            enter.add_done_callback(_retrieve)
+            raise
+        finally:
+            lost.cancel()
+            paho_client.enable_logger(_client_log)
+            paho_client.on_log = None
+            paho_client.on_socket_register_write = aiomqtt_register_write
+            paho_client.on_disconnect = aiomqtt_on_disconnect
+        try:
+            enter.result()
+        except aiomqtt.MqttError as exc:
+            raise _tls_or_link_error(str(exc), s) from None
+
     async def _connect_and_serve(self, sink: CommandSink) -> None:
         client = self._make_client()
-        async with client:
+        await self._connect(client)
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_exit(client)
             self._client = client
             _no_delay(self._paho(client).socket())
             try:
@@ -401,22 +550,51 @@ class MqttSession:
                 raise
 
     async def _serve_commands(self, client: aiomqtt.Client, sink: CommandSink) -> None:
-        # One at a time, in arrival order, so PUBACKs go out in order.
-        async for message in client.messages:
-            if message.topic.matches(self.command_topic):
-                await self._until_durable(sink, _as_bytes(message.payload), message.mid)
-            else:
-                log.warning("ignoring message on unexpected topic %s", message.topic)
-            if message.qos > 0:
+        """Hand each command to the sink as it arrives, acknowledge in arrival order.
+
+        A command is handed over without waiting for the one before it to be durable,
+        so commands that arrive together share one flush of the journal (the sink's
+        synchronous part runs in arrival order: each handler task starts in the order
+        it was created). The PUBACKs go out in arrival order (MQTT 3.1.1, 4.6), each
+        only once its own handle_command returned (promise 3)."""
+        in_order: asyncio.Queue[tuple[asyncio.Task[None] | None, int, int]] = asyncio.Queue(
+            maxsize=COMMAND_PIPELINE
+        )
+        async with asyncio.TaskGroup() as tg:
+            acker = tg.create_task(self._ack_in_order(client, in_order), name="mqtt-acks")
+            async for message in client.messages:
+                task: asyncio.Task[None] | None = None
+                if message.topic.matches(self.command_topic):
+                    task = tg.create_task(
+                        self._until_durable(sink, _as_bytes(message.payload), message.mid)
+                    )
+                else:
+                    log.warning("ignoring message on unexpected topic %s", message.topic)
+                await in_order.put((task, message.mid, message.qos))
+            await in_order.join()
+            acker.cancel()
+
+    async def _ack_in_order(
+        self,
+        client: aiomqtt.Client,
+        in_order: asyncio.Queue[tuple[asyncio.Task[None] | None, int, int]],
+    ) -> None:
+        while True:
+            task, mid, qos = await in_order.get()
+            if task is not None:
+                await task  # returns once durable (it retries until then)
+            if qos > 0:
                 # The PUBACK must never precede the journal commit (promise 3): only
                 # now, with handle_command returned, does the broker forget the command.
-                self._paho(client).ack(message.mid, message.qos)
+                self._paho(client).ack(mid, qos)
+            in_order.task_done()
 
     async def _until_durable(self, sink: CommandSink, payload: bytes, mid: int) -> None:
         """Offer one command to the sink until it is durable. Unacknowledged meanwhile,
-        it stays with the broker (redelivered after a reconnect or a crash); later
-        commands wait behind it. No reconnect is forced: that only hammers the broker
-        (a fleet with full disks would stampede it) and redelivers nothing new."""
+        it stays with the broker (redelivered after a reconnect or a crash); the
+        acknowledgements of later commands wait behind it. No reconnect is forced: that
+        only hammers the broker (a fleet with full disks would stampede it) and
+        redelivers nothing new."""
         delays = NOT_DURABLE_RETRY.delays()
         while True:
             try:
@@ -438,6 +616,7 @@ class MqttSession:
             return
         self._connected = up
         if up:
+            self.tried.set()
             self._link_down.clear()
         else:
             self._link_down.set()
@@ -448,8 +627,21 @@ class MqttSession:
                 log.exception("on_link_change callback failed")
 
 
-def _path(path: Path | None) -> str | None:
-    return None if path is None else str(path)
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _tls_or_link_error(error: str, s: MqttSettings) -> Exception:
+    explained = explain_tls_failure(
+        error, ca_file=s.tls_ca_file, cert_file=s.tls_cert_file, port=s.port
+    )
+    return aiomqtt.MqttError(error) if explained is None else MqttTlsError(explained)
 
 
 def _no_delay(sock: object) -> None:

@@ -18,9 +18,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["LocalBroker", "BrokerStartError", "free_port", "local_broker_kind"]
+__all__ = ["BrokerTls", "LocalBroker", "BrokerStartError", "free_port", "local_broker_kind"]
 
 
 class BrokerStartError(RuntimeError):
@@ -50,6 +51,32 @@ log_dest stderr
 log_type error
 log_type warning
 """
+
+# The TLS listener of a store's broker (docs/brokers/mosquitto.conf is the commented
+# production version): every client shows a certificate of the CA, its common name is
+# its user name (the ACL's %u) and its client id, so a gateway can neither read another
+# store's topics nor take over its persistent session.
+_MOSQUITTO_TLS = """\
+cafile {ca_file}
+certfile {cert_file}
+keyfile {key_file}
+require_certificate true
+use_identity_as_username true
+use_username_as_clientid true
+allow_anonymous false
+"""
+
+
+@dataclass(frozen=True)
+class BrokerTls:
+    """A TLS listener: the broker's own certificate and key, the CA its clients'
+    certificates must chain to, and optionally a mosquitto ACL file."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    acl_file: Path | None = None
+
 
 _AMQTT_RUNNER = """\
 import asyncio, sys
@@ -92,12 +119,21 @@ def local_broker_kind() -> str:
 class LocalBroker:
     """Start/stop a broker on ``127.0.0.1:port``; it can be stopped and started again
     on the same port (tests use that to cut the link). With ``persistence=True``
-    (mosquitto only) queued messages of persistent sessions survive a restart."""
+    (mosquitto only) queued messages of persistent sessions survive a restart. With
+    ``tls`` (mosquitto only) the one listener is TLS with client certificates
+    required, and the ACL file, if any, applies."""
 
-    def __init__(self, port: int | None = None, *, persistence: bool = False) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        persistence: bool = False,
+        tls: BrokerTls | None = None,
+    ) -> None:
         self.host = "127.0.0.1"
         self.port = port or free_port()
         self.persistence = persistence
+        self.tls = tls
         self._workdir = Path(tempfile.mkdtemp(prefix="metalav-broker-"))
         self._proc: subprocess.Popen[bytes] | None = None
         self._exe = _mosquitto_to_use()
@@ -106,17 +142,27 @@ class LocalBroker:
     def start(self, timeout: float = 10.0) -> None:
         if self._proc is not None and self._proc.poll() is None:
             return
+        if self.tls is not None and not self._exe:
+            raise BrokerStartError("a TLS listener needs mosquitto (the amqtt fallback has none)")
         log = open(self._workdir / "broker.log", "ab")  # noqa: SIM115 - owned by the child
         if self._exe:
             conf = self._workdir / "mosquitto.conf"
-            conf.write_text(
-                _MOSQUITTO_CONF.format(
-                    port=self.port,
-                    user=getpass.getuser(),
-                    workdir=self._workdir,
-                    persistence="true" if self.persistence else "false",
-                )
+            text = _MOSQUITTO_CONF.format(
+                port=self.port,
+                user=getpass.getuser(),
+                workdir=self._workdir,
+                persistence="true" if self.persistence else "false",
             )
+            if self.tls is not None:
+                text = text.replace("allow_anonymous true\n", "")
+                text += _MOSQUITTO_TLS.format(
+                    ca_file=self.tls.ca_file,
+                    cert_file=self.tls.cert_file,
+                    key_file=self.tls.key_file,
+                )
+                if self.tls.acl_file is not None:
+                    text += f"acl_file {self.tls.acl_file}\n"
+            conf.write_text(text)
             cmd = [self._exe, "-c", str(conf)]
         else:
             if importlib.util.find_spec("amqtt") is None:

@@ -13,10 +13,12 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
+import tomllib
 import uuid
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,15 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud_sync.signing import generate_demo_keypair, sign_command
 
-__all__ = ["CloudStandIn", "DaemonProcess", "SimulatorProcess", "demo_config", "DEMO_MACHINES"]
+from .broker import free_port
+
+__all__ = [
+    "CloudStandIn",
+    "DaemonProcess",
+    "SimulatorProcess",
+    "demo_config",
+    "DEMO_MACHINES",
+]
 
 DEMO_MACHINES = [
     {
@@ -105,7 +115,12 @@ def demo_config(
         "[api]",
         f"socket = {_toml_value(workdir / 'metalav.sock')}",
     ]
-    for name, values in (sections or {}).items():
+    sections = dict(sections or {})
+    # A free loopback port for /health and /metrics (several daemons run at once), and a
+    # trusted clock: a development machine's kernel may say "not synchronised".
+    sections["health"] = {"port": free_port(), **sections.get("health", {})}
+    sections["clock"] = {"sync_check": "off", **sections.get("clock", {})}
+    for name, values in sections.items():
         lines.append(f"[{name}]")
         lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
     for m in machines or DEMO_MACHINES:
@@ -195,6 +210,11 @@ class DaemonProcess:
         self.log_path = workdir / "daemon.log"
         self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
+        health = tomllib.loads(config_path.read_text()).get("health", {})
+        #: Where /health, /health/detailed and /metrics answer (None: turned off).
+        self.health_url = (
+            f"http://127.0.0.1:{health['port']}" if health.get("port") else None
+        )
 
     def start(self, **extra_env: str) -> None:
         env = {**os.environ, **self.env, **extra_env}
@@ -246,6 +266,11 @@ class DaemonProcess:
         assert self.proc is not None
         return self.proc.wait(timeout=timeout)
 
+    def send_signal(self, sig: int) -> None:
+        """E.g. ``signal.SIGHUP`` (what ``systemctl reload`` sends) or ``SIGTERM``."""
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
     def kill9(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
@@ -281,6 +306,7 @@ class CloudStandIn:
         topic_prefix: str = "metalav/v1",
         private_key_pem: str | None = None,
         public_key_pem: str | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         if private_key_pem is None:
             private_key_pem, public_key_pem = generate_demo_keypair()
@@ -301,6 +327,8 @@ class CloudStandIn:
             CallbackAPIVersion.VERSION2, client_id=f"cloud-standin-{uuid.uuid4().hex[:8]}"
         )
         self._client.on_message = self._on_message
+        if tls is not None:  # the cloud's own client certificate, on a TLS broker
+            self._client.tls_set_context(tls)
         self._client.connect(host, port, keepalive=30)
         sock = self._client.socket()
         if isinstance(sock, socket.socket):  # see cloud_sync.mqtt_session._no_delay

@@ -53,15 +53,11 @@ from pymodbus.pdu import ExceptionResponse, ModbusPDU
 from firmware_bridge.exceptions import BoardNack, BoardNoReply, BoardUnavailable
 from firmware_bridge.frames import FrameType, NackReason
 from firmware_bridge.host_timed import HostTimedBoard, OutputFault
+from firmware_bridge.modbus_limits import MAX_UNIT_ID, TIMEOUT_S
 
 __all__ = ["MAX_UNIT_ID", "TIMEOUT_S", "ModbusBoard"]
 
 LOGGER = logging.getLogger(__name__)
-
-#: Seconds to wait for a board's answer to one request, before retransmitting it.
-TIMEOUT_S = 0.3
-#: Unit ids 1..247 address one device (Modbus over serial line v1.02, section 2.2).
-MAX_UNIT_ID = 247
 
 # Modbus exception codes that mean "refused before acting" (Modbus application
 # protocol v1.1b3, section 7) and the NACK reason the gateway understands.

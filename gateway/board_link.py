@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -71,10 +72,33 @@ class BoardLink:
         self._down = asyncio.Event()
         self._down.set()
         self._started_up = False  # outputs are forced off once, at the first connect
+        #: ``time.monotonic()`` of the input poll's last round (the systemd watchdog
+        #: stops its pings when the board supervision stops ticking; supervision.py).
+        self.ticked_at = time.monotonic()
+        #: Set once the first connect was tried, whatever came of it (READY=1 waits).
+        self.tried = asyncio.Event()
 
     @property
     def connected(self) -> bool:
         return self.state.connected
+
+    @property
+    def poll_period_s(self) -> float:
+        # Busy inputs need fast sampling (start confirmation, debounce); without any,
+        # the poll only watches relay contacts and the boot id, and a health-check pace
+        # keeps the serial line free for releases.
+        board = self._config.board
+        wired = any(m.busy_input for m in self._config.machines)
+        return board.poll_ms / 1000 if wired else board.health_ping_s
+
+    @property
+    def tick_allowance_s(self) -> float:
+        """How long the input poll may go without a tick and still be healthy: its
+        period, plus what it may wait for under the board lock (a release and a query
+        with all their retries) and a reconnect."""
+        board = self._config.board
+        exchange_s = board.ack_timeout_s * (board.max_retries + 1)
+        return self.poll_period_s + board.reconnect_s + 2 * exchange_s
 
     def lost(self, error: str) -> None:
         """The board stopped answering, or its port went away."""
@@ -98,20 +122,18 @@ class BoardLink:
             if self.state.connected:
                 await self._down.wait()
                 continue
-            if not await self._connect():
+            connected = await self._connect()
+            self.tried.set()
+            if not connected:
                 await asyncio.sleep(self._config.board.reconnect_s)
 
     async def run_inputs(self) -> None:
         """Sample the board's inputs: busy signals (start confirmation, completion),
         sensed relay contacts (stuck relays), and the boot id (board resets)."""
-        # Busy inputs need fast sampling (start confirmation, debounce); without any,
-        # the poll only watches relay contacts and the boot id, and a health-check pace
-        # keeps the serial line free for releases.
-        board = self._config.board
-        wired = any(m.busy_input for m in self._config.machines)
-        period = board.poll_ms / 1000 if wired else board.health_ping_s
+        period = self.poll_period_s
         while True:
             await asyncio.sleep(period)
+            self.ticked_at = time.monotonic()
             if not self.state.connected:
                 continue
             try:
@@ -120,6 +142,7 @@ class BoardLink:
             except BoardError as exc:
                 await self.drop(str(exc))
                 continue
+            self.ticked_at = time.monotonic()
             if snapshot.boot_id != self.state.boot_id:
                 self._up(snapshot.boot_id)
             self._inputs.sample(snapshot, self._clock())

@@ -5,9 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from firmware_bridge.driver import BoardDriver
-from firmware_bridge.gpio_board import GpioBoard
 from firmware_bridge.host_timed import OutputFault
-from firmware_bridge.modbus_board import ModbusBoard
 from firmware_bridge.serial_board import SerialBoard
 
 from .config import GatewayConfig
@@ -28,6 +26,9 @@ def build_driver(config: GatewayConfig, on_fault: Callable[[OutputFault], None])
             max_retries=board.max_retries,
         )
     if board.driver == "modbus":
+        # Loaded only where configured: pymodbus costs a serial-board store ~5 MB.
+        from firmware_bridge.modbus_board import ModbusBoard
+
         mb = board.modbus
         return ModbusBoard(
             board.port,
@@ -43,6 +44,8 @@ def build_driver(config: GatewayConfig, on_fault: Callable[[OutputFault], None])
             retries=board.max_retries,
             on_fault=on_fault,
         )
+    from firmware_bridge.gpio_board import GpioBoard
+
     return GpioBoard(
         board.gpio.chip,
         outputs=dict(board.gpio.outputs),

@@ -3,8 +3,8 @@
 Every key has an embedded default except the ones that are the store's own (its
 gateway id, the cloud's public key and the machine catalog); ``config.example.toml``
 documents each key. Nested keys are overridden with a double underscore, e.g.
-``METALAV_MQTT__HOST=broker.example`` or ``METALAV_MQTT__PASSWORD=...`` (secrets belong
-in the environment, e.g. a systemd ``EnvironmentFile``, not in the TOML file).
+``METALAV_MQTT__HOST=broker.example``. Secrets come from systemd's credentials
+(``LoadCredential=``, ``gateway/credentials.py``), not from the TOML file.
 
 An invalid configuration is reported as one line per problem, naming the key, and the
 daemon stops before it touches the journal, the board or the network.
@@ -18,7 +18,10 @@ daemon would.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
+import ssl
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -44,7 +47,8 @@ from pydantic_settings import (
 from cloud_sync import breaker, dispatcher, https_client
 from cloud_sync.commands import LEEWAY_S, SUPPORTED_ALGORITHMS, Algorithm, CommandVerifier
 from cloud_sync.mqtt_session import MqttSettings
-from firmware_bridge import modbus_board, serial_board
+from cloud_sync.mqtt_tls import MqttTlsError, client_tls_context
+from firmware_bridge import modbus_limits, serial_board
 from firmware_bridge.driver import (
     MAX_CHANNELS,
     MAX_EDGE_MS,
@@ -59,7 +63,18 @@ from firmware_bridge.driver import (
 from firmware_bridge.gpio_board import check_lines
 from firmware_bridge.host_timed import check_channels
 
-__all__ = ["ConfigError", "GatewayConfig", "load_config", "config_from_dict"]
+from .credentials import CredentialError, apply_credentials
+from .profiles import DEFAULT_GROUPS, Profile
+
+__all__ = [
+    "ConfigError",
+    "GatewayConfig",
+    "config_from_dict",
+    "config_version",
+    "file_problems",
+    "file_warnings",
+    "load_config",
+]
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -95,6 +110,9 @@ class GatewaySection(_Section):
 
 class JournalSection(_Section):
     path: Path = Path("/var/lib/metalav/journal.db")
+    # The audit log (operation records) and refused commands, pruned daily by age;
+    # an operation record not yet delivered to the cloud is kept.
+    records_retention_days: int = Field(default=365, ge=1, le=3650)
 
 
 class CommandsSection(_Section):
@@ -111,13 +129,13 @@ class CommandsSection(_Section):
 
 
 class ModbusSettings(_Section):
-    unit_id: int = Field(default=1, ge=1, le=modbus_board.MAX_UNIT_ID)
+    unit_id: int = Field(default=1, ge=1, le=modbus_limits.MAX_UNIT_ID)
     channels: int = Field(default=8, ge=1, le=MAX_CHANNELS)
     inputs: int = Field(default=8, ge=0, le=MAX_INPUTS)
     coil_offset: int = Field(default=0, ge=0)
     input_offset: int = Field(default=0, ge=0)
     relay_sense_offset: int | None = Field(default=None, ge=0)
-    timeout_s: float = Field(default=modbus_board.TIMEOUT_S, gt=0, le=10)
+    timeout_s: float = Field(default=modbus_limits.TIMEOUT_S, gt=0, le=10)
 
 
 class GpioSettings(_Section):
@@ -172,6 +190,9 @@ class OutboxSection(_Section):
     critical_depth: int = Field(default=500, ge=1)
     # Sent events and finished executions older than this are pruned daily.
     retention_days: int = Field(default=30, ge=1, le=3650)
+    # DLQ items a technician archived (metalavctl dlq archive), pruned daily by age
+    # (the integrations runbook keeps them 90 days). Dead items are never pruned.
+    archived_retention_days: int = Field(default=90, ge=1, le=3650)
 
 
 class BreakerSection(_Section):
@@ -179,8 +200,92 @@ class BreakerSection(_Section):
     reset_timeout_s: float = Field(default=breaker.RESET_TIMEOUT_S, gt=0)
 
 
+class LoggingSection(_Section):
+    # Unset: METALAV_LOG_LEVEL, else INFO. Changes live on SIGHUP (gateway/reload.py).
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] | None = None
+
+
 class ApiSection(_Section):
     socket: Path = Path("/run/metalav/metalav.sock")
+
+
+_GROUP = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+
+
+def _group_name(v: str) -> str:
+    if not _GROUP.match(v):
+        raise ValueError("must be a Linux group name (lowercase letters, digits, '_', '-')")
+    return v
+
+
+GroupName = Annotated[str, AfterValidator(_group_name)]
+
+
+class ProfilesSection(_Section):
+    """OS groups that give each permission profile of metalavctl (gateway/profiles.py);
+    root is always Gestor."""
+
+    read_group: GroupName = DEFAULT_GROUPS[Profile.LEITURA]
+    operation_group: GroupName = DEFAULT_GROUPS[Profile.OPERACAO]
+    manager_group: GroupName = DEFAULT_GROUPS[Profile.GESTOR]
+
+
+class BackupSection(_Section):
+    """The daemon's daily journal backup (gateway/backup.py)."""
+
+    enabled: bool = True
+    # Default: a "backups" folder beside the journal.
+    dir: Path | None = None
+    # How many daily backups are kept; older ones are deleted.
+    keep: int = Field(default=7, ge=1, le=365)
+    interval_h: float = Field(default=24.0, ge=1, le=24 * 7)
+class HealthSection(_Section):
+    """``/health``, ``/health/detailed`` and ``/metrics`` on loopback (gateway/health.py),
+    and the retained heartbeat. Thresholds: the integrations runbook's SLA table (outbox
+    depth: ``[outbox]`` warn_depth / critical_depth)."""
+
+    host: str = "127.0.0.1"
+    # 0 turns the health and metrics site off.
+    port: int = Field(default=9464, ge=0, le=65535)
+    heartbeat_s: float = Field(default=60.0, ge=1, le=3600)
+    dlq_alert: int = Field(default=10, ge=1)
+    dlq_critical: int = Field(default=50, ge=1)
+    oldest_alert_s: float = Field(default=30.0, gt=0)
+    oldest_critical_s: float = Field(default=60.0, gt=0)
+    journal_latency_alert_ms: float = Field(default=50.0, gt=0)
+    journal_latency_critical_ms: float = Field(default=100.0, gt=0)
+    disk_free_alert_mb: float = Field(default=512.0, ge=0)
+    disk_free_critical_mb: float = Field(default=128.0, ge=0)
+    # Signature failures in a row within the window: "possible key rotation problem".
+    signature_failures_alert: int = Field(default=3, ge=1)
+    signature_window_s: float = Field(default=600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _alert_before_critical(self) -> HealthSection:
+        for alert, critical, worse in (
+            ("dlq_alert", "dlq_critical", "above"),
+            ("oldest_alert_s", "oldest_critical_s", "above"),
+            ("journal_latency_alert_ms", "journal_latency_critical_ms", "above"),
+            ("disk_free_alert_mb", "disk_free_critical_mb", "below"),
+        ):
+            a, c = getattr(self, alert), getattr(self, critical)
+            if (a > c) if worse == "above" else (a < c):
+                raise _error_at(
+                    (alert,),
+                    f"must be {'at most' if worse == 'above' else 'at least'} {critical} ({c})",
+                )
+        return self
+
+
+class ClockSection(_Section):
+    """Clock sanity (gateway/clock.py). ``kernel``: ask adjtimex(2) whether NTP
+    synchronised the clock, and read token times leniently while it has not; ``off``:
+    trust the clock (a box with a real-time clock, a development machine)."""
+
+    sync_check: Literal["kernel", "off"] = "kernel"
+    jump_threshold_s: float = Field(default=5.0, gt=0)
+    unsynced_alert_after_s: float = Field(default=300.0, ge=0)
+    check_every_s: float = Field(default=5.0, gt=0, le=300)
 
 
 # The limits are the drivers' (firmware_bridge.driver, the board's bad_params): a
@@ -286,6 +391,11 @@ class GatewayConfig(BaseSettings):
     outbox: OutboxSection = OutboxSection()
     breakers: BreakerSection = BreakerSection()
     api: ApiSection = ApiSection()
+    logging: LoggingSection = LoggingSection()
+    profiles: ProfilesSection = ProfilesSection()
+    backup: BackupSection = BackupSection()
+    health: HealthSection = HealthSection()
+    clock: ClockSection = ClockSection()
     machines: list[Machine] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -397,8 +507,86 @@ def load_config(path: Path) -> GatewayConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
     # Relative paths in the file are relative to the file, not to the daemon's cwd.
-    for section, key in (("journal", "path"), ("api", "socket")):
+    for section, key in (("journal", "path"), ("api", "socket"), ("backup", "dir")):
         value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
         if isinstance(value, str) and not Path(value).is_absolute():
             data[section][key] = str(path.parent / value)
+    # Secrets systemd hands over (LoadCredential=, gateway/credentials.py).
+    try:
+        apply_credentials(data, os.environ.get("CREDENTIALS_DIRECTORY"))
+    except CredentialError as exc:
+        raise ConfigError([str(exc)]) from None
     return config_from_dict(data)
+
+
+def config_version(config: GatewayConfig) -> str:
+    """The version of the config a gateway runs under, for the operation record and
+    the heartbeat: a digest of the effective settings (file, defaults and environment
+    overrides alike), so two gateways with the same settings report the same version."""
+    digest = hashlib.sha256(config.model_dump_json().encode()).hexdigest()
+    return f"sha256:{digest[:16]}"
+def file_problems(config: GatewayConfig, *, read_once_only: bool = False) -> list[str]:
+    """The files the config names that cannot be used, one line per problem naming the
+    key: ``metalav-gateway check-config`` refuses them (exit 2). Checked as the user
+    who runs the check, so run it as the service's user to check the permissions too.
+
+    Values from systemd's credentials are already in ``config`` (``load_config``), so a
+    credential handed over as a file is checked like any other path.
+
+    ``read_once_only``: only the files the daemon reads once, at start, and cannot run
+    without (``cloud.ca_file``): ``run`` refuses those rather than die on them. The
+    MQTT TLS files are read again at every connect (a renewed certificate is picked
+    up), so ``run`` names them at each failed attempt and keeps trying; the journal's
+    folder is created by the daemon itself."""
+    problems: list[str] = []
+    cloud_ca = config.cloud.ca_file
+    if cloud_ca is not None:
+        try:
+            cloud_ca.read_bytes()
+            ssl.create_default_context(cafile=str(cloud_ca))
+        except ssl.SSLError:
+            problems.append(f"cloud.ca_file: no PEM CA certificate in {cloud_ca}")
+        except OSError as exc:
+            problems.append(f"cloud.ca_file: cannot read {cloud_ca}: {exc.strerror or exc}")
+    if read_once_only:
+        return problems
+    mqtt = config.mqtt
+    if mqtt.tls_ca_file or mqtt.tls_cert_file:
+        # The session's own loader: check-config refuses exactly what it would.
+        try:
+            client_tls_context(mqtt.tls_ca_file, mqtt.tls_cert_file, mqtt.tls_key_file)
+        except MqttTlsError as exc:
+            problems.append(str(exc))
+    problem = _journal_problem(config.journal.path)
+    if problem:
+        problems.append(f"journal.path: {problem}")
+    return problems
+
+
+def file_warnings(config: GatewayConfig) -> list[str]:
+    """What ``check-config`` mentions without refusing: a serial port that is not there
+    now. The board may be plugged in after the install, and the daemon reopens the port
+    every ``board.reconnect_s`` until it is; a typo in the path shows here too."""
+    board = config.board
+    if board.driver == "gpio" or os.path.exists(board.port):
+        return []
+    return [
+        f"board.port: {board.port} does not exist now (board unplugged?); the daemon waits for it"
+    ]
+
+
+def _journal_problem(path: Path) -> str | None:
+    if path.exists():
+        if not path.is_file():
+            return f"{path} is not a file"
+        if not os.access(path, os.R_OK | os.W_OK):
+            return f"cannot read and write {path}"
+    folder = path.parent
+    while not folder.exists():  # the daemon creates the missing folders
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        # SQLite writes its -wal and -shm files beside the journal.
+        return f"cannot create files in {folder} (for {path.name} and its WAL)"
+    return None

@@ -60,6 +60,10 @@ class StartConfirmation:
         until = self._clock() + duration_ms / 1000 + RELAY_SETTLE_S
         self._driven_until[channel] = max(until, self._driven_until.get(channel, 0.0))
 
+    def driven_until(self) -> float:
+        """When the last program driving a relay ends (0 if none ever ran)."""
+        return max(self._driven_until.values(), default=0.0)
+
     # -- board_link.InputSink ----------------------------------------------------
 
     def sample(self, state: InputState, now: float) -> None:
@@ -133,6 +137,7 @@ class StartConfirmation:
                     Alert("start_without_release", "info", machine.id), now=self._clock()
                 )
                 self._outcomes.outbox_changed()
+                self._outcomes.metrics.alert("start_without_release", "info")
         else:
             for row in rows:
                 if row.state == ExecutionState.STARTED:
@@ -184,6 +189,7 @@ class StartConfirmation:
             )
         self._journal.raise_alert(alert, now=self._clock())
         self._outcomes.outbox_changed()
+        self._outcomes.metrics.alert(alert.code, alert.severity)
 
     def sweep(self, now: float) -> None:
         """Released executions past their confirm window, judged on fresh readings."""

@@ -285,6 +285,10 @@ class Dispatch:
             machine = self._config.machine(row.machine_id)
             assert machine is not None  # checked when accepted; config is frozen
             program: Program = machine.cycles[row.cycle].train()
+            # Nothing reaches the board on a decision a power cut could take back: this
+            # release's ``dispatching`` row and the outcome of the one before it (the
+            # invariant recovery relies on: only the first unsettled row may have left).
+            await self._journal.flushed()  # may raise JournalUnwritable: nothing sent
             self._confirmation.drive(machine.channel, program.duration_ms)
             try:
                 ack = await self._board.release(row.command_id, machine.channel, program)
@@ -310,8 +314,16 @@ class Dispatch:
         _crash_point("after_board_ack")
         reason = "board_duplicate_ack" if ack.duplicate else None
         released_at = self._clock()
+        # Written, not flushed: the next release's flush (just above) or the outbox's,
+        # before the cloud hears of it, makes it durable; a kill -9 does not lose it.
         return partial(
-            self._outcomes.released, row, reason, ack.boot_id, ack.exec_count, released_at
+            self._outcomes.released,
+            row,
+            reason,
+            ack.boot_id,
+            ack.exec_count,
+            released_at,
+            durable=False,
         )
 
     @staticmethod

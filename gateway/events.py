@@ -21,6 +21,7 @@ from cloud_sync.mqtt_session import (
     ALERTS_TOPIC,
     COMPENSATION_TOPIC,
     CYCLES_TOPIC,
+    OPERATIONS_TOPIC,
     RESULTS_TOPIC,
 )
 
@@ -29,6 +30,7 @@ from .lifecycle import COMPENSATED, is_final
 __all__ = [
     "ALERTS_TOPIC",
     "COMPENSATION_TOPIC",
+    "OPERATIONS_TOPIC",
     "CYCLES_TOPIC",
     "PAYMENT_FIELDS",
     "RESULTS_TOPIC",
@@ -39,6 +41,7 @@ __all__ = [
     "encode",
     "iso_utc",
     "new_event_id",
+    "operation_event",
     "result_payload",
 ]
 
@@ -171,4 +174,42 @@ def alert_event(gateway_id: str, alert: Alert, at: str) -> dict[str, Any]:
         "execute_key": alert.execute_key,
         "detail": alert.detail,
         "at": at,
+    }
+
+
+def operation_event(
+    *,
+    gateway_id: str,
+    record_id: int,
+    at: str,
+    actor: str,
+    os_user: str,
+    action: str,
+    target: str,
+    params: Mapping[str, Any] | None,
+    config_version: str | None,
+    before: Mapping[str, Any] | None,
+    after: Mapping[str, Any] | None,
+    reason: str,
+    decision: str | None,
+    outcome: str,
+) -> dict[str, Any]:
+    """The ``operation.record`` event (without its event_id): one line of the audit
+    log, the runbook's "registro obrigatório de operação", for the cloud."""
+    return {
+        "type": "operation.record",
+        "gateway_id": gateway_id,
+        "record_id": record_id,
+        "at": at,
+        "actor": actor,
+        "os_user": os_user,
+        "action": action,
+        "target": target,
+        "params": params,
+        "config_version": config_version,
+        "before": before,
+        "after": after,
+        "reason": reason,
+        "decision": decision,
+        "outcome": outcome,
     }

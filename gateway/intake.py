@@ -7,21 +7,29 @@ command the store cannot run is refused (journaled, answered, compensated); the 
 are journaled ``dispatching`` with their DispatchStamp (or ``accepted`` while the board
 is away) and handed to the dispatch worker. ``handle_command`` returns only once that
 decision is durable; the session acknowledges the message after that (promise 3).
+
+The decision is written without a flush and then awaited durable (journal/database.py):
+commands that arrive together share one fdatasync, which runs off the event loop. The
+dispatch worker flushes too before the first byte of a release, so no release, answer
+or acknowledgement ever leaves on a decision a power cut could take back.
 """
 
 from __future__ import annotations
 
 import logging
 import sqlite3
+from collections import OrderedDict
 from collections.abc import Callable
 
 from cloud_sync.commands import CommandRejected, CommandVerifier, ExecuteCommand
 
+from .clock import TimePolicy
 from .config import DryerTimeProgram, GatewayConfig, Machine
 from .confirmation import StartConfirmation
 from .dispatch import Dispatch, command_id_for
 from .events import RESULTS_TOPIC
 from .journal import (
+    Alert,
     DispatchStamp,
     Execution,
     Journal,
@@ -31,10 +39,17 @@ from .journal import (
     result_payload,
 )
 from .lifecycle import ExecutionState
+from .metrics import GatewayMetrics
 
 __all__ = ["Availability", "Intake"]
 
 log = logging.getLogger(__name__)
+
+#: Tokens whose command is journaled, remembered (token -> execute_key) so that the
+#: same token again — the cloud re-sends a command until it sees its result — is
+#: answered from the journal without verifying the signature again (~0.2 ms each).
+#: Only exact bytes that were verified once; any other token is verified in full.
+KNOWN_TOKENS_MAX = 1024
 
 
 class Availability:
@@ -55,6 +70,8 @@ class Availability:
 
     def unavailable(self, machine: Machine, cycle: str) -> str | None:
         """Why this machine cannot take a release now, or None."""
+        if self._journal.store_pause() is not None:  # from memory (metalavctl store pause)
+            return "store_paused"
         if machine.id in self._journal.out_of_service():
             return "out_of_service"
         if self._journal.machine_is_active(machine.id):
@@ -80,6 +97,8 @@ class Intake:
         outbox_changed: Callable[[], None],
         publish_best_effort: Callable[[str, bytes], None],
         clock: Callable[[], float],
+        metrics: GatewayMetrics | None = None,
+        time_policy: TimePolicy | None = None,
     ) -> None:
         self._config = config
         self._journal = journal
@@ -89,6 +108,9 @@ class Intake:
         self._outbox_changed = outbox_changed
         self._publish = publish_best_effort
         self._clock = clock
+        self._metrics = metrics or GatewayMetrics()
+        self._time = time_policy or TimePolicy(lambda: True)
+        self._known_tokens: OrderedDict[bytes, str] = OrderedDict()
 
     async def handle_command(self, payload: bytes) -> None:
         """Decide and journal the command; return once that decision is durable.
@@ -96,8 +118,9 @@ class Intake:
         Raises only when the journal itself fails (then the message is not acked and
         is offered again once the journal writes)."""
         now = self._clock()
+        answer: bytes | None = None
         try:
-            self._decide(payload, now)
+            answer = self._decide(payload, now)
         except (JournalUnwritable, sqlite3.Error):
             # Not durable: no acknowledgement; the session offers it again later.
             raise
@@ -109,18 +132,40 @@ class Intake:
             self._journal.log_rejection(
                 execute_key=None, reason="internal_error", detail=type(exc).__name__, now=now
             )
+        # The decision (or the one a duplicate repeats, maybe written a moment ago by the
+        # command it duplicates) is durable before it is acknowledged or answered.
+        await self._journal.flushed()
+        if answer is not None:
+            self._publish(RESULTS_TOPIC, answer)
 
-    def _decide(self, payload: bytes, now: float) -> None:
+    def _decide(self, payload: bytes, now: float) -> bytes | None:
+        """Decide and write (unflushed); returns a stored result to re-send, if any."""
+        self._metrics.received()  # the release latency starts here
+        seen = self._known_tokens.get(payload)
+        if seen is not None:
+            stored = self._stored(seen)
+            if stored is not None:  # else pruned by retention since: decide afresh
+                log.info(
+                    "execution %s duplicate; re-sending stored result (%s)", seen, stored.state
+                )
+                self._metrics.duplicate()
+                return stored.last_result.encode()
+        # An unsynchronised clock reads no token time (gateway/clock.py, README).
+        trusted = self._time.trusted
         try:
-            cmd = self._verifier.verify(payload, now=now)
+            cmd = self._verifier.verify(payload, now=now, check_time=trusted)
         except CommandRejected as rej:
             self._reject_unjournaled(rej, now)
-            return
+            return None
+        if not trusted:
+            cmd = TimePolicy.own_lifetime(cmd, now)
 
         known = self._stored(cmd.execute_key)
         if known is not None:
-            self._answer_duplicate(cmd, known)
-            return
+            self._remember(payload, cmd.execute_key)
+            self._metrics.duplicate()
+            return self._answer_duplicate(cmd, known)
+        self._remember(payload, cmd.execute_key)
         machine = self._config.machine(cmd.machine_id)
         refusal: tuple[ExecutionState, str | None] | None = None
         if machine is None:
@@ -137,8 +182,9 @@ class Intake:
         if refusal is not None:
             state, reason = refusal
             self._record(cmd, state=state, reason=reason, now=now)
+            self._metrics.decided(cmd.execute_key, state, reason)
             log.info("execution %s %s (%s)", cmd.execute_key, state, reason)
-            return
+            return None
 
         assert machine is not None  # no refusal: the machine exists
         stamp = self._dispatch.stamp()
@@ -152,6 +198,7 @@ class Intake:
             notify=False,
             awaits_start=self._availability.awaits_start(machine, cmd.cycle),
         )
+        self._metrics.decided(cmd.execute_key, ExecutionState.ACCEPTED, None)
         log.info(
             "execution %s accepted: payment %s machine %s cycle %s",
             cmd.execute_key,
@@ -165,6 +212,37 @@ class Intake:
             log.warning("execution %s waits for the board link", cmd.execute_key)
         # After the dispatch task is queued, so the release goes out before the
         # "accepted" event: the customer waits on the first, nobody on the second.
+        self._outbox_changed()
+        self._alert_duplicate_payment(cmd, now)
+        return None
+
+    def _alert_duplicate_payment(self, cmd: ExecuteCommand, now: float) -> None:
+        """Runbook 4C: a payment already released under another execute_key. The
+        release still follows the cloud's command; people must know (one indexed
+        lookup per command; a write only when it finds one)."""
+        other = self._journal.payment_released_by_another_key(cmd.payment_id, cmd.execute_key)
+        if other is None:
+            return
+        log.warning(
+            "execution %s: payment %s was already released by %s",
+            cmd.execute_key,
+            cmd.payment_id,
+            other,
+        )
+        try:
+            self._journal.raise_alert(
+                Alert(
+                    "duplicate_payment",
+                    "critical",
+                    cmd.machine_id,
+                    cmd.execute_key,
+                    f"payment {cmd.payment_id} already released by {other}"[:160],
+                ),
+                now=now,
+            )
+        except JournalUnwritable:
+            log.error("duplicate_payment alert for %s not journaled", cmd.execute_key)
+            return
         self._outbox_changed()
 
     def _record(
@@ -191,15 +269,24 @@ class Intake:
             amount_cents=cmd.amount_cents,
             awaits_start=awaits_start,
         )
-        self._journal.record(new, state, reason=reason, now=now, dispatch=dispatch)
+        # Flushed by handle_command (and by the worker before the release's first byte).
+        self._journal.record(new, state, reason=reason, now=now, dispatch=dispatch, durable=False)
         if notify:
             self._outbox_changed()
+
+    def _remember(self, token: bytes, execute_key: str) -> None:
+        """This exact token is verified and (once this decision is written) journaled.
+        A decision that fails to write leaves no row: the lookup then misses."""
+        self._known_tokens[token] = execute_key
+        self._known_tokens.move_to_end(token)
+        if len(self._known_tokens) > KNOWN_TOKENS_MAX:
+            self._known_tokens.popitem(last=False)
 
     def _stored(self, execute_key: str) -> Execution | None:
         """The journaled execution of this key: a duplicate never reaches the board."""
         return self._journal.get(execute_key)
 
-    def _answer_duplicate(self, cmd: ExecuteCommand, known: Execution) -> None:
+    def _answer_duplicate(self, cmd: ExecuteCommand, known: Execution) -> bytes:
         if (cmd.payment_id, cmd.machine_id) != (known.payment_id, known.machine_id):
             # Same key, different content: the key wins, nothing is executed again.
             log.warning(
@@ -209,7 +296,7 @@ class Intake:
         log.info(
             "execution %s duplicate; re-sending stored result (%s)", known.execute_key, known.state
         )
-        self._publish(RESULTS_TOPIC, known.last_result.encode())
+        return known.last_result.encode()
 
     def _reject_unjournaled(self, rej: CommandRejected, now: float) -> None:
         """A command we cannot tie to a journal row: forged, malformed or not ours.
@@ -218,7 +305,13 @@ class Intake:
         execute_key: an unauthenticated message must not be able to block a real one.
         Without a readable jti the answer has ``execute_key: null``: the cloud still
         learns that something reached the gateway that it could not read."""
-        log.warning("command rejected: %s (%s) key=%s", rej.reason, rej.detail, rej.execute_key)
+        log.warning(
+            "command rejected: %s (%s)",
+            rej.reason,
+            rej.detail,
+            extra={"execute_key": rej.execute_key},  # the correlation field (gateway/logs.py)
+        )
+        self._metrics.refused(rej.reason)
         self._journal.log_rejection(
             execute_key=rej.execute_key, reason=rej.reason, detail=rej.detail, now=now
         )

@@ -79,11 +79,15 @@ TRANSITIONS: Mapping[ExecutionState, frozenset[ExecutionState]] = MappingProxyTy
         _S.NOT_STARTED: frozenset({_S.STARTED}),  # a late start, within the grace period
         _S.STARTED: frozenset({_S.COMPLETED}),
         _S.COMPLETED: frozenset(),
-        _S.FAILED: frozenset(),
+        # ``metalavctl reprocess``, only for a board NACK (the board proved it did not
+        # act) whose failure the cloud has not been told yet: the first real release.
+        _S.FAILED: frozenset({_S.DISPATCHING}),
         _S.REJECTED: frozenset(),
         _S.EXPIRED: frozenset(),
-        # Never moved automatically: a technician or the cloud decides, outside this row.
-        _S.NEEDS_REVIEW: frozenset(),
+        # Never moved automatically, never re-pulsed: a technician looked at the machine
+        # and decides (``metalavctl resolve``): it ran (released, final) or it did not
+        # (failed, compensated).
+        _S.NEEDS_REVIEW: frozenset({_S.RELEASED, _S.FAILED}),
     }
 )
 

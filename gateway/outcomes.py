@@ -17,6 +17,7 @@ from collections.abc import Callable
 from .config import GatewayConfig
 from .journal import Alert, Execution, Journal, JournalUnwritable
 from .lifecycle import ExecutionState
+from .metrics import GatewayMetrics
 
 __all__ = ["Outcomes", "UNSAVED_ALERTS_MAX"]
 
@@ -34,8 +35,10 @@ class Outcomes:
         *,
         outbox_changed: Callable[[], None],
         clock: Callable[[], float],
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self._config = config
+        self.metrics = metrics or GatewayMetrics()
         self._journal = journal
         self.outbox_changed = outbox_changed
         self._clock = clock
@@ -67,6 +70,9 @@ class Outcomes:
         ):
             return False
         self.outbox_changed()
+        self.metrics.entered(row.execute_key, state)
+        if alert is not None:
+            self.metrics.alert(alert.code, alert.severity)
         log.info("execution %s %s%s", row.execute_key, state, f" ({reason})" if reason else "")
         return True
 
@@ -77,9 +83,12 @@ class Outcomes:
         boot_id: int,
         exec_count: int | None,
         now: float | None = None,
+        *,
+        durable: bool = True,
     ) -> None:
         """The board acted (or said it had): ``dispatching -> released``, with the start
-        confirmation's deadline for machines that have a busy input."""
+        confirmation's deadline for machines that have a busy input. ``durable=False``
+        for the dispatch worker, which flushes before its next release."""
         now = self._clock() if now is None else now
         times = {"released_at": now}
         machine = self._config.machine(row.machine_id)
@@ -94,8 +103,15 @@ class Outcomes:
             board_boot_id=boot_id,
             board_exec_count=exec_count,
             times=times,
+            durable=durable,
         ):
             self.outbox_changed()
+            self.metrics.released(
+                row.execute_key,
+                duplicate_ack=reason is not None,
+                boot_id=boot_id,
+                exec_count=exec_count,
+            )
             log.info("execution %s released%s", row.execute_key, f" ({reason})" if reason else "")
 
     def needs_review(self, row: Execution, reason: str, boot_id: int | None, detail: str) -> None:
@@ -112,6 +128,7 @@ class Outcomes:
         """Journal an alert for the cloud; while the journal cannot write, keep it in
         memory (bounded) until it can."""
         now = self._clock()
+        self.metrics.alert(alert.code, alert.severity)
         try:
             self._flush_alerts()
             self._journal.raise_alert(alert, now=now)

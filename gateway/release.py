@@ -11,6 +11,7 @@ temporary folder)::
     /opt/metalav/current -> releases/<version>     what the unit runs
     /opt/metalav/previous -> releases/<version>    what a rollback goes back to
     /etc/metalav/gateway.toml          from config.example.toml if absent, never overwritten
+    /etc/metalav/credentials/          secrets, root only (the unit's LoadCredential=)
     /var/lib/metalav/                  the journal
     /var/backups/metalav/              online copies of the journal, before each switch
     /etc/systemd/system/metalav-gateway.service
@@ -112,6 +113,10 @@ class Layout:
     @property
     def config(self) -> Path:
         return self.etc / "gateway.toml"
+
+    @property
+    def credentials(self) -> Path:
+        return self.etc / "credentials"
 
     @property
     def state(self) -> Path:
@@ -235,6 +240,9 @@ def _ensure_dirs_and_config(layout: Layout, source: Path) -> bool:
     _chown(layout.etc, "root", "metalav-tech", 0o750, layout)
     _chown(layout.state, SERVICE_USER, "metalav-tech", 0o750, layout)
     _chown(layout.backups, "root", "root", 0o700, layout)
+    # Secrets, one file each, handed to the daemon by the unit's LoadCredential=.
+    layout.credentials.mkdir(exist_ok=True)
+    _chown(layout.credentials, "root", "root", 0o700, layout)
     if layout.config.exists():
         _say(f"{layout.config} mantido como está")
         return False
@@ -484,7 +492,8 @@ def cmd_install(args: argparse.Namespace, layout: Layout, systemctl: Systemctl) 
         version = _wheel_version(wheel)
         release = _install_release(layout, version, wheel, constraints, args.wheelhouse)
         shutil.rmtree(build, ignore_errors=True)
-        _check_config(layout, release)
+        if not fresh_config:  # the example is no store's config: checked on the next run
+            _check_config(layout, release)
         running = layout.version_of(layout.current)
         if running is None:
             _switch(layout.current, version)

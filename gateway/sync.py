@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 from cloud_sync.breaker import CircuitBreaker
@@ -29,12 +30,22 @@ from cloud_sync.https_client import CloudHttpClient
 
 from .config import GatewayConfig
 from .journal import Alert, Journal, iso_utc
+from .journal.operations import record_cutoffs
 
 __all__ = ["CloudSync"]
 
 log = logging.getLogger(__name__)
 
 DEPTH_CHECK_S = 5.0
+# Events are sent only once durable (a release's outcome is written without a flush,
+# journal/database.py). The dispatcher first waits this long for a flush the release
+# path does anyway (the next command's, the next release's), then flushes itself: in a
+# busy store the events of a release share its fsync; alone, an event leaves at most
+# this much later, which nobody waits for (the customer waits for the machine).
+OUTBOX_FLUSH_GRACE_S = 0.05
+# Woken by a new event, the dispatcher waits this long before claiming, so a release's
+# "accepted" and outcome events (about a millisecond apart) go out in one round.
+OUTBOX_COALESCE_S = 0.005
 RETENTION_FIRST_S = 300.0
 RETENTION_EVERY_S = 24 * 3600.0
 
@@ -81,11 +92,27 @@ class CloudSync:
             backoff_base_s=out.backoff_base_s,
             backoff_max_s=out.backoff_max_s,
             https_bulk_threshold=out.https_bulk_threshold,
+            before_send=partial(journal.flushed, grace_s=OUTBOX_FLUSH_GRACE_S),
+            coalesce_s=OUTBOX_COALESCE_S,
         )
         self._depth_level = "normal"
 
     def notify(self) -> None:
         self.dispatcher.notify()
+
+    def apply_limits(self, config: GatewayConfig) -> None:
+        """A SIGHUP reload (gateway/reload.py): the outbox and breaker limits that take
+        effect live, each read at its next use."""
+        self._config = config
+        out, d = config.outbox, self.dispatcher
+        d.max_attempts = out.max_attempts
+        d.sending_timeout_s = out.sending_timeout_s
+        d.batch_size = out.batch_size
+        d.https_bulk_threshold = out.https_bulk_threshold
+        for b in self.breakers.values():
+            b.failure_threshold = config.breakers.failure_threshold
+            b.reset_timeout_s = config.breakers.reset_timeout_s
+        self.notify()
 
     async def run(self) -> None:
         # Items left "sending" by a previous process were in flight when it died: no
@@ -150,7 +177,10 @@ class CloudSync:
         # Executions stay as long as a replay of their command could still verify
         # (the verifier's max_age_s is the retention period; see daemon.py).
         horizon = now - self._config.outbox.retention_days * 86400
-        return self._journal.cleanup(iso_utc(cutoff.timestamp()), replay_horizon=horizon)
+        removed = self._journal.cleanup(iso_utc(cutoff.timestamp()), replay_horizon=horizon)
+        # Bounded growth of the technicians' records (issue 12), by their own ages.
+        removed.update(self._journal.prune_records(**record_cutoffs(self._config, now)))
+        return removed
 
     # -- technicians' levers ----------------------------------------------------------
 

@@ -10,6 +10,7 @@ Convention (stated in the document): each ```json block is preceded by a marker 
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import json
 import re
@@ -24,10 +25,16 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from cloud_sync.commands import EXECUTE_KEY_PATTERN, MAX_INTEGER_CLAIM, MAX_TEXT_CLAIM_CHARS
-from cloud_sync.mqtt_session import COMMANDS_TOPIC, EVENT_TOPICS, PRESENCE_TOPIC, _presence
+from cloud_sync.mqtt_session import (
+    COMMANDS_TOPIC,
+    EVENT_TOPICS,
+    PRESENCE_TOPIC,
+    STATUS_TOPIC,
+    _presence,
+)
 from cloud_sync.signing import generate_demo_keypair, sign_command
 from gateway.events import Alert, result_payload
-from gateway.journal import DispatchStamp, Journal, NewExecution
+from gateway.journal import DispatchStamp, Journal, NewExecution, Refused
 from gateway.lifecycle import (
     AUTO_COMPENSATED,
     COMPENSATED,
@@ -54,8 +61,16 @@ SCHEMA_OF_TOPIC = {
     "compensation": "payment-compensation",
     "cycles": "cycle-event",
     "alerts": "alert",
+    "operations": "operation-record",
 }
-GATEWAY_REFUSALS = ("unknown_machine", "unknown_cycle", "machine_busy", "out_of_service")
+TECHNICIAN_REASONS = ("technician_released", "technician_not_released")
+GATEWAY_REFUSALS = (
+    "unknown_machine",
+    "unknown_cycle",
+    "machine_busy",
+    "out_of_service",
+    "store_paused",
+)
 
 
 def _contract() -> tuple[dict[str, dict[str, Any]], list[tuple[str, Any]]]:
@@ -102,11 +117,13 @@ def _assert_valid(name: str, instance: Any) -> None:
 def test_every_json_block_of_the_contract_is_a_schema_or_an_example_of_one() -> None:
     assert set(SCHEMAS) == {
         "presence",
+        "heartbeat",
         "execute-command-claims",
         "execution-result",
         "payment-compensation",
         "cycle-event",
         "alert",
+        "operation-record",
     }
     for name, schema in SCHEMAS.items():
         Draft202012Validator.check_schema(schema)
@@ -191,6 +208,24 @@ def _journal_with_every_outcome(tmp_path: Path) -> tuple[Journal, dict[str, str]
     journal.raise_alert(Alert("board_link_lost", "critical", detail="no reply"), now=now)
     journal.raise_alert(Alert("out_of_service", "warning", "W2", detail="by Ana"), now=now)
     journal.raise_alert(Alert("start_without_release", "info", "W1"), now=now)
+    # Operation records (issue 12): one applied with a decision, one refused.
+    journal.note_identity(gateway_id="gw", config_version="sha256:0123456789abcdef")
+    journal.set_store_pause(True, reason="auditoria", actor="Ana", os_user="root", now=now)
+    for key, released in (("exec-nack", True), ("exec-review", False), ("tech-review", True)):
+        with contextlib.suppress(Refused):  # exec-nack is not waiting for review
+            journal.resolve_review(
+                key,
+                released=released,
+                now=now,
+                audit={
+                    "action": "execution.resolve",
+                    "target": key,
+                    "actor": "Ana",
+                    "os_user": "uid:1001",
+                    "reason": "conferido",
+                    "decision": "released" if released else "not_released",
+                },
+            )
     return journal, kinds
 
 
@@ -220,6 +255,19 @@ def test_events_the_journal_produces_match_the_contract(tmp_path: Path) -> None:
     assert {reason for _, reason in compensated} >= set(GATEWAY_REFUSALS)
     assert {e["type"] for e in by_topic["cycles"]} == {"cycle.started", "cycle.completed"}
     assert len(by_topic["alerts"]) == 5  # two not_started, three raised
+    operations = by_topic["operations"]
+    assert [(o["action"], o["outcome"]) for o in operations] == [
+        ("store.pause", "applied"),
+        ("execution.resolve", "refused:not_needs_review"),
+        ("execution.resolve", "applied"),
+        ("execution.resolve", "applied"),
+    ]
+    resolved = {r["execute_key"]: r for r in results if r["reason"] in TECHNICIAN_REASONS}
+    assert resolved["exec-review"]["state"] == "failed"
+    assert resolved["exec-review"]["compensation"] is True
+    assert resolved["tech-review"]["state"] == "released"
+    assert resolved["tech-review"]["compensation"] is False
+    assert {o["config_version"] for o in operations} == {"sha256:0123456789abcdef"}
 
 
 def test_result_payloads_in_every_state_match_the_contract() -> None:
@@ -376,5 +424,88 @@ def test_cloud_api_compensation_event_is_the_mqtt_one(tmp_path: Path) -> None:
 def test_the_topic_table_names_exactly_the_topics_the_code_uses() -> None:
     # The code's names (cloud_sync.mqtt_session) against the contract's "Topics" table.
     table = re.findall(r"^\| `P/([a-z/]+)` \|", CONTRACT.read_text(), re.M)
-    assert sorted(table) == sorted([COMMANDS_TOPIC, PRESENCE_TOPIC, *EVENT_TOPICS])
+    assert sorted(table) == sorted([COMMANDS_TOPIC, PRESENCE_TOPIC, STATUS_TOPIC, *EVENT_TOPICS])
     assert set(SCHEMA_OF_TOPIC) == set(EVENT_TOPICS)
+
+
+def _heartbeats(tmp_path: Path) -> list[dict[str, Any]]:
+    """Heartbeats the code builds: a healthy store, and one with every check failing."""
+    from devtools.stack import demo_config
+    from gateway.alerting import DeadLetterWatch
+    from gateway.clock import ClockWatch
+    from gateway.config import load_config
+    from gateway.health import HealthMonitor, Links
+    from gateway.heartbeat import heartbeat_payload
+    from gateway.metrics import GatewayMetrics
+
+    _, public_pem = generate_demo_keypair()
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        demo_config(
+            tmp_path,
+            gateway_id="gw-loja-042",
+            mqtt_port=1883,
+            public_key_pem=public_pem,
+            board_port=tmp_path / "board",
+        )
+    )
+    config = load_config(path)
+    journal = Journal(config.journal.path, config.gateway.id)
+    payloads = []
+    for healthy in (True, False):
+        clock = ClockWatch(probe=lambda healthy=healthy: healthy)
+        monitor = HealthMonitor(
+            config,
+            journal,
+            GatewayMetrics(),
+            clock,
+            Links(
+                board_up=lambda healthy=healthy: healthy,
+                broker_up=lambda healthy=healthy: healthy,
+                journal_fault=lambda healthy=healthy: None if healthy else "disk full",
+                breakers=lambda healthy=healthy: {"mqtt": "closed" if healthy else "open"},
+                https_configured=not healthy,
+            ),
+            started_at=time.time(),
+        )
+        dead = DeadLetterWatch(journal.dlq_size, lambda alert: None)
+        payloads.append(
+            heartbeat_payload(
+                monitor,
+                monitor.snapshot(),
+                gateway_id=config.gateway.id,
+                store_id="" if healthy else "loja-042",
+                now=time.time(),
+                last_dead_at=dead.last_dead_at if healthy else time.time(),
+            )
+        )
+    journal.close()
+    return payloads
+
+
+def test_heartbeat_the_code_builds_matches_the_contract(tmp_path: Path) -> None:
+    healthy, failing = _heartbeats(tmp_path)
+    for payload in (healthy, failing):
+        _assert_valid("heartbeat", payload)
+    assert failing["level"] == "critical" and failing["open_breakers"] == ["mqtt"]
+    names = SCHEMAS["heartbeat"]["properties"]["checks"]["propertyNames"]["enum"]
+    assert sorted(healthy["checks"]) == sorted(names)
+
+
+# Alert codes the code raises: Alert("code", ...) literals, and the outbox depth family.
+_ALERT_LITERAL = re.compile(r'Alert\(\s*"([a-z_]+)"')
+
+
+def test_every_alert_code_the_code_raises_is_in_the_contract_table() -> None:
+    root = Path(__file__).resolve().parents[1]
+    raised = {
+        code
+        for package in ("gateway", "cloud_sync")
+        for source in (root / package).rglob("*.py")
+        for code in _ALERT_LITERAL.findall(source.read_text())
+    }
+    raised |= {f"outbox_depth_{level}" for level in ("normal", "warning", "critical")}
+    text = CONTRACT.read_text()
+    table = text[text.index("| code | severity | meaning |") :]
+    documented = set(re.findall(r"`([a-z_]+)`", table.split("\n\n")[0]))
+    assert raised <= documented, sorted(raised - documented)

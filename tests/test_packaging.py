@@ -57,6 +57,8 @@ def test_the_wheel_ships_the_product_and_no_harness(tmp_path: Path) -> None:
         if any(part in ("demo", "localbroker", "devstack", "devtools") for part in m.split("."))
     )
     assert harness == [], harness
+    # metalavctl speaks Portuguese in a store only if the compiled catalog ships.
+    assert "gateway/locale/pt_BR/LC_MESSAGES/metalav.mo" in zipfile.ZipFile(wheel).namelist()
     assert "firmware_bridge.simulator" in modules or any(
         m.startswith("firmware_bridge.simulator.") for m in modules
     ), "the simulated board is a product feature and ships"

@@ -19,6 +19,8 @@ One module per job, each a class over the same open file (:class:`Database`)::
     dlq          the dead-letter queue (metalavctl dlq)
     records      audit log, out-of-service flags, rejections, alerts, board state
     retention    reconcile, cleanup
+    operations   lookups, technician decisions (resolve, reprocess), store pause, pruning
+    gauges       cheap reads for health checks and metrics
 
 :class:`Journal` is those classes combined, the one object the rest of the gateway
 holds. They share nothing but :class:`Database` (one connection, one transaction
@@ -44,6 +46,8 @@ from .database import Database
 from .dlq import DeadLetters
 from .errors import JournalError, JournalFault, JournalUnwritable
 from .executions import DispatchStamp, Execution, Executions, NewExecution
+from .gauges import Gauges
+from .operations import Operations, Refused, StorePause
 from .outbox import OUTBOX_STATES, Outbox
 from .records import OperatorRecords
 from .retention import Retention
@@ -64,6 +68,8 @@ __all__ = [
     "JournalUnwritable",
     "NewExecution",
     "OUTBOX_STATES",
+    "Refused",
+    "StorePause",
     "SCHEMA_VERSION",
     "alert_event",
     "iso_utc",
@@ -78,6 +84,8 @@ COMPENSATION_STATES = ordered(COMPENSATED)
 AUTO_COMPENSATION_STATES = ordered(AUTO_COMPENSATED)
 
 
-class Journal(Executions, Outbox, DeadLetters, OperatorRecords, Retention, Database):
+class Journal(
+    Executions, Outbox, DeadLetters, OperatorRecords, Retention, Operations, Gauges, Database
+):
     """The journal file and every job done on it: ``Journal(path, gateway_id)`` opens
     (creating or migrating) the file."""

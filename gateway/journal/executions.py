@@ -243,6 +243,7 @@ class Executions(Database):
         now: float,
         dispatch: DispatchStamp | None = None,
         audit: dict[str, Any] | None = None,
+        durable: bool = True,
     ) -> None:
         """Journal a verified command in its first state.
 
@@ -251,13 +252,14 @@ class Executions(Database):
         board, which saves one fsync on the release path), or a final refusal
         (``rejected`` / ``expired``). ``audit`` (the audit_log fields: action, target,
         actor, os_user, reason, outcome, after) records the operator's action that asked
-        for it, in the same commit.
+        for it, in the same commit. ``durable=False``: written, not flushed (the caller
+        awaits ``flushed()`` before acting on it; see database.py).
         """
         state = check_initial(state)
         at = iso_utc(now)
         if (state == ExecutionState.DISPATCHING) != (dispatch is not None):
             raise ValueError("a dispatching execution needs its DispatchStamp, and only it")
-        with self._tx(label=f"record:{state}") as c:
+        with self._tx(label=f"record:{state}", durable=durable) as c:
             c.execute(
                 "INSERT INTO executions(execute_key, command_id, payment_id, machine_id, cycle,"
                 " provider_ref, idempotency_key, amount_cents, issued_at, expires_at, state,"
@@ -319,6 +321,7 @@ class Executions(Database):
         times: dict[str, float] | None = None,
         alert: Alert | None = None,
         cycle_event: dict[str, Any] | None = None,
+        durable: bool = True,
     ) -> bool:
         """Move one execution to ``to_state`` if it is in one of ``from_states``.
 
@@ -329,7 +332,8 @@ class Executions(Database):
         transaction: the history line, the result event (``report``), the compensation
         event for states that need one, an optional alert and cycle event.
         ``times`` sets released_at / confirm_deadline / started_at / completed_at;
-        ``dispatch`` stamps a move to ``dispatching``.
+        ``dispatch`` stamps a move to ``dispatching``. ``durable=False``: written, not
+        flushed (see database.py).
         """
         to_state = check_transition(from_states, to_state)
         if (to_state == ExecutionState.DISPATCHING) != (dispatch is not None):
@@ -346,7 +350,7 @@ class Executions(Database):
             sets += ", dispatch_boot_id = ?, dispatch_exec_count = ?, dispatch_seq = ?"
             values += [dispatch.boot_id, dispatch.exec_count, dispatch.seq]
             detail = detail or _stamp(dispatch)
-        with self._tx(label=f"transition:{to_state}") as c:
+        with self._tx(label=f"transition:{to_state}", durable=durable) as c:
             cur = c.execute(
                 f"UPDATE executions SET state = ?, reason = ?, updated_at = ?,"
                 f" board_boot_id = coalesce(?, board_boot_id),"

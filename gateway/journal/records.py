@@ -11,11 +11,21 @@ import json
 import sqlite3
 from typing import Any
 
-from ..events import ALERTS_TOPIC, Alert, alert_event, iso_utc
+from ..events import (
+    ALERTS_TOPIC,
+    OPERATIONS_TOPIC,
+    Alert,
+    alert_event,
+    iso_utc,
+    operation_event,
+)
 from .database import Database
 from .outbox import append_event
 
-__all__ = ["OperatorRecords", "write_alert", "write_audit"]
+__all__ = ["OPERATIONS_STREAM", "OperatorRecords", "write_alert", "write_audit"]
+
+#: Operation records reach the cloud in the order they were made: one stream.
+OPERATIONS_STREAM = "operations"
 
 
 def write_audit(
@@ -30,11 +40,22 @@ def write_audit(
     after: dict[str, Any] | None,
     reason: str,
     outcome: str,
+    params: dict[str, Any] | None = None,
+    decision: str | None = None,
 ) -> None:
-    """One line of the audit log, in the transaction of the action it records."""
-    c.execute(
+    """One line of the audit log (the runbook's operation record), in the transaction
+    of the action it records, with the config version the gateway runs under; the same
+    commit queues it for the cloud (``operation.record`` on ``P/operations``)."""
+    state = dict(
+        c.execute(
+            "SELECT key, value FROM store_state WHERE key IN ('config_version', 'gateway_id')"
+        ).fetchall()
+    )
+    config_version = json.loads(state["config_version"]) if "config_version" in state else None
+    row = c.execute(
         "INSERT INTO audit_log(at, actor, os_user, action, target, before, after, reason,"
-        " outcome) VALUES (?,?,?,?,?,?,?,?,?)",
+        " outcome, config_version, params, decision) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+        " RETURNING id",
         (
             at,
             actor,
@@ -45,8 +66,28 @@ def write_audit(
             None if after is None else json.dumps(after),
             reason,
             outcome,
+            config_version,
+            None if params is None else json.dumps(params),
+            decision,
         ),
+    ).fetchone()
+    body = operation_event(
+        gateway_id=json.loads(state.get("gateway_id", '""')),
+        record_id=int(row[0]),
+        at=at,
+        actor=actor,
+        os_user=os_user,
+        action=action,
+        target=target,
+        params=params,
+        config_version=config_version,
+        before=before,
+        after=after,
+        reason=reason,
+        decision=decision,
+        outcome=outcome,
     )
+    append_event(c, OPERATIONS_STREAM, OPERATIONS_TOPIC, body, at)
 
 
 def write_alert(c: sqlite3.Connection, gateway_id: str, alert: Alert, at: str) -> None:
@@ -78,6 +119,8 @@ class OperatorRecords(Database):
         now: float,
         before: dict[str, Any] | None = None,
         after: dict[str, Any] | None = None,
+        params: dict[str, Any] | None = None,
+        decision: str | None = None,
     ) -> None:
         with self._tx() as c:
             write_audit(
@@ -91,6 +134,8 @@ class OperatorRecords(Database):
                 after=after,
                 reason=reason,
                 outcome=outcome,
+                params=params,
+                decision=decision,
             )
 
     def audit_entries(self, limit: int = 50) -> list[dict[str, Any]]:

@@ -32,10 +32,12 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-
-import sqlite_utils
+from typing import TYPE_CHECKING
 
 from .errors import JournalError
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 __all__ = [
     "MIGRATIONS",
@@ -49,7 +51,7 @@ __all__ = [
     "oldest_reader",
 ]
 
-Migration = Callable[[sqlite_utils.Database], None]
+Migration = Callable[["sqlite_utils.Database"], None]
 
 ADDITIVE = "additive"
 BREAKING = "breaking"
@@ -245,7 +247,43 @@ def _migration_5(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS = [_migration_1, _migration_2, _migration_3, _migration_4, _migration_5]
+# Additive: indexes that constrain nothing, new nullable audit columns, a new table.
+# An older build ignores them; it also ignores a store pause a newer build recorded in
+# store_state (it has no pause), which a rollback leaves to the technician.
+@additive
+def _migration_6(db: sqlite_utils.Database) -> None:
+    """Issue 12: the technician's toolbox.
+
+    - lookups by payment_id / provider_ref / idempotency_key (runbook: payments 4A, 4C),
+      and the duplicate-payment check of intake, an indexed lookup per command;
+    - the operation record: the config version the action ran under, its parameters
+      and the technician's decision, beside who / when / what / before / after;
+    - store-wide state that survives restarts (the pause, the config version);
+    - indexes for pruning by age (audit rows, refusals, archived DLQ items).
+    """
+    executions = db["executions"]
+    executions.create_index(["payment_id"])  # type: ignore[union-attr]
+    executions.create_index(["provider_ref"])  # type: ignore[union-attr]
+    executions.create_index(["idempotency_key"])  # type: ignore[union-attr]
+    audit = db["audit_log"]
+    audit.add_column("config_version", str)  # type: ignore[union-attr]
+    audit.add_column("params", str)  # type: ignore[union-attr]  # JSON
+    audit.add_column("decision", str)  # type: ignore[union-attr]
+    audit.create_index(["at"])  # type: ignore[union-attr]
+    db["rejections"].create_index(["at"])  # type: ignore[union-attr]
+    db.execute("CREATE INDEX idx_outbox_archived ON outbox(archived_at) WHERE state = 'archived'")
+    # key -> JSON value: "pause" (the store-wide pause), "config_version".
+    db["store_state"].create({"key": str, "value": str}, pk="key")  # type: ignore[union-attr]
+
+
+MIGRATIONS = [
+    _migration_1,
+    _migration_2,
+    _migration_3,
+    _migration_4,
+    _migration_5,
+    _migration_6,
+]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -318,14 +356,19 @@ def migrate(
         # A rollback: the newer build's additions are ignored, never undone, and the
         # meta stays the newer build's (it describes the file's real version).
         return
+    if compat.version == SCHEMA_VERSION:
+        if compat.oldest_reader != oldest_reader(SCHEMA_VERSION):
+            # A journal from before schema_meta existed, or whose meta went stale.
+            with transaction():
+                _write_meta(conn, SCHEMA_VERSION)
+        return
+    # Only a new or older journal loads sqlite-utils (~8 MB a daemon would keep for months).
+    import sqlite_utils
+
     db = sqlite_utils.Database(conn)
     for number in range(compat.version + 1, SCHEMA_VERSION + 1):
         with transaction():
             MIGRATIONS[number - 1](db)
             conn.execute(f"PRAGMA user_version={number}")
             _write_meta(conn, number)
-    if compat.version == SCHEMA_VERSION and compat.oldest_reader != oldest_reader(SCHEMA_VERSION):
-        # A journal from before schema_meta existed, or whose meta went stale.
-        with transaction():
-            _write_meta(conn, SCHEMA_VERSION)
 

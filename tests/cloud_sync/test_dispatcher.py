@@ -739,3 +739,39 @@ def test_publish_many_does_not_leak_registered_ids_when_paho_raises(
             await asyncio.gather(task, return_exceptions=True)
 
     run(scenario())
+
+
+class DiskFullOnce(MemoryOutboxStore):
+    """A store whose first ``mark_sent`` fails as on a full disk."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.full = True
+
+    def mark_sent(self, ids: Sequence[int], *, channel: str, now: float) -> None:
+        if self.full:
+            raise OSError("database or disk is full")
+        super().mark_sent(ids, channel=channel, now=now)
+
+
+def test_delivered_items_whose_sent_mark_failed_are_marked_next_round_not_resent() -> None:
+    """Delivered, then the store could not write "sent": the items must not sit in
+    ``sending`` (holding their stream back for the sending timeout) nor be re-sent:
+    they are marked first thing once the store writes again."""
+
+    async def scenario() -> None:
+        store = DiskFullOnce()
+        add_events(store, 2, streams=1)
+        mqtt = FakeMqtt(lambda n: [None] * n)
+        d = OutboxDispatcher(store, mqtt=mqtt, https=None, breakers={})
+        assert await d.run_once() == 2  # delivered; the mark failed
+        assert await d.run_once() == 0  # still full: nothing claimed, nothing re-sent
+        assert mqtt.calls == 1
+        store.full = False
+        add_events(store, 1, streams=1)
+        assert await d.run_once() == 1  # marked the two, then sent the third
+        assert mqtt.calls == 2
+        assert [store.state(i) for i in (1, 2, 3)] == ["sent"] * 3
+        assert [store.attempts(i) for i in (1, 2, 3)] == [1, 1, 1]
+
+    run(scenario())

@@ -144,11 +144,49 @@ def test_sink_failure_means_no_puback_and_the_same_command_is_offered_again(
             await publish_command(mqtt_broker, session.command_topic, b"token-B")
             await wait_until(lambda: len(sink.durable) == 2)
             await asyncio.sleep(0.3)
-        # Not durable -> not acked -> offered again in place after a back-off, in order;
-        # token-B waited behind it. No reconnect was forced to get a redelivery.
-        assert sink.calls == [b"token-A", b"token-A", b"token-A", b"token-B"]
+        # Both handed over as they arrived (token-B did not wait for token-A to be
+        # durable: commands arriving together share a flush), both failed; not durable
+        # -> not acked -> each offered again in place after a back-off. No reconnect
+        # was forced to get a redelivery.
+        assert sink.calls == [b"token-A", b"token-B", b"token-A", b"token-B"]
         assert sink.durable == [b"token-A", b"token-B"]
         assert links == [True, False]
+
+    run(scenario())
+
+
+class FailsOne:
+    """A sink whose journal never takes one particular command."""
+
+    def __init__(self, bad: bytes) -> None:
+        self.bad = bad
+        self.durable: list[bytes] = []
+
+    async def handle_command(self, payload: bytes) -> None:
+        if payload == self.bad:
+            raise RuntimeError("journal commit failed")
+        self.durable.append(payload)
+
+
+@pytest.mark.broker_semantics
+def test_no_command_is_acknowledged_before_an_earlier_one(mqtt_broker: LocalBroker):
+    """PUBACKs go out in arrival order (MQTT 3.1.1, 4.6): token-B, durable, is not
+    acknowledged while token-A before it is not, so the broker still has both."""
+
+    async def scenario() -> None:
+        gateway_id = new_gateway_id()
+        stuck = FailsOne(b"token-A")
+        session = session_for(mqtt_broker, gateway_id, stuck)
+        async with running(session):
+            await wait_until(lambda: session.connected)
+            await publish_command(mqtt_broker, session.command_topic, b"token-A")
+            await publish_command(mqtt_broker, session.command_topic, b"token-B")
+            await wait_until(lambda: stuck.durable == [b"token-B"])
+            await asyncio.sleep(0.3)
+        healthy = RecordingSink()
+        async with running(session_for(mqtt_broker, gateway_id, healthy)):
+            await wait_until(lambda: len(healthy.durable) == 2)
+        assert healthy.durable == [b"token-A", b"token-B"]
 
     run(scenario())
 

@@ -3,6 +3,7 @@ with its own SQLite journal, and the cloud stand-in on the session's real broker
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -14,6 +15,10 @@ import pytest
 
 from devtools.broker import LocalBroker
 from devtools.stack import CloudStandIn, DaemonProcess, SimulatorProcess, demo_config
+
+# metalavctl speaks the technician's language (gateway/i18n.py): the tests read what a
+# store's technician reads. tests/gateway/test_i18n.py checks English as well.
+os.environ["LANGUAGE"] = "pt_BR"
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:

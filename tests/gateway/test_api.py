@@ -21,6 +21,7 @@ import pytest
 
 import gateway
 from devtools.stack import DaemonProcess
+from gateway.profiles import DEFAULT_GROUPS, Profile
 
 from .conftest import Store, wait_until
 
@@ -168,6 +169,10 @@ def operator_account() -> str:
             capture_output=True,
             timeout=30,
         )
+    # A technician of daily operation (gateway/profiles.py: the Operação profile).
+    operation = DEFAULT_GROUPS[Profile.OPERACAO]
+    subprocess.run(["groupadd", "--system", "-f", operation], check=True, timeout=30)
+    subprocess.run(["usermod", "-aG", operation, TEST_OPERATOR], check=True, timeout=30)
     return TEST_OPERATOR
 
 

@@ -140,3 +140,38 @@ def test_the_core_stops_when_cancelled_even_as_it_is_woken(tmp_path: Path) -> No
             assert done, "run_recovery ignored its cancellation"
 
     run(tmp_path, scenario, machines=WIRED)
+
+
+def test_the_same_token_again_is_answered_without_verifying_it_again(tmp_path: Path) -> None:
+    """The cloud re-sends a command until it sees its result: the exact bytes of a token
+    already verified and journaled are answered from the journal. Any other token for
+    the same key (re-signed, or forged) is verified in full."""
+
+    async def scenario(rig: CoreRig) -> None:
+        core = await rig.start()
+        await rig.settle()
+        verified: list[bytes] = []
+        verify = core.intake._verifier.verify  # noqa: SLF001 - counting the real verifier
+
+        def counting(payload: bytes, **kw: Any) -> Any:
+            verified.append(payload)
+            return verify(payload, **kw)
+
+        core.intake._verifier.verify = counting  # type: ignore[method-assign]  # noqa: SLF001
+        token = rig.sign("exec-1", machine_id="W2")
+        await rig.command(token)
+        await rig.settle()
+        for _ in range(3):
+            await rig.command(token)
+        assert verified == [token] and rig.pulses("exec-1") == 1
+        assert len(rig.published) == 3
+        resigned = rig.sign("exec-1", machine_id="W2", now=rig.clock() + 1)
+        assert resigned != token
+        forged = token[:-4] + (b"AAAA" if token[-4:] != b"AAAA" else b"BBBB")
+        await rig.command(resigned)
+        await rig.command(forged)
+        assert verified == [token, resigned, forged]
+        assert len(rig.published) == 5 and rig.pulses("exec-1") == 1
+        assert b'"bad_signature"' in rig.published[-1][1]
+
+    run(tmp_path, scenario, machines=WIRED)

@@ -7,7 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gateway.ctl import STATE_PT
+from gateway.ctl import STATE_TEXT
+from gateway.i18n import for_accept_language
 from gateway.lifecycle import ExecutionState
 
 from .conftest import Store
@@ -20,9 +21,12 @@ def ctl(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_every_execution_state_has_a_portuguese_name() -> None:
-    assert set(STATE_PT) == set(ExecutionState)
-    assert all(name.strip() for name in STATE_PT.values())
-    assert STATE_PT.get("not_started") == "não iniciou (compensar)"  # the daemon sends str
+    portuguese = for_accept_language("pt-BR")
+    assert set(STATE_TEXT) == set(ExecutionState)
+    names = {state: portuguese.gettext(text) for state, text in STATE_TEXT.items()}
+    assert all(name.strip() and name != STATE_TEXT[s] for s, name in names.items()), names
+    assert names[ExecutionState.NOT_STARTED] == "não iniciou (compensar)"
+    assert STATE_TEXT.get("not_started") == "did not start (compensate)"  # the daemon sends str
 
 
 def test_status_shows_links_boot_id_counts_and_outbox(store: Store) -> None:

@@ -158,14 +158,20 @@ def test_reconcile_lists_what_awaits_compensation_and_cleanup_keeps_unacknowledg
     assert "pay-rec" in human.stdout
 
     bad = ctl(store, "reconcile", "--since", "ontem")
-    assert bad.returncode == 4 and "data inválida" in bad.stderr
+    assert bad.returncode == 2 and "data inválida" in bad.stderr  # bad input: usage
 
     # Everything counts as "old" with --days 1 once the clock moves; here nothing is
     # older than a day, so cleanup removes nothing, and never the unacknowledged row.
     removed = json.loads(
         ctl(store, "cleanup", "--days", "1", "--reason", "rotina", "--json").stdout
     )["removed"]
-    assert removed == {"executions": 0, "outbox_events": 0}
+    assert removed == {
+        "executions": 0,
+        "outbox_events": 0,
+        "archived_events": 0,
+        "refusals": 0,
+        "audit_rows": 0,
+    }
     assert store.daemon.execution(key) is not None
 
 
