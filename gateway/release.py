@@ -64,8 +64,8 @@ __all__ = ["Layout", "ReleaseError", "main"]
 UNIT = "metalav-gateway.service"
 SERVICE_USER = "metalav"
 #: metalavctl users (the unit's Group=, the socket's group), and the permission
-#: profiles Leitura / Operação / Gestor (config maps groups to profiles; these names
-#: are the defaults the installer creates).
+#: profiles Leitura / Operação / Gestor: gateway.profiles.DEFAULT_GROUPS, repeated
+#: here because this module imports only the standard library (a test binds them).
 GROUPS = ("metalav-tech", "metalav-leitura", "metalav-operacao", "metalav-gestor")
 #: Serial adapters and the GPIO chip (the gpio group exists on Raspberry Pi OS only).
 DEVICE_GROUPS = ("dialout", "gpio")

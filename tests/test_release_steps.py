@@ -194,3 +194,12 @@ def test_rollback_to_a_release_that_is_not_installed_is_one_clear_line(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert ("não é uma versão" in err) if "/" in target else ("não está instalada" in err)
+
+
+def test_the_installer_creates_the_groups_the_profiles_default_to() -> None:
+    # release.py runs on the system's python3 before any venv: it cannot import
+    # gateway.profiles (aiohttp), so the names are repeated there and bound here.
+    from gateway.profiles import DEFAULT_GROUPS
+
+    assert set(DEFAULT_GROUPS.values()) <= set(release.GROUPS)
+    assert "metalav-tech" in release.GROUPS  # the unit's Group=, the socket's group
