@@ -16,6 +16,8 @@ _, PUBLIC_KEY = generate_demo_keypair()
 
 
 def _config(tmp_path: Path, name: str, **sections: dict[str, object]) -> Path:
+    # One health port for every file here: demo_config picks a free one per file.
+    sections.setdefault("health", {"port": 19464})
     path = tmp_path / name
     path.write_text(
         demo_config(
@@ -76,7 +78,11 @@ def test_credentials_directory_supplies_the_secrets(
     assert config.mqtt.tls_key_file is None
     assert config.cloud.token == "tok"  # the credential wins over the file
     (creds / "mqtt-client-key").write_text("-----BEGIN PRIVATE KEY-----\n")
-    assert load_config(_config(tmp_path, "b.toml")).mqtt.tls_key_file == creds / "mqtt-client-key"
+    # The key comes from the credential, the certificate from the config (a key alone
+    # is a config error: tests/gateway/test_check_config_files.py).
+    monkeypatch.setenv("METALAV_MQTT__TLS_CERT_FILE", str(tmp_path / "gateway.crt"))
+    with_key = load_config(_config(tmp_path, "b.toml"))
+    assert with_key.mqtt.tls_key_file == creds / "mqtt-client-key"
 
 
 def test_an_unreadable_credential_is_a_config_error_naming_it(
