@@ -190,8 +190,7 @@ class Box:
         self.config.parent.mkdir(parents=True)
         self.gateway_id = f"gw-release-{os.getpid()}"
         self.cloud = CloudStandIn(broker.host, broker.port, self.gateway_id)
-        self.sim = SimulatorProcess(self.work)
-        self.sim.start()
+        self.sim = SimulatorProcess(self.work)  # started last: nothing below can leak it
         self.journal = self.root / "var/lib/metalav/journal.db"
         # The operator's config, written before the install: never overwritten.
         self.config.write_text(
@@ -213,6 +212,7 @@ class Box:
             )
         )
         self.systemctl.chmod(0o755)
+        self.sim.start()
 
     def release(self, *args: str) -> list[str]:
         return [
