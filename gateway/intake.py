@@ -269,8 +269,10 @@ class Intake:
             amount_cents=cmd.amount_cents,
             awaits_start=awaits_start,
         )
-        # Flushed by handle_command (and by the worker before the release's first byte).
+        # Flushed by handle_command (and by the worker before the release's first byte);
+        # the flush starts now, while the rest of the decision (logs, metrics) runs.
         self._journal.record(new, state, reason=reason, now=now, dispatch=dispatch, durable=False)
+        self._journal.flush_soon()
         if notify:
             self._outbox_changed()
 

@@ -188,16 +188,25 @@ class Database:
                         self._durable_changed.clear()
                         await self._durable_changed.wait()
         while self.durable < target:
-            if self._flushing is None:
-                self._flushing = asyncio.ensure_future(self._flush_in_thread())
-            await asyncio.shield(self._flushing)
+            await asyncio.shield(self.flush_soon())
 
-    async def _flush_in_thread(self) -> None:
-        mark = self.written
-        started = time.perf_counter()
-        self.flush_since = time.monotonic()
+    def flush_soon(self) -> asyncio.Future[None]:
+        """Start a flush of everything written so far now, on the flush thread, unless
+        one is running (its future is returned either way). The release path calls it
+        right after its commit, so the disk works while the loop does the rest (logs,
+        metrics, the next command); :meth:`flushed` then only waits."""
+        if self._flushing is None:
+            mark = self.written
+            self.flush_since = time.monotonic()
+            # Submitted to the thread here and now, not when a task first runs.
+            sync = asyncio.get_running_loop().run_in_executor(self._flusher, self._wal_sync)
+            started = time.perf_counter()
+            self._flushing = asyncio.ensure_future(self._flush_done(sync, mark, started))
+        return self._flushing
+
+    async def _flush_done(self, sync: asyncio.Future[None], mark: int, started: float) -> None:
         try:
-            await asyncio.get_running_loop().run_in_executor(self._flusher, self._wal_sync)
+            await sync
         except OSError as exc:
             self._set_fault(f"flush of the journal failed: {exc.strerror or exc}")
             raise JournalUnwritable(str(exc)) from exc
