@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from gateway import release
-from gateway.journal import Journal, NewExecution
+from gateway.journal import Journal
 from gateway.journal.schema import SCHEMA_VERSION
 from gateway.lifecycle import ExecutionState
+from tests.rows import new_execution
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,18 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _record(journal: Journal, key: str) -> None:
     now = time.time()
     journal.record(
-        NewExecution(
-            execute_key=key,
-            command_id=abs(hash(key)) & 0xFFFFFFFF,
-            payment_id=f"pay-{key}",
-            machine_id="W1",
-            cycle="normal",
-            issued_at=int(now),
-            expires_at=int(now) + 60,
-            provider_ref=None,
-            idempotency_key=None,
-            amount_cents=None,
-        ),
+        new_execution(key, now=now),
         ExecutionState.ACCEPTED,
         reason=None,
         now=now,

@@ -4,6 +4,8 @@ with its own SQLite journal, and the cloud stand-in on the session's real broker
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -31,6 +33,16 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 15.0, what: str = 
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def ctl(store: Store, *args: str) -> subprocess.CompletedProcess[str]:
+    """``metalavctl ARGS`` against this store's daemon, as a separate process."""
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.ctl", *args, "--socket", str(store.daemon.socket)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 @dataclass

@@ -34,6 +34,7 @@ from firmware_bridge.frames import FrameDecoder, FrameType, Release, decode
 from gateway.dispatch import command_id_for
 from gateway.journal import DispatchStamp, Journal, JournalUnwritable, NewExecution
 from gateway.lifecycle import ExecutionState
+from tests.rows import new_execution
 
 MACHINES = [
     {"id": f"W{i}", "kind": "washer", "channel": i, "cycles": {"normal": {"pulses": 1}}}
@@ -78,18 +79,7 @@ class DurableImage:
 
 
 def _new(key: str, now: float) -> NewExecution:
-    return NewExecution(
-        execute_key=key,
-        command_id=command_id_for(key),
-        payment_id=f"pay-{key}",
-        machine_id="W1",
-        cycle="normal",
-        issued_at=int(now),
-        expires_at=int(now) + 60,
-        provider_ref=None,
-        idempotency_key=None,
-        amount_cents=None,
-    )
+    return new_execution(key, now=now)
 
 
 def _open(tmp_path: Path) -> tuple[Journal, DurableImage]:

@@ -13,16 +13,7 @@ from typing import Any
 
 from gateway.instance_lock import lock_path
 
-from .conftest import Store
-
-
-def ctl(store: Store, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway.ctl", *args, "--socket", str(store.daemon.socket)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+from .conftest import Store, ctl
 
 
 def run_second(config: Path) -> tuple[subprocess.CompletedProcess[str], float]:

@@ -19,23 +19,13 @@ from gateway.journal import (
     iso_utc,
 )
 from gateway.lifecycle import ExecutionState
+from tests.rows import new_execution
 
 DISPATCHING = ExecutionState.DISPATCHING
 
 
 def _command(key: str, now: float) -> NewExecution:
-    return NewExecution(
-        execute_key=key,
-        command_id=1,
-        payment_id="p",
-        machine_id="W1",
-        cycle="normal",
-        issued_at=int(now),
-        expires_at=int(now) + 60,
-        provider_ref=None,
-        idempotency_key=None,
-        amount_cents=None,
-    )
+    return new_execution(key, now=now, command_id=1, payment_id="p")
 
 
 def test_journal_runs_in_wal_and_flushes_every_default_commit(tmp_path: Path) -> None:
@@ -228,18 +218,8 @@ def test_start_confirmation_reads_only_what_it_watches(tmp_path: Path) -> None:
     for i, (state, awaits) in enumerate(
         [("released", False), ("released", True), ("released", True), ("expired", False)]
     ):
-        new = NewExecution(
-            execute_key=f"k{i}",
-            command_id=i,
-            payment_id="p",
-            machine_id="W1" if i != 2 else "W2",
-            cycle="normal",
-            issued_at=0,
-            expires_at=60,
-            provider_ref=None,
-            idempotency_key=None,
-            amount_cents=None,
-            awaits_start=awaits,
+        new = new_execution(
+            f"k{i}", command_id=i, machine_id="W1" if i != 2 else "W2", awaits_start=awaits
         )
         initial = "dispatching" if state == "released" else state
         stamp = DispatchStamp(1, 0, i + 1) if initial == "dispatching" else None

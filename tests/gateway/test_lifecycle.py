@@ -14,7 +14,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from gateway import journal as journal_module
-from gateway.journal import DispatchStamp, Journal, NewExecution
+from gateway.journal import DispatchStamp, Journal
 from gateway.lifecycle import (
     ACTIVE,
     AUTO_COMPENSATED,
@@ -29,6 +29,7 @@ from gateway.lifecycle import (
     is_final,
     keeps_machine_busy,
 )
+from tests.rows import new_execution
 
 S = ExecutionState
 ALL = tuple(ExecutionState)
@@ -48,18 +49,7 @@ def _path_to(target: ExecutionState) -> list[ExecutionState]:
 
 def _new(journal: Journal, key: str, state: str, seq: int = 1) -> None:
     now = time.time()
-    command = NewExecution(
-        execute_key=key,
-        command_id=seq,
-        payment_id="p",
-        machine_id="W1",
-        cycle="normal",
-        issued_at=int(now),
-        expires_at=int(now) + 60,
-        provider_ref=None,
-        idempotency_key=None,
-        amount_cents=None,
-    )
+    command = new_execution(key, now=now, command_id=seq, payment_id="p")
     journal.record(
         command,
         state,  # type: ignore[arg-type]  # a bare string, as a typo would come

@@ -6,12 +6,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from typing import Any
 
-from .conftest import Store
+from .conftest import Store, ctl
 
 
 def washer(
@@ -51,13 +49,6 @@ def dryer(mid: str, channel: int) -> dict[str, Any]:
 FAST = {"poll_ms": 50}
 
 
-def ctl(store: Store, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway.ctl", *args, "--socket", str(store.daemon.socket)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
 
 
 def start(store: Store) -> Store:

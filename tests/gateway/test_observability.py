@@ -4,8 +4,6 @@ retained heartbeat, a dead event, metalavctl status exit codes, clock trouble.""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -26,7 +24,7 @@ from devtools.broker import LocalBroker
 from tests.cloud_sync.cloud_server import CloudServer
 from tests.test_mqtt_contract import SCHEMAS
 
-from .conftest import Store, make_store, wait_until
+from .conftest import Store, ctl, make_store, wait_until
 from .test_machines import FAST, start, washer
 
 
@@ -55,13 +53,6 @@ def sample(samples: dict[Any, float], name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def ctl(store: Store, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway.ctl", *args, "--socket", str(store.daemon.socket)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
 
 
 class StatusSubscriber:

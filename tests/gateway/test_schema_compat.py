@@ -28,21 +28,11 @@ from gateway.journal.schema import (
     oldest_reader,
 )
 from gateway.lifecycle import ExecutionState
+from tests.rows import new_execution
 
 
 def _command(key: str, now: float) -> NewExecution:
-    return NewExecution(
-        execute_key=key,
-        command_id=abs(hash(key)) & 0xFFFFFFFF,
-        payment_id=f"pay-{key}",
-        machine_id="W1",
-        cycle="normal",
-        issued_at=int(now),
-        expires_at=int(now) + 60,
-        provider_ref=None,
-        idempotency_key=None,
-        amount_cents=None,
-    )
+    return new_execution(key, now=now)
 
 
 @additive

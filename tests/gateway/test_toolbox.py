@@ -19,21 +19,13 @@ from typing import Any
 from devtools.core_rig import CoreRig
 from firmware_bridge.simulator import SimulatedBoard
 from gateway.events import iso_utc
-from gateway.journal import DispatchStamp, Journal, NewExecution, Refused
+from gateway.journal import DispatchStamp, Journal, Refused
 from gateway.lifecycle import ExecutionState
+from tests.rows import new_execution
 
-from .conftest import Store
+from .conftest import Store, ctl
 from .test_api import ctl as ctl_as
 from .test_api import operator_account  # noqa: F401
-
-
-def ctl(store: Store, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway.ctl", *args, "--socket", str(store.daemon.socket)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
 
 
 def ctl_json(store: Store, *args: str) -> Any:
@@ -232,18 +224,7 @@ def test_a_board_nack_the_cloud_has_not_heard_of_is_the_only_failure_sent_again(
     audit["reason"] = "placa voltou"
     keys = []
     for i in range(2):
-        new = NewExecution(
-            execute_key=f"k{i}",
-            command_id=i + 1,
-            payment_id=f"p{i}",
-            machine_id="W1",
-            cycle="normal",
-            issued_at=int(now),
-            expires_at=int(now) + 300,
-            provider_ref=None,
-            idempotency_key=None,
-            amount_cents=None,
-        )
+        new = new_execution(f"k{i}", now=now, ttl_s=300, command_id=i + 1, payment_id=f"p{i}")
         journal.record(
             new, ExecutionState.DISPATCHING, reason=None, now=now, dispatch=DispatchStamp(7, 0, i)
         )
