@@ -1,6 +1,7 @@
 """metalavctl in the technician's language (issue 12, item 8): gettext catalogs, the
 daemon's answers in the language asked for, argparse included, local dates, and
-errors as JSON with --json, against a running daemon over its real socket."""
+errors as JSON with --json, against a running daemon over its real socket; the
+toolbox commands (doctor, backup, restore) too."""
 
 from __future__ import annotations
 
@@ -23,7 +24,14 @@ from .conftest import Store
 
 ROOT = Path(__file__).resolve().parents[2]
 PO = i18n.LOCALE_DIR / "pt_BR" / "LC_MESSAGES" / f"{i18n.DOMAIN}.po"
-TRANSLATED_SOURCES = ("gateway/ctl.py", "gateway/api.py", "gateway/operator.py")
+TRANSLATED_SOURCES = (
+    "gateway/ctl.py",
+    "gateway/api.py",
+    "gateway/operator.py",
+    "gateway/ctl_kit.py",
+    "gateway/doctor.py",
+    "gateway/backup.py",
+)
 LANGS = {
     "en": {"LANG": "C.UTF-8"},
     "pt": {"LANG": "pt_BR.UTF-8"},
