@@ -1,7 +1,7 @@
 """metalavctl in the technician's language (issue 12, item 8): gettext catalogs, the
 daemon's answers in the language asked for, argparse included, local dates, and
 errors as JSON with --json, against a running daemon over its real socket; the
-toolbox commands (doctor, backup, restore) too."""
+toolbox commands (doctor, backup, restore) and the API's permission refusals too."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ TRANSLATED_SOURCES = (
     "gateway/ctl_kit.py",
     "gateway/doctor.py",
     "gateway/backup.py",
+    "gateway/profiles.py",
 )
 LANGS = {
     "en": {"LANG": "C.UTF-8"},
