@@ -445,7 +445,10 @@ class LocalApi:
             await resp.write_eof()
             return resp
         except BackupError as exc:
-            return _error(request, 500, "backup_failed", N_("backup failed: {reason}"), reason=exc)
+            reason = _translate(request, exc.template).format(**exc.params)
+            return _error(
+                request, 500, "backup_failed", N_("backup failed: {reason}"), reason=reason
+            )
         finally:
             tmp.unlink(missing_ok=True)
 

@@ -37,6 +37,7 @@ from typing import Any
 
 from . import instance_lock
 from .events import Alert
+from .i18n import N_
 from .journal import SCHEMA_VERSION, Journal
 
 __all__ = [
@@ -64,7 +65,16 @@ LEFTOVER_AGE_S = 3600.0
 
 
 class BackupError(Exception):
-    """A backup or restore cannot be done; the message is for the technician."""
+    """A backup or restore cannot be done. As :class:`gateway.operator.OperatorRefusal`:
+    ``template`` is an English message of the catalog (gateway/i18n.py) and ``params``
+    its fields; whoever shows it to a technician translates it (metalavctl to its own
+    language, the local API to the request's ``Accept-Language``). ``str()`` is the
+    English text, for the daemon's log and alerts."""
+
+    def __init__(self, template: str, **params: object) -> None:
+        super().__init__(template.format(**params))
+        self.template = template
+        self.params = params
 
 
 @dataclass(frozen=True)
@@ -116,14 +126,16 @@ def take_backup(journal: Path, dest: Path, gateway_id: str, *, now: float) -> Ba
     """Copy ``journal`` to ``dest`` (created; never overwritten), consistent while
     the daemon writes. Safe to run in a worker thread: it opens its own connections."""
     if dest.exists():
-        raise BackupError(f"{dest} já existe; escolha outro nome")
+        raise BackupError(N_("{path} already exists; choose another name"), path=dest)
     partial = dest.with_name(dest.name + ".partial")
     partial.unlink(missing_ok=True)
     try:
         # mode=ro: a backup never writes to the journal it copies.
         src = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
     except sqlite3.Error as exc:
-        raise BackupError(f"não foi possível abrir o diário {journal}: {exc}") from None
+        raise BackupError(
+            N_("cannot open the journal {path}: {error}"), path=journal, error=exc
+        ) from None
     try:
         dst = sqlite3.connect(partial)
         try:
@@ -148,10 +160,12 @@ def take_backup(journal: Path, dest: Path, gateway_id: str, *, now: float) -> Ba
             dst.close()
     except sqlite3.Error as exc:
         partial.unlink(missing_ok=True)
-        raise BackupError(f"o backup do diário falhou: {exc}") from None
+        raise BackupError(N_("the journal's backup failed: {error}"), error=exc) from None
     except OSError as exc:
         partial.unlink(missing_ok=True)
-        raise BackupError(f"o backup do diário falhou: {exc.strerror}") from None
+        raise BackupError(
+            N_("the journal's backup failed: {error}"), error=exc.strerror
+        ) from None
     finally:
         src.close()
     _fsync_file(partial)
@@ -163,33 +177,50 @@ def take_backup(journal: Path, dest: Path, gateway_id: str, *, now: float) -> Ba
 def verify_backup(path: Path, gateway_id: str) -> BackupInfo:
     """Check a backup without changing it; raise BackupError saying what is wrong."""
     if not path.is_file():
-        raise BackupError(f"{path}: arquivo de backup não encontrado")
+        raise BackupError(N_("{path}: backup file not found"), path=path)
     try:
         with path.open("rb") as f:
             header = f.read(len(_SQLITE_HEADER))
     except OSError as exc:
-        raise BackupError(f"{path}: não foi possível ler ({exc.strerror})") from None
+        raise BackupError(
+            N_("{path}: cannot read it ({error})"), path=path, error=exc.strerror
+        ) from None
     if header != _SQLITE_HEADER:
-        raise BackupError(f"{path}: não é um banco SQLite")
+        raise BackupError(N_("{path}: not an SQLite database"), path=path)
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     except sqlite3.Error as exc:
-        raise BackupError(f"{path}: não abre como banco SQLite ({exc})") from None
+        raise BackupError(
+            N_("{path}: does not open as an SQLite database ({error})"), path=path, error=exc
+        ) from None
     try:
         try:
             result = [r[0] for r in conn.execute("PRAGMA integrity_check").fetchall()]
         except sqlite3.DatabaseError as exc:
-            raise BackupError(f"{path}: arquivo corrompido ({exc})") from None
+            raise BackupError(
+                N_("{path}: corrupted file ({error})"), path=path, error=exc
+            ) from None
         if result != ["ok"]:
-            raise BackupError(f"{path}: arquivo corrompido (integrity_check: {result[0]})")
+            raise BackupError(
+                N_("{path}: corrupted file (integrity_check: {result})"),
+                path=path,
+                result=result[0],
+            )
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         missing = [t for t in _REQUIRED_TABLES if t not in tables]
         if missing:
-            raise BackupError(f"{path}: não é um diário do gateway (faltam {', '.join(missing)})")
+            raise BackupError(
+                N_("{path}: not a gateway journal (missing {tables})"),
+                path=path,
+                tables=", ".join(missing),
+            )
         if META_TABLE not in tables:
             raise BackupError(
-                f"{path}: não é um backup feito pelo gateway (metalavctl backup); "
-                "use um arquivo gerado por ele"
+                N_(
+                    "{path}: not a backup made by the gateway (metalavctl backup);"
+                    " use a file it made"
+                ),
+                path=path,
             )
         meta = dict(conn.execute(f"SELECT key, value FROM {META_TABLE}").fetchall())
         schema = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -198,12 +229,20 @@ def verify_backup(path: Path, gateway_id: str) -> BackupInfo:
         conn.close()
     if meta.get("gateway_id") != gateway_id:
         raise BackupError(
-            f"{path}: backup do gateway {meta.get('gateway_id')!r}, não deste ({gateway_id!r})"
+            N_("{path}: backup of gateway {other!r}, not of this one ({this!r})"),
+            path=path,
+            other=meta.get("gateway_id"),
+            this=gateway_id,
         )
     if not 1 <= schema <= SCHEMA_VERSION:
         raise BackupError(
-            f"{path}: versão do esquema {schema} é mais nova que a deste gateway "
-            f"({SCHEMA_VERSION}); atualize o gateway antes de restaurar"
+            N_(
+                "{path}: schema version {version} is newer than this gateway's"
+                " ({supported}); upgrade the gateway before restoring"
+            ),
+            path=path,
+            version=schema,
+            supported=SCHEMA_VERSION,
         )
     return BackupInfo(
         path, gateway_id, schema, str(meta.get("taken_at", "")), executions, path.stat().st_size
@@ -247,11 +286,15 @@ def restore(
     except instance_lock.AlreadyRunning as exc:
         who = f" (pid {exc.pid})" if exc.pid else ""
         raise BackupError(
-            f"o gateway está rodando{who} sobre {journal}: pare o serviço antes de "
-            "restaurar (systemctl stop metalav-gateway)"
+            N_(
+                "the gateway is running{who} on {journal}: stop the service before"
+                " restoring (systemctl stop metalav-gateway)"
+            ),
+            who=who,
+            journal=journal,
         ) from None
     except instance_lock.InstanceLockError as exc:
-        raise BackupError(str(exc)) from None
+        raise BackupError(N_("cannot lock the journal: {error}"), error=exc) from None
 
 
 def _restore_locked(
@@ -280,7 +323,7 @@ def _restore_locked(
         _fsync_file(staging)
     except (sqlite3.Error, OSError) as exc:
         staging.unlink(missing_ok=True)
-        raise BackupError(f"não foi possível preparar a restauração: {exc}") from None
+        raise BackupError(N_("cannot prepare the restore: {error}"), error=exc) from None
 
     replaced: list[str] = []
     kept = journal.with_name(f"{journal.name}.replaced-{_stamp(now)}")

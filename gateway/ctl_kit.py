@@ -14,6 +14,9 @@ audit log.
 Exit status (as the rest of metalavctl): 0 ok, 1 a doctor check failed, 2 usage,
 3 daemon unreachable (backup), 4 refused (no permission, daemon running for a
 restore, a backup that fails its checks, a file that already exists).
+
+Text for people is in the technician's language, as the rest of metalavctl
+(gateway/i18n.py); the daemon is asked for its refusals in that language too.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import httpx
 from .backup import BackupError, restore, verify_backup
 from .config import ConfigError, GatewayConfig, load_config
 from .doctor import print_checks, run_checks
+from .i18n import cli_translation, language_of
 
 __all__ = ["COMMANDS", "DEFAULT_CONFIG", "add_parsers", "run"]
 
@@ -43,6 +47,9 @@ EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_REFUSED = 4
 
+_translation = cli_translation()
+_ = _translation.gettext
+
 
 class _Refused(Exception):
     def __init__(self, message: str, code: int = EXIT_REFUSED) -> None:
@@ -52,25 +59,20 @@ class _Refused(Exception):
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add doctor, backup and restore to metalavctl's subcommands."""
-    sub.add_parser(
-        "doctor",
-        parents=[common],
-        help="check config, board, broker, clock, disk and journal; say what to fix",
-    )
-    backup = sub.add_parser(
-        "backup", parents=[common], help="a consistent copy of the journal, daemon running"
-    )
-    backup.add_argument("path", help="file to create (or a folder to create it in)")
-    backup.add_argument("--reason", default="backup manual", help="why (audit log)")
-    backup.add_argument("--by", help="technician's name (default: your OS account)")
-    rest = sub.add_parser(
-        "restore",
-        parents=[common],
-        help="replace the journal by a verified backup (daemon stopped)",
-    )
-    rest.add_argument("path", help="a file made by metalavctl backup or the daily backup")
-    rest.add_argument("--reason", required=True, help="why (audit log)")
-    rest.add_argument("--by", help="technician's name (default: your OS account)")
+    why = _("why (recorded in the audit log)")
+    by = _("technician's name (default: your OS account)")
+    text = _("check config, board, broker, clock, disk and journal; say what to fix")
+    sub.add_parser("doctor", parents=[common], help=text, description=text)
+    text = _("a consistent copy of the journal, daemon running")
+    backup = sub.add_parser("backup", parents=[common], help=text, description=text)
+    backup.add_argument("path", help=_("file to create (or a folder to create it in)"))
+    backup.add_argument("--reason", default=_("manual backup"), help=why)
+    backup.add_argument("--by", help=by)
+    text = _("replace the journal by a verified backup (daemon stopped)")
+    rest = sub.add_parser("restore", parents=[common], help=text, description=text)
+    rest.add_argument("path", help=_("a file made by metalavctl backup or the daily backup"))
+    rest.add_argument("--reason", required=True, help=why)
+    rest.add_argument("--by", help=by)
 
 
 def _config(args: argparse.Namespace) -> tuple[Path, GatewayConfig]:
@@ -78,7 +80,10 @@ def _config(args: argparse.Namespace) -> tuple[Path, GatewayConfig]:
     try:
         return path, load_config(path)
     except ConfigError as exc:
-        raise _Refused("configuração inválida: " + "; ".join(exc.lines), EXIT_USAGE) from None
+        raise _Refused(
+            _("invalid configuration: {problems}").format(problems="; ".join(exc.lines)),
+            EXIT_USAGE,
+        ) from None
 
 
 def _me() -> str:
@@ -86,6 +91,11 @@ def _me() -> str:
         return pwd.getpwuid(os.getuid()).pw_name
     except KeyError:
         return f"uid:{os.getuid()}"
+
+
+def _backup_error(exc: BackupError) -> str:
+    """A backup's or restore's refusal in the technician's language."""
+    return _(exc.template).format(**exc.params)
 
 
 def _socket(args: argparse.Namespace) -> Path:
@@ -109,16 +119,23 @@ def _backup(args: argparse.Namespace) -> dict[str, Any]:
             n += 1
             dest = folder / f"journal-backup-{stamp}-{n}.db"
     if dest.exists():
-        raise _Refused(f"{dest} já existe; escolha outro nome (nada foi alterado)")
+        raise _Refused(
+            _("{path} already exists; choose another name (nothing was changed)").format(
+                path=dest
+            )
+        )
     if not dest.parent.is_dir():
-        raise _Refused(f"a pasta {dest.parent} não existe")
+        raise _Refused(_("the folder {folder} does not exist").format(folder=dest.parent))
     partial = dest.with_name(dest.name + ".partial")
     sock = _socket(args)
     transport = httpx.HTTPTransport(uds=str(sock))
     body = {"reason": args.reason, "actor": args.by}
+    headers = {"Accept-Language": language_of(_translation)}  # its refusals, in our language
     try:
         with (
-            httpx.Client(transport=transport, base_url="http://gateway", timeout=120.0) as client,
+            httpx.Client(
+                transport=transport, base_url="http://gateway", timeout=120.0, headers=headers
+            ) as client,
             client.stream("POST", "/v1/backup", json=body) as resp,
         ):
             if resp.status_code >= 400:
@@ -137,24 +154,30 @@ def _backup(args: argparse.Namespace) -> dict[str, Any]:
     except httpx.TransportError:
         partial.unlink(missing_ok=True)
         raise _Refused(
-            f"o gateway não responde em {sock} — o serviço está rodando? "
-            "(systemctl status metalav-gateway)",
+            _(
+                "the gateway does not answer at {socket}: is the service running?"
+                " (systemctl status metalav-gateway)"
+            ).format(socket=sock),
             EXIT_UNREACHABLE,
         ) from None
     except OSError as exc:
         partial.unlink(missing_ok=True)
-        raise _Refused(f"não foi possível gravar {partial}: {exc.strerror}") from None
+        raise _Refused(
+            _("cannot write {path}: {error}").format(path=partial, error=exc.strerror)
+        ) from None
     try:
         info = verify_backup(partial, str(meta.get("gateway_id", "")))
     except BackupError as exc:
         partial.unlink(missing_ok=True)
-        raise _Refused(f"o backup recebido não passou na verificação: {exc}") from None
+        raise _Refused(
+            _("the backup received failed its checks: {error}").format(error=_backup_error(exc))
+        ) from None
     os.rename(partial, dest)
     return {**info.as_dict(), "path": str(dest)}
 
 
 def _restore(args: argparse.Namespace) -> dict[str, Any]:
-    _, config = _config(args)
+    config = _config(args)[1]
     try:
         return restore(
             config.journal.path,
@@ -166,9 +189,11 @@ def _restore(args: argparse.Namespace) -> dict[str, Any]:
             now=time.time(),
         )
     except BackupError as exc:
-        raise _Refused(f"{exc} (nada foi alterado)") from None
+        raise _Refused(
+            _("{error} (nothing was changed)").format(error=_backup_error(exc))
+        ) from None
     except OSError as exc:
-        raise _Refused(f"a restauração falhou: {exc}") from None
+        raise _Refused(_("the restore failed: {error}").format(error=exc)) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -190,18 +215,22 @@ def run(args: argparse.Namespace) -> int:
             return EXIT_FAILED if failed else 0
         if args.command == "backup":
             data = _backup(args)
-            text = (
-                f"backup gravado em {data['path']}: {data['executions']} execução(ões), "
-                f"{data['size']} bytes, verificado (integrity_check ok)"
-            )
+            text = _(
+                "backup written to {path}: {executions} execution(s), {size} bytes,"
+                " verified (integrity_check ok)"
+            ).format(path=data["path"], executions=data["executions"], size=data["size"])
         else:
             data = _restore(args)
-            text = (
-                f"diário restaurado de {data['restored']['path']} "
-                f"(backup de {data['restored']['taken_at']}, "
-                f"{data['restored']['executions']} execução(ões)); arquivo substituído "
-                f"guardado como {', '.join(data['replaced']) or '(não havia diário)'}; "
-                "inicie o serviço: systemctl start metalav-gateway"
+            restored = data["restored"]
+            text = _(
+                "journal restored from {path} (backup of {taken_at}, {executions}"
+                " execution(s)); replaced file kept as {kept}; start the service:"
+                " systemctl start metalav-gateway"
+            ).format(
+                path=restored["path"],
+                taken_at=restored["taken_at"],
+                executions=restored["executions"],
+                kept=", ".join(data["replaced"]) or _("(there was no journal)"),
             )
     except _Refused as exc:
         if args.json:

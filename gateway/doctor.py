@@ -1,7 +1,10 @@
 """``metalavctl doctor``: is this box fit to release machines? (issue 12, item 4)
 
 Each check answers with a status (``ok``, ``warn``, ``fail``, ``skip``), what it saw,
-and, when it is not ok, what to do — in Portuguese, for the technician at the store.
+and, when it is not ok, what to do — in the technician's language, as the rest of
+metalavctl (gateway/i18n.py: pt_BR for the store's technicians, English otherwise).
+``name`` and ``status`` are the stable codes for scripts; ``title``, ``detail`` and
+``fix`` are text for people.
 The checks only read: the journal is opened read-only, and the board is asked for a
 ping only when no daemon runs (and then under the journal's instance lock, so the
 daemon cannot start and find its port taken); with a daemon running, its own status
@@ -35,6 +38,7 @@ from . import instance_lock
 from .backup import backup_dir, hold_journal_lock, scheduled_backups
 from .boards import build_driver
 from .config import ConfigError, GatewayConfig, load_config
+from .i18n import N_, cli_translation
 from .journal import SCHEMA_VERSION
 
 __all__ = ["Check", "run_checks"]
@@ -49,11 +53,14 @@ BOARD_TIMEOUT_S = 3.0
 # adjtimex(2): the clock state TIME_ERROR means "not synchronized".
 _TIME_ERROR = 5
 
+_translation = cli_translation()
+_ = _translation.gettext
+
 
 @dataclass(frozen=True)
 class Check:
     name: str  # stable id for scripts
-    title: str  # what a technician reads
+    title: str  # what a technician reads (in their language, as detail and fix)
     status: str  # ok | warn | fail | skip
     detail: str
     fix: str = ""
@@ -83,7 +90,7 @@ def _daemon_status(config: GatewayConfig) -> tuple[dict[str, Any] | None, str]:
 
 
 def check_config(path: Path) -> tuple[Check, GatewayConfig | None]:
-    title = "Configuração"
+    title = _("Configuration")
     try:
         config = load_config(path)
     except ConfigError as exc:
@@ -93,27 +100,33 @@ def check_config(path: Path) -> tuple[Check, GatewayConfig | None]:
                 title,
                 "fail",
                 "; ".join(exc.lines),
-                f"corrija {path} e confira com: metalav-gateway check-config --config {path}",
+                _(
+                    "fix {path} and check it with: metalav-gateway check-config --config {path}"
+                ).format(path=path),
             ),
             None,
         )
-    return _ok(
-        "config", title, f"{path}: gateway {config.gateway.id}, {len(config.machines)} máquina(s)"
-    ), config
+    detail = _("{path}: gateway {gateway}, {count} machine(s)").format(
+        path=path, gateway=config.gateway.id, count=len(config.machines)
+    )
+    return _ok("config", title, detail), config
 
 
 def check_daemon(config: GatewayConfig, status: dict[str, Any] | None, why: str) -> Check:
-    title = "Serviço do gateway"
+    title = _("Gateway service")
     if status is not None:
         d = status.get("daemon", {})
-        return _ok("daemon", title, f"em execução (pid {d.get('pid')}, versão {d.get('version')})")
+        detail = _("running (pid {pid}, version {version})").format(
+            pid=d.get("pid"), version=d.get("version")
+        )
+        return _ok("daemon", title, detail)
     if why == "forbidden":
         return Check(
             "daemon",
             title,
             "warn",
-            "em execução, mas sua conta não tem perfil para ler o status",
-            "peça ao gestor para incluir sua conta no grupo do perfil Leitura",
+            _("running, but your account has no profile to read its status"),
+            _("ask the manager to add your account to the group of the Read profile"),
         )
     holder = _lock_holder(config.journal.path)
     if holder:
@@ -121,17 +134,23 @@ def check_daemon(config: GatewayConfig, status: dict[str, Any] | None, why: str)
             "daemon",
             title,
             "fail",
-            f"o processo {holder} segura o diário, mas não responde em {config.api.socket}",
-            "reinicie o serviço: systemctl restart metalav-gateway; "
-            "veja o log: journalctl -u metalav-gateway -n 100",
+            _("the process {holder} holds the journal, but does not answer at {socket}").format(
+                holder=holder, socket=config.api.socket
+            ),
+            _(
+                "restart the service: systemctl restart metalav-gateway;"
+                " see the log: journalctl -u metalav-gateway -n 100"
+            ),
         )
     return Check(
         "daemon",
         title,
         "fail",
-        "parado: nenhum comando pago é liberado",
-        "inicie: systemctl start metalav-gateway; se não subir: "
-        "journalctl -u metalav-gateway -n 100",
+        _("stopped: no paid command is released"),
+        _(
+            "start it: systemctl start metalav-gateway; if it does not come up:"
+            " journalctl -u metalav-gateway -n 100"
+        ),
     )
 
 
@@ -143,14 +162,14 @@ def _lock_holder(journal: Path) -> str:
         with hold_journal_lock(journal):
             return ""
     except instance_lock.AlreadyRunning as exc:
-        return f"pid {exc.pid}" if exc.pid else "outro processo"
+        return f"pid {exc.pid}" if exc.pid else _("another process")
     except instance_lock.InstanceLockError:
         return ""
 
 
 def check_port(config: GatewayConfig) -> Check:
     board = config.board
-    title = "Porta da placa de relés"
+    title = _("Relay board port")
     target = board.gpio.chip if board.driver == "gpio" else board.port
     try:
         st = os.stat(target)
@@ -159,9 +178,11 @@ def check_port(config: GatewayConfig) -> Check:
             "serial_port",
             title,
             "fail",
-            f"{target} não existe",
-            "confira o cabo USB e a alimentação da placa; veja as portas com: "
-            "ls -l /dev/serial/by-id/; ajuste [board] port na configuração",
+            _("{target} does not exist").format(target=target),
+            _(
+                "check the USB cable and the board's power; see the ports with:"
+                " ls -l /dev/serial/by-id/; set [board] port in the configuration"
+            ),
         )
     except OSError as exc:
         return Check(
@@ -169,22 +190,22 @@ def check_port(config: GatewayConfig) -> Check:
             title,
             "fail",
             f"{target}: {exc.strerror}",
-            "confira a porta em [board] port",
+            _("check the port in [board] port"),
         )
     if not stat.S_ISCHR(st.st_mode):
         return Check(
             "serial_port",
             title,
             "fail",
-            f"{target} não é um dispositivo serial",
-            "ajuste [board] port para a porta da placa (ex.: /dev/ttyACM0)",
+            _("{target} is not a serial device").format(target=target),
+            _("set [board] port to the board's port (e.g. /dev/ttyACM0)"),
         )
     try:
         group = grp.getgrgid(st.st_gid).gr_name
     except KeyError:
         group = str(st.st_gid)
     mode = stat.filemode(st.st_mode)
-    detail = f"{target} ({mode}, grupo {group})"
+    detail = _("{target} ({mode}, group {group})").format(target=target, mode=mode, group=group)
     try:
         account = pwd.getpwnam(SERVICE_ACCOUNT)
     except KeyError:
@@ -201,31 +222,37 @@ def check_port(config: GatewayConfig) -> Check:
             "serial_port",
             title,
             "fail",
-            f"{detail}: a conta {SERVICE_ACCOUNT} não pode ler e escrever nela",
-            f"inclua a conta no grupo da porta: usermod -aG {group} {SERVICE_ACCOUNT}; "
-            "depois: systemctl restart metalav-gateway",
+            _("{detail}: the account {account} cannot read and write it").format(
+                detail=detail, account=SERVICE_ACCOUNT
+            ),
+            _(
+                "add the account to the port's group: usermod -aG {group} {account};"
+                " then: systemctl restart metalav-gateway"
+            ).format(group=group, account=SERVICE_ACCOUNT),
         )
     return _ok("serial_port", title, detail)
 
 
 def check_board(config: GatewayConfig, status: dict[str, Any] | None) -> Check:
-    title = "Resposta da placa"
-    fix = (
-        "confira o cabo USB e a alimentação da placa; se a placa travou, desligue e "
-        "ligue a placa; depois: metalavctl status"
+    title = _("Board answer")
+    fix = _(
+        "check the USB cable and the board's power; if the board hung, switch the board"
+        " off and on; then: metalavctl status"
     )
     if status is not None:
         b = status.get("board", {})
         if b.get("connected"):
-            return _ok(
-                "board", title, f"respondendo em {b.get('port')} (boot id {b.get('boot_id')})"
+            detail = _("answering on {port} (boot id {boot_id})").format(
+                port=b.get("port"), boot_id=b.get("boot_id")
             )
+            return _ok("board", title, detail)
         return Check(
             "board",
             title,
             "fail",
-            f"o gateway não fala com a placa em {b.get('port')}: "
-            f"{b.get('last_error') or 'sem resposta'}",
+            _("the gateway does not talk to the board on {port}: {error}").format(
+                port=b.get("port"), error=b.get("last_error") or _("no answer")
+            ),
             fix,
         )
     try:
@@ -233,13 +260,19 @@ def check_board(config: GatewayConfig, status: dict[str, Any] | None) -> Check:
             pong = asyncio.run(_ping_board(config))
     except instance_lock.AlreadyRunning:
         return Check(
-            "board", title, "skip", "o gateway está rodando; pergunte com metalavctl status"
+            "board", title, "skip", _("the gateway is running; ask with metalavctl status")
         )
     except instance_lock.InstanceLockError as exc:
-        return Check("board", title, "skip", f"não foi possível testar sem o serviço: {exc}")
+        return Check(
+            "board",
+            title,
+            "skip",
+            _("could not test without the service: {error}").format(error=exc),
+        )
     except Exception as exc:  # the driver's errors, whatever the driver
-        return Check("board", title, "fail", f"sem resposta: {exc or type(exc).__name__}", fix)
-    return _ok("board", title, f"respondeu (boot id {pong})")
+        error = str(exc) or type(exc).__name__
+        return Check("board", title, "fail", _("no answer: {error}").format(error=error), fix)
+    return _ok("board", title, _("answered (boot id {boot_id})").format(boot_id=pong))
 
 
 async def _ping_board(config: GatewayConfig) -> str:
@@ -255,7 +288,7 @@ async def _ping_board(config: GatewayConfig) -> str:
 
 
 def check_broker(config: GatewayConfig, status: dict[str, Any] | None) -> Check:
-    title = "Broker MQTT"
+    title = _("MQTT broker")
     m = config.mqtt
     where = f"{m.host}:{m.port}"
     try:
@@ -265,11 +298,13 @@ def check_broker(config: GatewayConfig, status: dict[str, Any] | None) -> Check:
             "broker",
             title,
             "fail",
-            f"{where} inalcançável: {exc.strerror or exc}",
-            "confira a internet da loja (ping 8.8.8.8) e [mqtt] host/port; os comandos "
-            "ficam guardados na nuvem e chegam quando a conexão voltar",
+            _("{where} unreachable: {error}").format(where=where, error=exc.strerror or exc),
+            _(
+                "check the store's internet (ping 8.8.8.8) and [mqtt] host/port; the commands"
+                " are kept in the cloud and arrive when the connection is back"
+            ),
         )
-    expiry = ""
+    notes: list[str] = []  # after "reachable", each after a "; "
     with sock:
         if m.tls_ca_file or m.tls_cert_file:
             try:
@@ -287,31 +322,37 @@ def check_broker(config: GatewayConfig, status: dict[str, Any] | None) -> Check:
                     "broker",
                     title,
                     "fail",
-                    f"{where}: TLS recusado: {exc}",
-                    "confira [mqtt] tls_ca_file, tls_cert_file e tls_key_file e o relógio "
-                    "da caixa (certificados dependem da data)",
+                    _("{where}: TLS refused: {error}").format(where=where, error=exc),
+                    _(
+                        "check [mqtt] tls_ca_file, tls_cert_file and tls_key_file and the"
+                        " box's clock (certificates depend on the date)"
+                    ),
                 )
             days = _days_left(cert.get("notAfter"))
             if days is not None:
-                expiry = f"; certificado do broker vence em {days} dia(s)"
+                notes.append(
+                    _("the broker's certificate expires in {days} day(s)").format(days=days)
+                )
                 if days < 0:
                     return Check(
                         "broker",
                         title,
                         "fail",
-                        f"{where}: certificado vencido",
-                        "avise o suporte: o certificado do broker venceu",
+                        _("{where}: certificate expired").format(where=where),
+                        _("tell support: the broker's certificate has expired"),
                     )
             client_days = _client_cert_days(m.tls_cert_file)
             if client_days is not None:
-                expiry += f"; certificado desta caixa vence em {client_days} dia(s)"
+                notes.append(
+                    _("this box's certificate expires in {days} day(s)").format(days=client_days)
+                )
                 if client_days < 0:
                     return Check(
                         "broker",
                         title,
                         "fail",
-                        f"{where}: certificado da caixa vencido",
-                        "peça ao suporte um novo certificado para este gateway",
+                        _("{where}: this box's certificate expired").format(where=where),
+                        _("ask support for a new certificate for this gateway"),
                     )
                 days = client_days if days is None else min(days, client_days)
             if days is not None and days < CERT_WARN_DAYS:
@@ -319,17 +360,16 @@ def check_broker(config: GatewayConfig, status: dict[str, Any] | None) -> Check:
                     "broker",
                     title,
                     "warn",
-                    f"{where} alcançável{expiry}",
-                    "peça ao suporte a renovação do certificado antes do vencimento",
+                    "; ".join([_("{where} reachable").format(where=where), *notes]),
+                    _("ask support to renew the certificate before it expires"),
                 )
-    linked = ""
     if status is not None:
-        linked = (
-            "; gateway conectado"
+        notes.append(
+            _("gateway connected")
             if status.get("broker", {}).get("connected")
-            else ("; o gateway ainda NÃO está conectado")
+            else _("the gateway is NOT connected yet")
         )
-    return _ok("broker", title, f"{where} alcançável{expiry}{linked}")
+    return _ok("broker", title, "; ".join([_("{where} reachable").format(where=where), *notes]))
 
 
 def _days_left(not_after: object) -> int | None:
@@ -375,61 +415,65 @@ def _clock_synchronized() -> bool | None:
 
 
 def check_clock(sync: Callable[[], bool | None] = _clock_synchronized) -> Check:
-    title = "Relógio"
-    now = datetime.now().astimezone().strftime("%d/%m/%Y %H:%M:%S %Z")
+    title = _("Clock")
+    # The date layout is the language's (metalavctl's own): 28/11/2026 for pt_BR.
+    now = datetime.now().astimezone().strftime(_("%Y-%m-%d %H:%M:%S") + " %Z")
     synced = sync()
     if synced:
-        return _ok("clock", title, f"sincronizado ({now})")
-    fix = (
-        "confira a internet e o NTP: timedatectl status; systemctl restart "
-        "systemd-timesyncd. O gateway não reembolsa nem recusa comandos por causa do "
-        "próprio relógio, mas os horários do diário ficam errados"
+        return _ok("clock", title, _("synchronized ({now})").format(now=now))
+    fix = _(
+        "check the internet and NTP: timedatectl status; systemctl restart"
+        " systemd-timesyncd. The gateway neither refunds nor refuses commands because of"
+        " its own clock, but the journal's times are wrong"
     )
     if synced is None:
-        return Check("clock", title, "warn", f"não foi possível saber se sincroniza ({now})", fix)
-    return Check("clock", title, "warn", f"NÃO sincronizado ({now})", fix)
+        detail = _("cannot tell whether it synchronizes ({now})").format(now=now)
+        return Check("clock", title, "warn", detail, fix)
+    return Check("clock", title, "warn", _("NOT synchronized ({now})").format(now=now), fix)
 
 
 def check_disk(config: GatewayConfig) -> Check:
-    title = "Espaço em disco"
+    title = _("Disk space")
     folder = config.journal.path.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     usage = shutil.disk_usage(folder)
-    detail = (
-        f"{usage.free // (1024 * 1024)} MB livres de {usage.total // (1024 * 1024)} MB em {folder}"
+    detail = _("{free} MB free of {total} MB in {folder}").format(
+        free=usage.free // (1024 * 1024), total=usage.total // (1024 * 1024), folder=folder
     )
-    fix = (
-        'libere espaço: metalavctl cleanup --days 30 --reason "disco cheio"; apague backups '
-        f"antigos em {backup_dir(config.journal.path, config.backup.dir)}; veja: df -h"
-    )
+    fix = _(
+        'free some space: metalavctl cleanup --days 30 --reason "disk full"; delete old'
+        " backups in {folder}; see: df -h"
+    ).format(folder=backup_dir(config.journal.path, config.backup.dir))
     if usage.free < DISK_FAIL_BYTES:
-        return Check("disk", title, "fail", detail + " — o diário pode parar de gravar", fix)
+        detail = _("{detail} — the journal may stop writing").format(detail=detail)
+        return Check("disk", title, "fail", detail, fix)
     if usage.free < DISK_WARN_BYTES or usage.free < usage.total * 0.10:
         return Check("disk", title, "warn", detail, fix)
     return _ok("disk", title, detail)
 
 
 def check_journal(config: GatewayConfig) -> Check:
-    title = "Diário (integridade)"
+    title = _("Journal (integrity)")
     path = config.journal.path
     if not path.exists():
         return Check(
             "journal",
             title,
             "warn",
-            f"{path} ainda não existe",
-            "o gateway cria o diário ao iniciar: systemctl start metalav-gateway",
+            _("{path} does not exist yet").format(path=path),
+            _("the gateway creates the journal when it starts: systemctl start metalav-gateway"),
         )
-    restore_fix = (
-        "pare o serviço (systemctl stop metalav-gateway), restaure o último backup "
-        f"(metalavctl restore {backup_dir(path, config.backup.dir)}/journal-....db "
-        '--reason "diário corrompido") e inicie de novo; avise o suporte'
-    )
+    restore_fix = _(
+        "stop the service (systemctl stop metalav-gateway), restore the latest backup"
+        ' (metalavctl restore {folder}/journal-....db --reason "journal corrupted") and'
+        " start it again; tell support"
+    ).format(folder=backup_dir(path, config.backup.dir))
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
     except sqlite3.Error as exc:
-        return Check("journal", title, "fail", f"{path}: não abre ({exc})", restore_fix)
+        detail = _("{path}: does not open ({error})").format(path=path, error=exc)
+        return Check("journal", title, "fail", detail, restore_fix)
     try:
         rows = [r[0] for r in conn.execute("PRAGMA integrity_check").fetchall()]
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -438,28 +482,35 @@ def check_journal(config: GatewayConfig) -> Check:
     finally:
         conn.close()
     if rows != ["ok"]:
-        return Check("journal", title, "fail", f"{path}: corrompido ({rows[0]})", restore_fix)
+        detail = _("{path}: corrupted ({error})").format(path=path, error=rows[0])
+        return Check("journal", title, "fail", detail, restore_fix)
     if version > SCHEMA_VERSION:
         return Check(
             "journal",
             title,
             "fail",
-            f"{path}: esquema {version}, mais novo que este gateway ({SCHEMA_VERSION})",
-            "instale a versão do gateway que gravou este diário",
+            _("{path}: schema {version}, newer than this gateway's ({supported})").format(
+                path=path, version=version, supported=SCHEMA_VERSION
+            ),
+            _("install the gateway version that wrote this journal"),
         )
-    return _ok("journal", title, f"{path}: íntegro (esquema {version})")
+    return _ok(
+        "journal",
+        title,
+        _("{path}: intact (schema {version})").format(path=path, version=version),
+    )
 
 
 def check_backups(config: GatewayConfig, now: float | None = None) -> Check:
-    title = "Backups do diário"
+    title = _("Journal backups")
     folder = backup_dir(config.journal.path, config.backup.dir)
     if not config.backup.enabled:
         return Check(
             "backups",
             title,
             "warn",
-            "backup diário desligado ([backup] enabled)",
-            "ligue o backup diário ou faça um agora: metalavctl backup ARQUIVO",
+            _("daily backup turned off ([backup] enabled)"),
+            _("turn the daily backup on or make one now: metalavctl backup FILE"),
         )
     found = scheduled_backups(folder)
     if not found:
@@ -467,19 +518,21 @@ def check_backups(config: GatewayConfig, now: float | None = None) -> Check:
             "backups",
             title,
             "warn",
-            f"nenhum backup em {folder}",
-            "faça um agora: metalavctl backup ARQUIVO (o gateway faz um por dia)",
+            _("no backup in {folder}").format(folder=folder),
+            _("make one now: metalavctl backup FILE (the gateway makes one a day)"),
         )
     newest = found[-1]
     age_h = ((now or time.time()) - newest.stat().st_mtime) / 3600
-    detail = f"{len(found)} em {folder}; o mais recente há {age_h:.0f} h ({newest.name})"
+    detail = _("{count} in {folder}; the newest {hours} h ago ({name})").format(
+        count=len(found), folder=folder, hours=f"{age_h:.0f}", name=newest.name
+    )
     if age_h > 2 * config.backup.interval_h:
         return Check(
             "backups",
             title,
             "warn",
             detail,
-            "veja o log do serviço (journalctl -u metalav-gateway | grep backup)",
+            _("see the service's log (journalctl -u metalav-gateway | grep backup)"),
         )
     return _ok("backups", title, detail)
 
@@ -502,17 +555,20 @@ def run_checks(config_path: Path) -> list[Check]:
     ]
 
 
-STATUS_PT = {"ok": "ok", "warn": "AVISO", "fail": "FALHA", "skip": "não testado"}
+#: What a technician reads for each status (the pt_BR catalog translates each).
+STATUS_TEXT = {"ok": N_("ok"), "warn": N_("WARN"), "fail": N_("FAIL"), "skip": N_("not tested")}
 
 
 def print_checks(checks: list[Check]) -> None:
     for c in checks:
-        print(f"[{STATUS_PT[c.status]:^11}] {c.title}: {c.detail}")
+        print(f"[{_(STATUS_TEXT[c.status]):^11}] {c.title}: {c.detail}")
         if c.fix and c.status in ("warn", "fail"):
-            print(f"{'':14}o que fazer: {c.fix}")
+            print(f"{'':14}" + _("what to do: {fix}").format(fix=c.fix))
     failed = sum(c.status == "fail" for c in checks)
     warned = sum(c.status == "warn" for c in checks)
     if failed:
-        print(f"{failed} falha(s), {warned} aviso(s)")
+        print(_("{failed} failure(s), {warned} warning(s)").format(failed=failed, warned=warned))
+    elif warned:
+        print(_("all good ({warned} warning(s))").format(warned=warned))
     else:
-        print(f"tudo certo ({warned} aviso(s))" if warned else "tudo certo")
+        print(_("all good"))

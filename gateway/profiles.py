@@ -13,7 +13,8 @@ Each route declares the profile it needs, on its handler, in one line::
 and :func:`middleware` refuses, before the handler runs, a caller whose profile is
 lower — and every route that declares nothing (least privilege: a new route is
 closed until someone decides who may use it). A refusal names the profile required,
-in Portuguese.
+in the language the request asks for (``Accept-Language``, gateway/i18n.py), as every
+answer of the local API.
 
 Why the account's groups and not the calling process's: SO_PEERCRED carries only the
 primary gid, and group membership (``/etc/group``) is what an administrator edits to
@@ -33,6 +34,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiohttp import web
+
+from .i18n import N_, for_accept_language
 
 __all__ = [
     "DEFAULT_GROUPS",
@@ -61,8 +64,10 @@ class Profile(enum.IntEnum):
 
     @property
     def label(self) -> str:
-        """The name a technician reads (the runbook's)."""
-        return {1: "Leitura", 2: "Operação", 3: "Gestor"}[self.value]
+        """The profile's name (the runbook's) as an English message of the catalog:
+        translate it where the reader's language is known (pt_BR: Leitura, Operação,
+        Gestor)."""
+        return {1: N_("Read"), 2: N_("Operation"), 3: N_("Manager")}[self.value]
 
 
 #: The config's defaults (``[profiles]``): group name of each profile.
@@ -171,7 +176,14 @@ def declared_profile(handler: object) -> Profile | None:
 PROFILE: web.RequestKey[Profile] = web.RequestKey("profile", Profile)
 
 
-def _refusal(message: str) -> web.Response:
+def _translate(request: web.Request, message: str) -> str:
+    """``message`` (an English message of the catalog) in the language the client asked
+    for, as gateway/api.py's answers."""
+    return for_accept_language(request.headers.get("Accept-Language")).gettext(message)
+
+
+def _refusal(request: web.Request, template: str, **params: object) -> web.Response:
+    message = _translate(request, template).format(**params)
     return web.json_response({"error": "forbidden", "message": message}, status=403)
 
 
@@ -185,7 +197,10 @@ def middleware(groups: ProfileGroups) -> Any:
             return await handler(request)  # 404 / 405: nothing to protect
         needed = declared_profile(match.handler)
         if needed is None:
-            return _refusal("rota sem perfil declarado: recusada por padrão (menor privilégio)")
+            return _refusal(
+                request,
+                N_("route without a declared profile: refused by default (least privilege)"),
+            )
         caller = peer_caller(request)
         have = (
             None
@@ -193,11 +208,25 @@ def middleware(groups: ProfileGroups) -> Any:
             else groups.profile_of(caller.uid, caller.gid)
         )
         if have is None or have < needed:
-            current = f"tem o perfil {have.label}" if have is not None else "não tem perfil"
             group_names = ", ".join(groups.by_profile()[p] for p in Profile if p >= needed)
+            if have is None:
+                template = N_(
+                    "permission denied: this action requires the {needed} profile; the"
+                    " account {account!r} has no profile (groups that give access: {groups})"
+                )
+            else:
+                template = N_(
+                    "permission denied: this action requires the {needed} profile; the"
+                    " account {account!r} has the {have} profile (groups that give access:"
+                    " {groups})"
+                )
             return _refusal(
-                f"permissão negada: esta ação requer o perfil {needed.label}; a conta "
-                f"{caller.user!r} {current} (grupos que dão acesso: {group_names})"
+                request,
+                template,
+                needed=_translate(request, needed.label),
+                have=_translate(request, have.label) if have is not None else "",
+                account=caller.user,
+                groups=group_names,
             )
         request[PROFILE] = have
         return await handler(request)

@@ -1,6 +1,7 @@
 """metalavctl in the technician's language (issue 12, item 8): gettext catalogs, the
 daemon's answers in the language asked for, argparse included, local dates, and
-errors as JSON with --json, against a running daemon over its real socket."""
+errors as JSON with --json, against a running daemon over its real socket; the
+toolbox commands (doctor, backup, restore) and the API's permission refusals too."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import subprocess
 import sys
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -23,7 +25,15 @@ from .conftest import Store
 
 ROOT = Path(__file__).resolve().parents[2]
 PO = i18n.LOCALE_DIR / "pt_BR" / "LC_MESSAGES" / f"{i18n.DOMAIN}.po"
-TRANSLATED_SOURCES = ("gateway/ctl.py", "gateway/api.py", "gateway/operator.py")
+TRANSLATED_SOURCES = (
+    "gateway/ctl.py",
+    "gateway/api.py",
+    "gateway/operator.py",
+    "gateway/ctl_kit.py",
+    "gateway/doctor.py",
+    "gateway/backup.py",
+    "gateway/profiles.py",
+)
 LANGS = {
     "en": {"LANG": "C.UTF-8"},
     "pt": {"LANG": "pt_BR.UTF-8"},
@@ -153,3 +163,64 @@ def test_each_command_speaks_the_technicians_language_and_json_stays_the_contrac
     assert heading in helped.stdout
     assert ("usage:" if lang == "en" else "uso:") in helped.stdout
     assert "Traceback" not in missing.stderr + bad.stderr + usage.stderr
+
+
+@pytest.mark.parametrize(
+    ("lang", "words", "other_language"),
+    [
+        (
+            "en",
+            {
+                "help": "say what to fix",
+                "usage": "usage:",
+                "titles": ("Journal (integrity)", "Clock", "Gateway service"),
+                "journal": "intact",
+                "summary": "all good",
+                "refusal": ("stop the service", "nothing was changed"),
+            },
+            ("Diário", "Relógio", "íntegro", "tudo certo", "pare o serviço", "nada foi"),
+        ),
+        (
+            "pt",
+            {
+                "help": "diz o que corrigir",
+                "usage": "uso:",
+                "titles": ("Diário (integridade)", "Relógio", "Serviço do gateway"),
+                "journal": "íntegro",
+                "summary": "tudo certo",
+                "refusal": ("pare o serviço", "nada foi alterado"),
+            },
+            ("Journal (", "Clock", "intact", "all good", "stop the service", "was changed"),
+        ),
+    ],
+)
+def test_doctor_and_restore_speak_the_technicians_language(
+    store: Store, lang: str, words: dict[str, Any], other_language: tuple[str, ...]
+) -> None:
+    config = str(store.daemon.config_path)
+    helped = ctl(None, lang, "doctor", "--help")
+    assert helped.returncode == 0, helped.stderr
+    assert words["usage"] in helped.stdout
+    assert words["help"] in " ".join(helped.stdout.split())  # argparse wraps it
+
+    # A healthy store: every check by its name, in the language; nothing failed.
+    run = ctl(None, lang, "doctor", "--config", config)
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stdout + run.stderr
+    for title in words["titles"]:
+        assert title in run.stdout, run.stdout
+    assert words["journal"] in run.stdout
+    assert run.stdout.strip().splitlines()[-1].startswith(words["summary"]), run.stdout
+    # --json keeps the stable codes for scripts; its text for people follows LANG.
+    data = json.loads(ctl(None, lang, "doctor", "--config", config, "--json").stdout)
+    checks = {c["name"]: c for c in data["checks"]}
+    assert checks["journal"]["status"] == "ok" and words["journal"] in checks["journal"]["detail"]
+
+    # A refusal: the daemon holds the journal, so restore changes nothing.
+    refused = ctl(None, lang, "restore", str(store.workdir / "x.db"), "--reason", "x",
+                  "--config", config)  # fmt: skip
+    assert refused.returncode == 4, refused.stderr
+    assert all(w in refused.stderr for w in words["refusal"]), refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+
+    everything = helped.stdout + run.stdout + refused.stderr
+    assert not [w for w in other_language if w in everything], everything

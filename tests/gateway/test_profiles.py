@@ -26,6 +26,8 @@ from .conftest import Store, wait_until
 from .test_api import _env_for_other_account, _interpreter_for
 
 READ, OPER, MGR = Profile.LEITURA, Profile.OPERACAO, Profile.GESTOR
+#: The profiles' names as a pt_BR technician reads them (the runbook's).
+PT_NAME = {READ: "Leitura", OPER: "Operação", MGR: "Gestor"}
 
 #: The matrix, as documented in docs/runbook.md ("Perfis"): each command and the
 #: least profile that may run it.
@@ -118,7 +120,8 @@ def _run_all(sock: Path, user: str | None, commands: list[list[str]]) -> list[di
             "group": account.pw_gid,
             "extra_groups": [],  # the profile comes from the account, not the process
             "cwd": "/",
-            "env": _env_for_other_account(),
+            # The technician's language, as root's (conftest): the refusals are read below.
+            "env": {**_env_for_other_account(), "LANGUAGE": "pt_BR"},
         }
     done = subprocess.run(
         [interpreter, "-c", _RUNNER, json.dumps(argvs)],
@@ -167,7 +170,7 @@ def test_every_command_is_refused_below_its_profile_and_allowed_from_it(
                 who = user or "root"
                 if have is None or have < needed:
                     assert refused and result["code"] == 4, (who, argv, result)
-                    assert f"requer o perfil {needed.label}" in str(result["stderr"])
+                    assert f"requer o perfil {PT_NAME[needed]}" in str(result["stderr"])
                     assert "Traceback" not in str(result["stderr"])
                 else:
                     assert not refused, (who, argv, result)
@@ -184,7 +187,7 @@ def test_every_command_is_refused_below_its_profile_and_allowed_from_it(
 
 
 def test_a_route_that_declares_no_profile_is_refused_even_to_root(tmp_path: Path) -> None:
-    async def scenario() -> tuple[int, dict[str, str], int]:
+    async def scenario() -> tuple[int, dict[str, str], dict[str, str], int]:
         async def undeclared(request: web.Request) -> web.Response:
             return web.json_response({"leaked": True})
 
@@ -201,20 +204,26 @@ def test_a_route_that_declares_no_profile_is_refused_even_to_root(tmp_path: Path
         await web.UnixSite(runner, str(path)).start()
         try:
             return (
-                *(await _get(path, "/undeclared")),
+                *(await _get(path, "/undeclared", "pt-BR,pt;q=0.9")),
+                (await _get(path, "/undeclared"))[1],
                 (await _get(path, "/declared"))[0],
             )
         finally:
             await runner.cleanup()
 
-    status, body, declared_status = asyncio.run(scenario())
+    status, body, english, declared_status = asyncio.run(scenario())
+    # In the language the client asks for (metalavctl sends its own), English without.
     assert status == 403 and "menor privilégio" in body["message"]
+    assert english["error"] == "forbidden" and "least privilege" in english["message"]
     assert declared_status == 200
 
 
-async def _get(path: Path, route: str) -> tuple[int, dict[str, str]]:
+async def _get(path: Path, route: str, language: str | None = None) -> tuple[int, dict[str, str]]:
     reader, writer = await asyncio.open_unix_connection(str(path))
-    writer.write(f"GET {route} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    accept = f"Accept-Language: {language}\r\n" if language else ""
+    writer.write(
+        f"GET {route} HTTP/1.1\r\nHost: x\r\n{accept}Connection: close\r\n\r\n".encode()
+    )
     await writer.drain()
     raw = await reader.read()
     writer.close()
