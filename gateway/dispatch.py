@@ -149,12 +149,27 @@ class Dispatch:
         self._recovered = asyncio.Event()
         self._stopping = False
         self._idle = asyncio.Event()  # the worker holds no release
+        # Cleared while a release is on the wire and its outcome not yet written.
+        self._outcome_written = asyncio.Event()
+        self._outcome_written.set()
         self._idle.set()
 
     @property
     def idle(self) -> bool:
         """Nothing queued, nothing held, no question pending for the board."""
         return not (self._queue or self._inflight or self._link.recovery_wanted.is_set())
+
+    @property
+    def release_out(self) -> bool:
+        """A release is on the wire: the board's answer is due within milliseconds."""
+        return not self._outcome_written.is_set()
+
+    async def until_outcome_written(self, timeout_s: float) -> None:
+        """Until the release on the wire has its outcome written (not flushed), or
+        ``timeout_s``. Intake waits here before flushing a decision, so that one flush
+        covers both: the next release needs both durable anyway."""
+        if not self._outcome_written.is_set():
+            await _wait(self._outcome_written, timeout_s)
 
     @property
     def board_ready(self) -> bool:
@@ -232,6 +247,7 @@ class Dispatch:
                 await self._until_durable(outcome, execute_key)
         finally:
             self._inflight.discard(execute_key)
+            self._outcome_written.set()
             self._idle.set()
 
     async def _until_durable(self, write: Callable[[], object], execute_key: str) -> None:
@@ -291,6 +307,7 @@ class Dispatch:
             await self._journal.flushed()  # may raise JournalUnwritable: nothing sent
             self._confirmation.drive(machine.channel, program.duration_ms)
             try:
+                self._outcome_written.clear()  # set again once _dispatch wrote it
                 ack = await self._board.release(row.command_id, machine.channel, program)
             except BoardNack as exc:
                 return partial(

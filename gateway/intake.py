@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 #: answered from the journal without verifying the signature again (~0.2 ms each).
 #: Only exact bytes that were verified once; any other token is verified in full.
 KNOWN_TOKENS_MAX = 1024
+#: How long a decision's flush waits for the outcome of the release on the wire, so one
+#: flush covers both (the board answers in a few ms; its ACK timeout is longer).
+OUTCOME_WAIT_S = 0.02
 
 
 class Availability:
@@ -133,7 +136,10 @@ class Intake:
                 execute_key=None, reason="internal_error", detail=type(exc).__name__, now=now
             )
         # The decision (or the one a duplicate repeats, maybe written a moment ago by the
-        # command it duplicates) is durable before it is acknowledged or answered.
+        # command it duplicates) is durable before it is acknowledged or answered. With
+        # a release on the wire, its outcome is written within milliseconds and must be
+        # durable before the next release anyway: one flush for both.
+        await self._dispatch.until_outcome_written(OUTCOME_WAIT_S)
         await self._journal.flushed()
         if answer is not None:
             self._publish(RESULTS_TOPIC, answer)
@@ -270,9 +276,11 @@ class Intake:
             awaits_start=awaits_start,
         )
         # Flushed by handle_command (and by the worker before the release's first byte);
-        # the flush starts now, while the rest of the decision (logs, metrics) runs.
+        # the flush starts now, while the rest of the decision (logs, metrics) runs,
+        # unless a release is out: then it waits for that release's outcome.
         self._journal.record(new, state, reason=reason, now=now, dispatch=dispatch, durable=False)
-        self._journal.flush_soon()
+        if not self._dispatch.release_out:
+            self._journal.flush_soon()
         if notify:
             self._outbox_changed()
 
