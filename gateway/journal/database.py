@@ -39,6 +39,13 @@ __all__ = ["Database", "placeholders"]
 
 log = logging.getLogger(__name__)
 
+# Checkpoints (copying the WAL into the database file, with two fsyncs) run on the flush
+# thread, at most this often, so that the event loop never does one between two
+# releases. SQLite's own automatic checkpoint on the loop stays as a safety net, at a
+# WAL size the flush thread's checkpoints keep it well under.
+CHECKPOINT_EVERY_S = 1.0
+AUTOCHECKPOINT_PAGES = 10_000
+
 # Fault injection for the journal-failure tests: the path of a control file whose lines
 # name commit labels (``transition:released``, ``record:``, ``*``) that fail as if the
 # disk were full. Read once at start-up; unset in production, where it costs nothing.
@@ -106,6 +113,7 @@ class Database:
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute("PRAGMA foreign_keys=ON")
         self._conn.execute("PRAGMA busy_timeout=5000")
+        self._conn.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
         #: Commits written so far, and how many of them are known durable.
         self.written = 0
         self.durable = 0
@@ -114,6 +122,8 @@ class Database:
         # a disk that stalls holds up no other work of the loop's default executor.
         self._flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-flush")
         self._durable_changed: asyncio.Event | None = None
+        self._checkpointer: sqlite3.Connection | None = None  # the flush thread's own
+        self._checkpointed_at = time.monotonic()
         #: Tests only: called instead of os.fdatasync(fd) (e.g. to keep a copy of what
         #: a power cut would leave: the files as of each flush).
         self.fdatasync: Callable[[int], None] = os.fdatasync
@@ -125,7 +135,9 @@ class Database:
         # A clean stop leaves nothing a power cut right after it could take back.
         with contextlib.suppress(JournalUnwritable):
             self._flush_now()
-        self._flusher.shutdown(wait=False)
+        self._flusher.shutdown(wait=True)  # its job is short: an fdatasync, a checkpoint
+        if self._checkpointer is not None:
+            self._checkpointer.close()
         self._conn.close()
 
     # -- durability ------------------------------------------------------------
@@ -139,6 +151,28 @@ class Database:
             self.fdatasync(fd)
         finally:
             os.close(fd)
+
+    def _flush_job(self) -> None:
+        """The flush thread's work: the flush, then now and then a checkpoint."""
+        self._wal_sync()
+        if time.monotonic() - self._checkpointed_at >= CHECKPOINT_EVERY_S:
+            self._checkpointed_at = time.monotonic()
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """Copy what the WAL holds into the database file, on a connection of its own
+        (WAL lets it run beside the loop's writes; PASSIVE never waits for them). A
+        checkpoint that cannot run now is only tried again later: nothing depends on it
+        but the WAL's size."""
+        try:
+            if self._checkpointer is None:
+                self._checkpointer = sqlite3.connect(
+                    self.path, isolation_level=None, check_same_thread=False
+                )
+                self._checkpointer.execute("PRAGMA synchronous=NORMAL")
+            self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as exc:
+            log.debug("journal checkpoint postponed: %s", exc)
 
     def _sync_dir(self) -> None:
         with contextlib.suppress(OSError):
@@ -199,7 +233,7 @@ class Database:
             mark = self.written
             self.flush_since = time.monotonic()
             # Submitted to the thread here and now, not when a task first runs.
-            sync = asyncio.get_running_loop().run_in_executor(self._flusher, self._wal_sync)
+            sync = asyncio.get_running_loop().run_in_executor(self._flusher, self._flush_job)
             started = time.perf_counter()
             self._flushing = asyncio.ensure_future(self._flush_done(sync, mark, started))
         return self._flushing

@@ -23,6 +23,7 @@ import os
 import shutil
 import sqlite3
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -225,3 +226,46 @@ def test_nothing_reaches_the_board_or_the_cloud_before_the_image_holds_it(
         await rig.stop()
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_checkpoints_run_on_the_flush_thread_not_on_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Copying the WAL into the database file costs two fsyncs: the loop's connection
+    leaves it to the flush thread (its own automatic checkpoint is only a safety net
+    far above what a flush thread's checkpoint lets the WAL reach)."""
+    from gateway.journal import database
+
+    async def main() -> None:
+        journal, _image = _open(tmp_path)
+        conn = journal._conn  # noqa: SLF001 - the setting of this very connection
+        assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == (
+            database.AUTOCHECKPOINT_PAGES
+        )
+        now = time.time()
+        for i in range(20):
+            journal.record(
+                _new(f"k{i}", now), ExecutionState.REJECTED, reason="x", now=now, durable=False
+            )
+        threads: set[str] = set()
+        checkpoint = journal._checkpoint  # noqa: SLF001
+
+        def on_thread() -> None:
+            threads.add(threading.current_thread().name)
+            checkpoint()
+
+        journal._checkpoint = on_thread  # type: ignore[method-assign]  # noqa: SLF001
+        monkeypatch.setattr(database, "CHECKPOINT_EVERY_S", 0.0)
+        await journal.flushed()
+        assert len(threads) == 1 and next(iter(threads)).startswith("journal-flush")
+        # The rows are in the database file itself now, not only in the WAL.
+        copy = tmp_path / "main-file-only.db"
+        shutil.copyfile(journal.path, copy)
+        only_main = sqlite3.connect(copy)
+        try:
+            assert only_main.execute("SELECT count(*) FROM executions").fetchone()[0] == 20
+        finally:
+            only_main.close()
+        journal.close()
+
+    asyncio.run(main())
