@@ -1,9 +1,9 @@
 """Benchmark: cloud MQTT publish -> first byte of the release frame at the simulated board.
 
 Real processes as in a store: broker (mosquitto where installed), the simulated board on
-a pty, the daemon with its journal at synchronous=FULL. The board stamps the first byte
-of every RELEASE frame with time.monotonic() (system-wide on Linux), so the latency is
-measured across processes without timing any test.
+a pty, the daemon with its journal flushed as synchronous=FULL would. The board stamps
+the first byte of every RELEASE frame with time.monotonic() (system-wide on Linux), so
+the latency is measured across processes without timing any test.
 
     python bench/release_latency.py [--n 500] [--out FILE]
 
@@ -130,7 +130,7 @@ def main() -> int:
     report = {
         "benchmark": "release_latency",
         "what": "cloud MQTT publish -> first byte of RELEASE at the simulated board",
-        "journal": "sqlite WAL synchronous=FULL",
+        "journal": "sqlite WAL, flushed (fdatasync) before anything depends on a write",
         "broker": broker.kind,
         "python": platform.python_version(),
         "machine": platform.machine(),

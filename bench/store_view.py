@@ -4,8 +4,8 @@ One run measures two gateways on the same broker, the same simulated board (a fr
 ``python -m firmware_bridge.simulator`` on a pty for each) and the same signed commands:
 
 - the daemon AS SHIPPED: ``python -m gateway.daemon run``, its default INFO log level
-  written to a file (as systemd would capture it), 64 machines, journal at
-  ``synchronous=FULL``;
+  written to a file (as systemd would capture it), 64 machines, its journal flushed
+  (``fdatasync``, as ``synchronous=FULL`` would) before anything depends on a write;
 - the floor, ``bench/minimal_gateway.py``: one SQLite WAL ``synchronous=FULL`` commit,
   one RELEASE frame, then the PUBACK, per command.
 
@@ -856,8 +856,9 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "benchmark": "store_view",
         "what": "cloud MQTT publish -> first byte of RELEASE at the simulated board; the "
-        "daemon as shipped (INFO logs to a file, 64 machines, journal WAL "
-        "synchronous=FULL) and bench/minimal_gateway.py, same broker, board, commands",
+        "daemon as shipped (INFO logs to a file, 64 machines, journal WAL, each write "
+        "flushed before anything depends on it) and bench/minimal_gateway.py, same broker, "
+        "board, commands",
         "method": {
             "latency": "publish time.monotonic() in the cloud stand-in -> rx_monotonic of the "
             "board's read holding the RELEASE frame's first byte",

@@ -118,7 +118,7 @@ class GatewayMetrics:
         )
         self.journal_commit = Histogram(
             "metalav_journal_commit_seconds",
-            "Duration of each durable journal COMMIT (its fsync, synchronous=FULL)",
+            "Duration of each durable journal write: a COMMIT with its flush, or a flush",
             buckets=COMMIT_BUCKETS,
             registry=r,
         )

@@ -2,12 +2,14 @@
 
 One row per ``execute_key`` holds the lifecycle state (gateway/lifecycle.py); every
 state change appends a history row and, in the same transaction, the outbox row that
-reports it to the cloud. The database runs in WAL mode with ``synchronous=FULL``: when
-a method here returns, its change survives ``kill -9`` and power loss, so the caller
-may then acknowledge (promise 3) or drive the relay (promise 1).
+reports it to the cloud. The database runs in WAL mode and a write is durable (it
+survives ``kill -9`` and power loss) once flushed: a method here flushes before it
+returns, unless called with ``durable=False``, whose caller awaits
+``Journal.flushed()`` before it acknowledges (promise 3) or drives the relay (promise 1)
+— see database.py.
 
 All methods are synchronous and meant to be called from the daemon's event-loop
-thread only; a commit costs one fsync, which is the price of the promises.
+thread only; a flush costs one fsync, which is the price of the promises.
 
 One module per job, each a class over the same open file (:class:`Database`)::
 
