@@ -343,7 +343,9 @@ def _print_health(h: dict[str, Any] | None) -> None:
             value = ", ".join(f"{k}={_value_text(v)}" for k, v in value.items())
         else:
             value = _value_text(value)
-        detail = f" ({c['detail']})" if c.get("detail") else ""
+        template = c.get("detail_template")
+        text = _(template).format(**c.get("detail_params") or {}) if template else c.get("detail")
+        detail = f" ({text})" if text else ""
         label = _(CHECK_NAMES[name]) if name in CHECK_NAMES else name
         print(f"    {label:<34} {_level_name(c['level']):<8} {value}{detail}")
 

@@ -29,6 +29,7 @@ from aiohttp import web
 
 from .clock import ClockWatch
 from .config import GatewayConfig
+from .i18n import N_
 from .journal import Journal
 from .metrics import CONTENT_TYPE, GatewayMetrics, ReadingsCollector
 
@@ -76,10 +77,23 @@ class Check:
     name: str
     value: Any
     level: str
-    detail: str = ""
+    #: English text with ``{name}`` fields (a gettext msgid: metalavctl shows it in the
+    #: technician's language) and the values that fill them.
+    detail_template: str = ""
+    detail_params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def detail(self) -> str:
+        return self.detail_template.format(**self.detail_params)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"value": self.value, "level": self.level, "detail": self.detail}
+        return {
+            "value": self.value,
+            "level": self.level,
+            "detail": self.detail,
+            "detail_template": self.detail_template,
+            "detail_params": self.detail_params,
+        }
 
 
 @dataclass(frozen=True)
@@ -150,22 +164,22 @@ class HealthMonitor:
         now = time.time()
         checks: dict[str, Check] = {}
 
-        def add(name: str, value: Any, level: str, detail: str = "") -> None:
-            checks[name] = Check(name, value, level, detail)
+        def add(name: str, value: Any, level: str, detail: str = "", **params: Any) -> None:
+            checks[name] = Check(name, value, level, detail, params)
 
         fault = self._links.journal_fault()
         # The median of the recent commits: one slow fsync is not a slow disk.
         commits = self._metrics.recent_commits[-32:]
         latency_ms = round(statistics.median(commits) * 1000, 2) if commits else None
         if fault is not None:
-            add("journal", latency_ms, "critical", f"não grava: {fault}"[:160])
+            add("journal", latency_ms, "critical", N_("not writing: {fault}"), fault=fault[:160])
         else:
             level = (
                 "normal"
                 if latency_ms is None
                 else _level(latency_ms, h.journal_latency_alert_ms, h.journal_latency_critical_ms)
             )
-            add("journal", latency_ms, level, "ms, mediana das últimas gravações")
+            add("journal", latency_ms, level, N_("ms, median of the latest writes"))
         board = self._links.board_up()
         add("board_link", board, "normal" if board else "critical")
         broker = self._links.broker_up()
@@ -186,16 +200,16 @@ class HealthMonitor:
         dlq = by_state.get("dead", 0)
         add("dlq", dlq, _level(dlq, h.dlq_alert, h.dlq_critical))
         opened = sorted(n for n, s in breakers.items() if s != "closed")
-        add("breakers", breakers, "alert" if opened else "normal", ", ".join(opened))
+        add("breakers", breakers, "alert" if opened else "normal", "{open}", open=", ".join(opened))
         clock = self._clock.state()
         jumped = self._clock.recent_jump(JUMP_MEMORY_S)
         clock_level = "alert" if clock.synced is False or jumped else "normal"
-        detail = "" if clock.checked else "verificação desligada (clock.sync_check = off)"
+        detail = "" if clock.checked else N_("check turned off (clock.sync_check = off)")
+        params: dict[str, Any] = {}
         if jumped and clock.last_jump_s is not None:
-            detail = f"salto de {clock.last_jump_s:+.0f} s"
-        add(
-            "clock", {"synced": clock.synced, "last_jump_s": clock.last_jump_s}, clock_level, detail
-        )
+            detail, params = N_("jumped by {seconds} s"), {"seconds": f"{clock.last_jump_s:+.0f}"}
+        value = {"synced": clock.synced, "last_jump_s": clock.last_jump_s}
+        add("clock", value, clock_level, detail, **params)
         try:
             free_mb = round(self._disk_usage(str(cfg.journal.path.parent)).free / 2**20, 1)
         except OSError:

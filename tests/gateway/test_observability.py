@@ -190,7 +190,16 @@ def test_metrics_count_a_scripted_session_and_health_and_heartbeat_report_it(
         "clock",
         "disk_free_mb",
     }
-    assert detailed["checks"]["board_link"] == {"value": True, "level": "normal", "detail": ""}
+    assert detailed["checks"]["board_link"] == {
+        "value": True,
+        "level": "normal",
+        "detail": "",
+        "detail_template": "",
+        "detail_params": {},
+    }
+    journal_check = detailed["checks"]["journal"]
+    assert journal_check["detail"] == "ms, median of the latest writes"
+    assert journal_check["detail_template"] == journal_check["detail"]
     assert detailed["checks"]["https"]["value"] == "not_configured"
 
     # The heartbeat, retained: a monitor subscribing now gets it at once.
